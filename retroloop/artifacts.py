@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from retroloop.errors import ArtifactError
 
 MANIFEST = "manifest.json"
+METRICS = "metrics.json"
 KINDS = ("model", "dataset", "analysis", "teacher_cache", "adapter", "rollouts", "report")
 _LIBRARIES = ("torch", "transformers", "peft", "datasets", "polars", "prefect", "dvc", "vllm")
 
@@ -198,6 +199,8 @@ class ArtifactWriter:
         return ref
 
     def finish(self, *, params: dict[str, Any], params_sha256: str, seed: int | None, device: str) -> Manifest:
+        """Write `metrics.json` (what `dvc metrics show` reads) and `manifest.json`."""
+        write_json_atomic(self.dir / METRICS, self.metrics)
         content, files = hash_tree(self.dir)
         self.manifest = Manifest(
             kind=self.kind,

