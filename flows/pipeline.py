@@ -1,0 +1,61 @@
+"""The pipeline as a Prefect flow: one task run per stage, in dvc.yaml's order.
+
+DVC decides what reruns: before each stage the flow asks `dvc status` whether the
+stage is up to date; if so the task run records a skip. After a stage runs in-process
+the flow commits it (`dvc commit`), so `dvc.lock` stays true and a later `dvc repro`
+skips it too.
+
+    retroloop run                       # temporary local API, no server needed
+    prefect server start --host 127.0.0.1 &  # or: watch it in the UI at http://127.0.0.1:4200
+    PREFECT_API_URL=http://127.0.0.1:4200/api retroloop run
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow
+
+from retroloop.config import STAGES
+from tasks.stages import STAGE_TASKS
+
+log = logging.getLogger(__name__)
+
+
+def dvc_stage_names(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
+
+
+def stage_is_current(name: str, root: Path = Path(".")) -> bool:
+    """True when DVC sees no change in the stage's deps, params or outs."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return not repo.status(targets=[name])
+
+
+def commit_stage(name: str, root: Path = Path(".")) -> None:
+    """Record the stage's current deps/params/outs in dvc.lock (what `dvc repro` would write)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        repo.commit(name, force=True)
+
+
+@flow(name="retroloop-pipeline", log_prints=True)
+def pipeline_flow(params_path: str = "params.yaml", force: bool = False) -> list[dict[str, Any]]:
+    assert dvc_stage_names() == list(STAGES), "dvc.yaml and retroloop.config.STAGES disagree"
+    track = Path(params_path).resolve() == Path("params.yaml").resolve()
+    if not track:
+        log.warning("params %s is not params.yaml: DVC skip logic and dvc.lock are bypassed", params_path)
+    results = []
+    for name in STAGES:
+        current = track and not force and stage_is_current(name)
+        result = STAGE_TASKS[name](params_path=params_path, up_to_date=current)
+        if track and not current:
+            commit_stage(name)
+        results.append(result)
+    return results
