@@ -7,6 +7,8 @@ Conventions shared by every function here:
 - Everything is computed in float32 log-space whatever the input dtype (bf16 / fp16 caches).
 - Log-probs of impossible outcomes (`-inf`) are clamped to the most negative finite float before
   they meet a product, so `0 · log 0` is 0 (never NaN) and the clamp passes a zero gradient.
+  A truly infinite divergence (mass where the other side has exactly none) comes out as a huge
+  finite number (~1e38), not inf/NaN.
 - The tail bucket `log(1 − Σ_k p_k)` is computed with `log1mexp` and floored at
   `log(eps_fp32)`: below float32 epsilon the subtraction is rounding noise, and the floor keeps
   `log(0)` out while changing any divergence by at most O(eps · log(1/eps)).
@@ -156,6 +158,7 @@ def distill_loss(
                 raise ValueError(
                     "cached mode needs both teacher_topk_logprobs_B_T_K and _ids_B_T_K"
                 )
+            assert teacher_topk_ids_B_T_K.shape == teacher_topk_logprobs_B_T_K.shape
             ids_M_K = teacher_topk_ids_B_T_K[mask_B_T]
             teacher_M_C = teacher_topk_tail(teacher_topk_logprobs_B_T_K[mask_B_T].detach())
             student_M_C = topk_tail_logprobs(student_M_V, ids_M_K, temperature)

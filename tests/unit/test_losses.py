@@ -84,7 +84,7 @@ def test_jsd_endpoints_are_forward_and_reverse_kl() -> None:
     torch.testing.assert_close(divergence_from_logprobs(t, s, "jsd", 0.0), fwd)
     torch.testing.assert_close(divergence_from_logprobs(t, s, "jsd", 1.0), rev)
     # ...and they are the limits of the formula: JSD(β)/β → KL(T‖S), JSD(β)/(1−β) → KL(S‖T).
-    eps = 1e-3
+    eps = 1e-4  # the first-order error is O(β·χ²), so β must be small for a 2% match
     near0 = divergence_from_logprobs(t, s, "jsd", eps) / eps
     near1 = divergence_from_logprobs(t, s, "jsd", 1 - eps) / eps
     torch.testing.assert_close(near0, fwd, rtol=2e-2, atol=1e-3)
@@ -115,8 +115,12 @@ def test_impossible_outcomes_and_fully_masked_rows_give_no_nan(kind: str) -> Non
     d.sum().backward()
     assert torch.isfinite(d).all() and d[0] == 0
     assert torch.isfinite(t.grad).all() and torch.isfinite(s.grad).all()
-    want = _ref_divergence(_probs64(t_logits[1:]), _probs64(s_logits[1:]), kind)
-    np.testing.assert_allclose(d[1:].detach().double().numpy(), want, rtol=1e-4, atol=1e-6)
+    got = d.detach().double().numpy()
+    want = _ref_divergence(_probs64(t_logits), _probs64(s_logits), kind)
+    if kind == "reverse_kl":  # the student has mass where the teacher has none: KL = ∞,
+        assert np.isinf(want[1]) and got[1] > 1e37  # reported as a huge finite number
+        got[1] = want[1]
+    np.testing.assert_allclose(got[1:], want[1:], rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- top-k + tail
@@ -396,7 +400,7 @@ def test_per_token_advantage_reward_and_baseline() -> None:
     teacher = torch.tensor([[-1.5, -1.0, -0.5, -0.1]])
     mask = torch.tensor([[0, 1, 1, 0]])
     adv = opd_advantages(sampler, teacher, mask, kl_coef=2.0)
-    torch.testing.assert_close(adv, torch.tensor([[0.0, -2.0, 0.0, 0.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 2.0, 0.0, 0.0]]))
     adv = opd_advantages(
         sampler,
         teacher,
@@ -406,7 +410,7 @@ def test_per_token_advantage_reward_and_baseline() -> None:
         reward_weight=0.5,
         baseline_B_T=torch.tensor([[9.0, 0.25, 0.5, 9.0]]),
     )
-    torch.testing.assert_close(adv, torch.tensor([[0.0, -2.0 + 0.5 + 0.5, 0.0 + 0.5 + 1.0, 0.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 2.0 + 0.5 + 0.5, 0.0 + 0.5 + 1.0, 0.0]]))
 
 
 def test_discounted_advantage_matches_hand_computation() -> None:
