@@ -22,12 +22,14 @@ log = logging.getLogger("retroloop")
 
 
 def _setup_logging(verbose: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    # Logs go to stderr so `--json` output on stdout stays machine-readable.
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
     )
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -61,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline_flow
 
     result = pipeline_flow(params_path=str(args.params), force=args.force)
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, default=str))  # one line: the last line of stdout
     return 0
 
 

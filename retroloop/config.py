@@ -300,7 +300,19 @@ class EvaluateParams(Strict):
 
 
 class CycleParams(Strict):
+    """Continual learning: new domain data -> LoRA mid-training -> OPD recovery -> register.
+
+    Every cycle's adapter is a PEFT adapter on `base_model`; cycle n continues cycle n-1's
+    adapter (its parent) and, by default, is taught back by cycle n-1's model.
+    """
+
     registry: str = Field("data/registry", description="where cycle adapters are registered")
+    base_model: str = Field("data/convert/model", description="model every cycle adapter sits on")
+    base_adapter: str | None = Field(
+        "data/opd/adapter", description="adapter of the model before the first cycle; null = none"
+    )
+    max_seq_len: int = Field(192, gt=8, description="tokens per mid-training sequence")
+    batch_size: int = Field(4, gt=0)
     teacher: Literal["previous", "base"] | str = Field(
         "previous", description="'previous' cycle's model, 'base', or a model path"
     )

@@ -61,7 +61,9 @@ def chat_messages(prompt: str, response: str | None = None) -> list[dict[str, st
 # --------------------------------------------------------------------------- built-in
 
 
-def builtin_dataset(name: str, *, max_records: int, seed: int, key: str = DEFAULT_KEY) -> pl.DataFrame:
+def builtin_dataset(
+    name: str, *, max_records: int, seed: int, key: str = DEFAULT_KEY
+) -> pl.DataFrame:
     """A built-in dataset that needs no download. Deterministic given `seed`."""
     match name:
         case "pydoc":
@@ -200,13 +202,17 @@ def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
         try:
             return pl.read_parquet(path).to_dicts()
         except Exception as err:
-            raise DataError(f"{where}: not a readable Parquet file ({err}); rewrite it with polars/pandas") from None
+            raise DataError(
+                f"{where}: not a readable Parquet file ({err}); rewrite it with polars/pandas"
+            ) from None
     if suffix not in (".jsonl", ".json"):
         raise DataError(f"{where}: unsupported extension {suffix!r}; use .jsonl, .json or .parquet")
     try:
         text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
-        raise DataError(f"{where}: not UTF-8 text (bad byte at offset {err.start}); re-encode it as UTF-8") from None
+        raise DataError(
+            f"{where}: not UTF-8 text (bad byte at offset {err.start}); re-encode it as UTF-8"
+        ) from None
     if not text.strip():
         raise DataError(f"{where}: the file has no records (only whitespace); add records")
     if suffix == ".json":
@@ -216,7 +222,9 @@ def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
             data = None  # maybe JSON Lines saved as .json
         if data is not None:
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise DataError(f"{where}: a .json file must hold a list of objects; or use JSON Lines")
+                raise DataError(
+                    f"{where}: a .json file must hold a list of objects; or use JSON Lines"
+                )
             return data
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -225,7 +233,9 @@ def _read_records(path: Path, fmt: str) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: line {n} is not valid JSON ({err.msg}); fix or remove it") from None
+            raise DataError(
+                f"{where}: line {n} is not valid JSON ({err.msg}); fix or remove it"
+            ) from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: line {n} is not a JSON object")
         rows.append(row)
@@ -354,14 +364,18 @@ def shuffle_head(df: pl.DataFrame, *, seed: int, max_records: int) -> pl.DataFra
     return df.with_columns(order).sort("__order").drop("__order").head(max_records)
 
 
-def split_train_eval(df: pl.DataFrame, eval_fraction: float, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+def split_train_eval(
+    df: pl.DataFrame, eval_fraction: float, seed: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(train, eval): a record is held out iff hash(seed, id) < eval_fraction.
 
     Thresholding a per-record hash (not ranking) keeps every record's side fixed when
     records are added. Tiny sets that end up one-sided move the single nearest record over.
     """
     if len(df) < 2:
-        raise DataError(f"need at least 2 records to split into train and eval, got {len(df)}; add records")
+        raise DataError(
+            f"need at least 2 records to split into train and eval, got {len(df)}; add records"
+        )
     assert 0.0 < eval_fraction < 1.0, eval_fraction
     u = pl.Series("__u", [_hash_unit("split", seed, i) for i in df["id"]], dtype=pl.Float64)
     held = u < eval_fraction

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepare"]) -> Manifest:
     device = setup_run(cfg)
     p = cfg.prepare
-    domain = datasets.load_source(p.domain, seed=cfg.seed)
-    instruct = datasets.load_source(p.instructions, seed=cfg.seed)
+    domain = datasets.load_source(p.domain, seed=cfg.seed, key="prepare.domain")
+    instruct = datasets.load_source(p.instructions, seed=cfg.seed, key="prepare.instructions")
     corpus = domain["text"].to_list() + instruct["prompt"].to_list()
     model, tokenizer, provenance = load_source_model(p.model, cache_dir=MODEL_CACHE, corpus=corpus)
     model.to(device)
