@@ -193,13 +193,13 @@ class AnalyzeParams(Strict):
 class RecurrenceSchedule(Strict):
     """Training-time recurrence (McLeish et al. 2025).
 
-    rate ~ LogNormal(log mu - sigma^2/2, sigma); R = Poisson(rate) + 1; mu ramps linearly
-    from `mean_start` to `mean_end` over the first `ramp_fraction` of steps; gradients flow
-    through the last `bptt_k` iterations only (truncated BPTT).
+    rate ~ LogNormal(log mu - sigma^2/2, sigma); R = Poisson(rate) + 1, so E[R] = mu + 1;
+    mu ramps linearly from `mean_start` to `mean_end` over the first `ramp_fraction` of
+    steps; gradients flow through the last `bptt_k` iterations only (truncated BPTT).
     """
 
-    mean_start: float = Field(1.0, ge=1.0)
-    mean_end: float = Field(2.0, ge=1.0)
+    mean_start: float = Field(0.5, gt=0.0, description="mu at step 0 (E[R] = mu + 1)")
+    mean_end: float = Field(1.0, gt=0.0, description="mu after the ramp (E[R] = mu + 1)")
     ramp_fraction: float = Field(0.5, ge=0.0, le=1.0)
     sigma: float = Field(0.5, ge=0.0)
     bptt_k: int = Field(2, gt=0)

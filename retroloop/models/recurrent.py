@@ -1,0 +1,476 @@
+"""Retrofitted depth recurrence for Llama-family decoders (Llama, Qwen2; SmolLM2 is Llama).
+
+The model (McLeish et al. 2025, "retrofitted recurrence", §3; Geiping et al. 2025, Huginn, eq. 1):
+
+    e       = P(embed(x))                       prelude: the kept first layers
+    s_0     ~ TruncNormal(0, σ²) on [−3σ, 3σ]    σ = `state_init_std` (0.0087)
+    s_{k+1} = B(A([s_k ; e]))   for k < R        A: bias-free Linear(2h → h); B: the recurrent block
+    logits  = head(norm(C(s_R)))                 coda: the kept last layers
+
+A is initialised to `[0 | I]` (it passes e through and multiplies s_k by zero), so at R = 1
+the converted model computes exactly the source with the dropped layers removed; a random
+frozen adapter is a known defect of the reference code (DESIGN.md §5).
+
+KV cache: one entry per (iteration, layer). Cache slot of prelude layer i is i, of coda layer
+j is P + j, of block layer j at iteration k is P + C + k·B + j, so any R works with one
+lazily growing `DynamicCache`; R must stay the same across calls that share a cache.
+
+Training samples R per step (`sample_recurrence`, Huginn §3: rate ~ LogNormal, R = Poisson + 1),
+ramps its mean (`recurrence_mean_at`) and backpropagates through the last `bptt_k` iterations
+only (truncated BPTT).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from retroloop.errors import ConfigError, ModelError
+
+SUPPORTED_SOURCES = ("llama", "qwen2")
+# Fields mirrored from the source config, for generation and Hugging Face utilities.
+_MIRRORED = (
+    "vocab_size hidden_size num_attention_heads num_key_value_heads head_dim max_position_embeddings "
+    "initializer_range tie_word_embeddings bos_token_id eos_token_id pad_token_id"
+).split()
+
+
+class RecurrentConfig(PretrainedConfig):
+    """Config of a looped model: the source config plus the split and the recurrence settings.
+
+    `num_hidden_layers` counts the physical decoder layers (P + B + C), not the unrolled depth.
+    """
+
+    model_type = "retroloop_recurrent"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    source_config: dict | None = None  # the source model's config.to_dict()
+    source_model_type: str = "llama"
+    source_model: str = ""  # path of the source save_pretrained directory
+    source_sha256: str = ""  # its content hash (lineage)
+    prelude_layers: list[int] | None = None  # source layer indices kept, in order
+    block_layers: list[int] | None = None
+    coda_layers: list[int] | None = None
+    recurrence: int = 2  # default R when forward() gets no num_recurrence
+    state_init_std: float = 0.0087  # σ of s_0
+    early_exit_kl: float | None = None  # inference only; see RecurrentForCausalLM.forward
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int | None = None
+    initializer_range: float | None = None
+    tie_word_embeddings: bool | None = None
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        source = self.source_config or {}
+        for name in _MIRRORED:
+            if getattr(self, name) is None and name in source:
+                setattr(self, name, source[name])
+        self.prelude_layers = list(self.prelude_layers or [])
+        self.block_layers = list(self.block_layers or [])
+        self.coda_layers = list(self.coda_layers or [])
+        if self.num_hidden_layers is None:
+            self.num_hidden_layers = (
+                len(self.prelude_layers) + len(self.block_layers) + len(self.coda_layers)
+            )
+        super().__post_init__(**kwargs)
+
+    def layer_config(self) -> PretrainedConfig:
+        """The source config object (LlamaConfig / Qwen2Config) the decoder layers are built from."""
+        return CONFIG_MAPPING[self.source_model_type].from_dict(dict(self.source_config or {}))
+
+
+def _source_classes(model_type: str) -> tuple[type, type, type]:
+    """(decoder layer, RMSNorm, rotary embedding) classes of a supported source family."""
+    match model_type:
+        case "llama":
+            from transformers.models.llama import modeling_llama as m
+
+            return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
+        case "qwen2":
+            from transformers.models.qwen2 import modeling_qwen2 as m
+
+            return m.Qwen2DecoderLayer, m.Qwen2RMSNorm, m.Qwen2RotaryEmbedding
+    raise ModelError(
+        f"model_type {model_type!r} is not a supported Llama-family decoder; supported: {', '.join(SUPPORTED_SOURCES)}"
+    )
+
+
+class RecurrentModel(nn.Module):
+    """The trunk: embeddings, prelude, input adapter A, recurrent block, coda, final norm."""
+
+    def __init__(self, config: RecurrentConfig):
+        super().__init__()
+        layer_cls, norm_cls, rope_cls = _source_classes(config.source_model_type)
+        self.layer_config = config.layer_config()
+        self.layer_config._attn_implementation = config._attn_implementation
+        lc, h = self.layer_config, config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, h, config.pad_token_id)
+        # Layers keep their source index at construction (Qwen2 reads its layer type from it);
+        # the cache slot is set per call in `forward`.
+        self.prelude = nn.ModuleList(layer_cls(lc, i) for i in config.prelude_layers)
+        self.adapter = nn.Linear(2 * h, h, bias=False)  # A([s ; e]), initialised to [0 | I]
+        self.block = nn.ModuleList(layer_cls(lc, i) for i in config.block_layers)
+        self.coda = nn.ModuleList(layer_cls(lc, i) for i in config.coda_layers)
+        self.norm = norm_cls(h, eps=lc.rms_norm_eps)
+        self.rotary_emb = rope_cls(config=lc)
+
+
+class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
+    """prelude → (A → block) × R → coda → head, registered with the Auto classes at import."""
+
+    config_class = RecurrentConfig
+    config: RecurrentConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RecurrentConfig):
+        super().__init__(config)
+        self.model = RecurrentModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self.model.adapter:
+            h = module.out_features
+            init.copy_(
+                module.weight, pass_through_weight(h, module.weight.dtype, module.weight.device)
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_recurrence: int | None = None,
+        bptt_k: int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """One forward pass with R = `num_recurrence` (default `config.recurrence`) iterations.
+
+        `bptt_k`: only the last k iterations build a graph; the earlier ones run under
+        `torch.no_grad()` (truncated BPTT, McLeish et al. §3). The prelude still gets gradients
+        through e, which every iteration reads.
+
+        Early exit (`config.early_exit_kl`, eval mode only): after each iteration k ≥ 1 the coda
+        and head are probed on the last position, and the loop stops once
+        max over the batch of KL(p_k ‖ p_{k−1}) < threshold (Geiping et al. §6). With a KV cache the
+        probe's coda entries are cropped again, and the block entries of the skipped iterations are
+        filled with the last computed iteration's keys/values (the fixed-point approximation
+        s_{k+1} ≈ s_k), so every slot keeps the same length and later tokens can run all R.
+        """
+        m, cfg = self.model, self.config
+        # The layers read their config's attention implementation: follow set_attn_implementation.
+        m.layer_config._attn_implementation = cfg._attn_implementation
+        R = cfg.recurrence if num_recurrence is None else num_recurrence
+        if R < 1 or (bptt_k is not None and bptt_k < 1):
+            raise ConfigError(f"num_recurrence ({R}) and bptt_k ({bptt_k}) must be >= 1")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = m.embed_tokens(input_ids)
+        if use_cache is None:
+            use_cache = cfg.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        P, B, C = len(m.prelude), len(m.block), len(m.coda)
+        if past_key_values is not None:
+            _reserve_slots(past_key_values, P + C + R * B)
+        T = inputs_embeds.shape[1]
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0)
+        mask = create_causal_mask(
+            config=m.layer_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        rope = m.rotary_emb(inputs_embeds, position_ids=position_ids)
+
+        def run(layers: nn.ModuleList, hidden: torch.Tensor, first_slot: int) -> torch.Tensor:
+            for j, layer in enumerate(layers):
+                layer.self_attn.layer_idx = first_slot + j  # the cache slot this call writes
+                hidden = layer(
+                    hidden,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    use_cache=past_key_values is not None,
+                    position_embeddings=rope,
+                )
+            return hidden
+
+        e = run(m.prelude, inputs_embeds, 0)
+        s = self.initial_state(e)
+        n_grad = R if bptt_k is None else min(bptt_k, R)
+        grad_enabled = torch.is_grad_enabled()
+        probe = cfg.early_exit_kl is not None and not self.training and R > 1
+        prev_logp = None
+        for k in range(R):
+            with torch.set_grad_enabled(grad_enabled and k >= R - n_grad):
+                s = run(m.block, m.adapter(torch.cat([s, e], dim=-1)), P + C + k * B)
+            if probe and k < R - 1:
+                h_last = run(m.coda, s, P)[:, -1:]
+                if past_key_values is not None:
+                    for j in range(C):
+                        past_key_values.layers[P + j].crop(-T)
+                logp = F.log_softmax(self.lm_head(m.norm(h_last)).float(), dim=-1)
+                if prev_logp is not None:
+                    kl = F.kl_div(prev_logp, logp, log_target=True, reduction="none").sum(-1)
+                    if kl.max().item() < cfg.early_exit_kl:
+                        if past_key_values is not None:
+                            _fill_skipped(past_key_values, P + C, B, k, R, T)
+                        break
+                prev_logp = logp
+        hidden = m.norm(run(m.coda, s, P))
+        logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=cfg.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None
+        )
+
+    def initial_state(self, e_B_T_H: torch.Tensor) -> torch.Tensor:
+        """s_0 ~ TruncNormal(0, σ²) clipped at ±3σ (Huginn §3), from the global torch RNG."""
+        s = torch.zeros_like(e_B_T_H)
+        std = self.config.state_init_std
+        if std > 0:
+            nn.init.trunc_normal_(s, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        return s
+
+
+def pass_through_weight(hidden: int, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """`[0 | I]` of shape (h, 2h): A([s ; e]) = e."""
+    zeros = torch.zeros(hidden, hidden, dtype=dtype, device=device)
+    return torch.cat([zeros, torch.eye(hidden, dtype=dtype, device=device)], dim=1)
+
+
+def _reserve_slots(cache: Cache, n_slots: int) -> None:
+    """Grow a DynamicCache to `n_slots` layers (one that `generate` sized from the config too)."""
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"the looped model needs a DynamicCache, got {type(cache).__name__}")
+    while len(cache.layers) < n_slots:
+        cache.layers.append(DynamicLayer())
+    seen = cache.get_seq_length(0)
+    if seen and cache.get_seq_length(n_slots - 1) != seen:
+        raise ValueError(
+            "num_recurrence must stay the same across forward calls that share one KV cache"
+        )
+
+
+def _fill_skipped(
+    cache: DynamicCache, block_start: int, B: int, last_k: int, R: int, T: int
+) -> None:
+    """Copy the last computed iteration's new keys/values into the slots of skipped iterations."""
+    for j in range(B):
+        src = cache.layers[block_start + last_k * B + j]
+        keys, values = src.keys[:, :, -T:], src.values[:, :, -T:]
+        for k in range(last_k + 1, R):
+            cache.update(keys, values, block_start + k * B + j)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _check_source(source_model: nn.Module) -> PretrainedConfig:
+    cfg = getattr(source_model, "config", None)
+    model_type = getattr(cfg, "model_type", "?")
+    if model_type not in SUPPORTED_SOURCES or not hasattr(
+        getattr(source_model, "model", None), "layers"
+    ):
+        raise ModelError(
+            f"model_type {model_type!r} is not a supported Llama-family causal LM; supported: {', '.join(SUPPORTED_SOURCES)}"
+        )
+    return cfg
+
+
+def _check_indices(name: str, indices: list[int], n_layers: int) -> list[int]:
+    indices = [int(i) for i in indices]
+    bad = [i for i in indices if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(
+            f"{name}: layer index {bad[0]} is out of range for a {n_layers}-layer model (0..{n_layers - 1})"
+        )
+    if any(b <= a for a, b in zip(indices, indices[1:], strict=False)):
+        raise ConfigError(
+            f"{name}: layer indices {indices} must be strictly increasing with no repeats"
+        )
+    return indices
+
+
+def convert_from_source(
+    source_model: nn.Module,
+    *,
+    prelude: list[int],
+    block: list[int],
+    coda: list[int],
+    recurrence: int = 2,
+    state_init_std: float = 0.0087,
+    early_exit_kl: float | None = None,
+    source_path: str = "",
+    source_sha256: str = "",
+) -> RecurrentForCausalLM:
+    """Build the looped model from a Llama / Qwen2 causal LM, copying (not sharing) its weights.
+
+    `prelude`, `block`, `coda` are source layer indices; they must be increasing, disjoint and
+    ordered prelude < block < coda; layers in none of them are dropped.
+    """
+    src_cfg = _check_source(source_model)
+    n = src_cfg.num_hidden_layers
+    parts = {
+        name: _check_indices(f"split.{name}", idx, n)
+        for name, idx in (("prelude", prelude), ("block", block), ("coda", coda))
+    }
+    if not parts["block"]:
+        raise ConfigError("split.block: the recurrent block needs at least one layer")
+    chain = [(name, idx) for name, idx in parts.items() if idx]
+    for (name_a, a), (name_b, b) in zip(chain, chain[1:], strict=False):
+        if b[0] <= a[-1]:
+            raise ConfigError(
+                f"split: {name_a} {a} and {name_b} {b} overlap or are out of order; use prelude < block < coda"
+            )
+    if recurrence < 1:
+        raise ConfigError(f"convert.recurrence: must be >= 1, got {recurrence}")
+    if state_init_std < 0:
+        raise ConfigError(f"convert.state_init_std: must be >= 0, got {state_init_std}")
+    if early_exit_kl is not None and early_exit_kl <= 0:
+        raise ConfigError(f"convert.early_exit_kl: must be > 0 or null, got {early_exit_kl}")
+    layer_types = getattr(src_cfg, "layer_types", None) or ["full_attention"] * n
+    sliding = [i for idx in parts.values() for i in idx if layer_types[i] != "full_attention"]
+    if sliding:
+        raise ModelError(
+            f"source layer {sliding[0]} uses {layer_types[sliding[0]]!r}; only full-attention layers can be looped"
+        )
+
+    config = RecurrentConfig(
+        source_config=src_cfg.to_dict(),
+        source_model_type=src_cfg.model_type,
+        source_model=str(source_path),
+        source_sha256=source_sha256,
+        prelude_layers=parts["prelude"],
+        block_layers=parts["block"],
+        coda_layers=parts["coda"],
+        recurrence=recurrence,
+        state_init_std=state_init_std,
+        early_exit_kl=early_exit_kl,
+        tie_word_embeddings=bool(getattr(src_cfg, "tie_word_embeddings", False)),
+        attn_implementation=src_cfg._attn_implementation,
+    )
+    model = RecurrentForCausalLM(config)
+    src, dst = source_model.model, model.model
+    dst.embed_tokens.load_state_dict(src.embed_tokens.state_dict())
+    for name in ("prelude", "block", "coda"):
+        for layer, i in zip(getattr(dst, name), parts[name], strict=True):
+            layer.load_state_dict(src.layers[i].state_dict())
+    dst.norm.load_state_dict(src.norm.state_dict())
+    if not config.tie_word_embeddings:
+        model.lm_head.load_state_dict(source_model.lm_head.state_dict())
+    model.generation_config = copy.deepcopy(source_model.generation_config)
+    dtype = next(source_model.parameters()).dtype
+    return model.to(dtype=dtype, device=next(source_model.parameters()).device).eval()
+
+
+def drop_layers(source_model: nn.Module, keep: list[int]) -> nn.Module:
+    """A deep copy of the source with only the decoder layers `keep` (the R = 1 reference)."""
+    cfg = _check_source(source_model)
+    keep = _check_indices("keep", keep, cfg.num_hidden_layers)
+    model = copy.deepcopy(source_model)
+    layers = [model.model.layers[i] for i in keep]
+    for j, layer in enumerate(layers):
+        layer.self_attn.layer_idx = j
+    model.model.layers = nn.ModuleList(layers)
+    # deepcopy keeps the model and its layers sharing one config object; shrink it in place.
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    model.config.num_hidden_layers = len(keep)
+    return model
+
+
+@torch.no_grad()
+def equivalence_max_abs_diff(
+    recurrent_model: RecurrentForCausalLM,
+    reference_model: nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+) -> float:
+    """max |logit difference| at R = 1 over non-padding positions (0 for a faithful conversion)."""
+    device = next(recurrent_model.parameters()).device
+    ids_B_T, mask_B_T = input_ids_B_T.to(device), attention_mask_B_T.to(device)
+    got_B_T_V = recurrent_model(
+        input_ids=ids_B_T, attention_mask=mask_B_T, num_recurrence=1, use_cache=False
+    ).logits
+    ref_device = next(reference_model.parameters()).device
+    want_B_T_V = reference_model(
+        input_ids=ids_B_T.to(ref_device), attention_mask=mask_B_T.to(ref_device), use_cache=False
+    ).logits
+    diff_B_T_V = (got_B_T_V.float() - want_B_T_V.to(device).float()).abs()
+    return float(diff_B_T_V[mask_B_T.bool()].max())
+
+
+# --------------------------------------------------------------------------- training-time recurrence
+
+
+def sample_recurrence(
+    mean: float, sigma: float, generator: torch.Generator, max_recurrence: int
+) -> int:
+    """R for one training step: rate ~ LogNormal(log μ − σ²/2, σ), R = Poisson(rate) + 1, R ≤ cap.
+
+    As in Huginn (Geiping et al. 2025, §3) and McLeish et al. 2025: E[rate] = μ, so before the
+    cap E[R] = μ + 1 (the +1 guarantees at least one iteration). Pass μ − 1 for E[R] = μ.
+    """
+    if mean <= 0 or sigma < 0 or max_recurrence < 1:
+        raise ConfigError(
+            f"recurrence schedule: need mean > 0, sigma >= 0, max_recurrence >= 1 (got {mean}, {sigma}, {max_recurrence})"
+        )
+    log_rate = torch.normal(math.log(mean) - 0.5 * sigma**2, sigma, size=(1,), generator=generator)
+    sampled = int(torch.poisson(log_rate.exp(), generator=generator).item()) + 1
+    return min(sampled, max_recurrence)
+
+
+def recurrence_mean_at(
+    step: int, total_steps: int, mean_start: float, mean_end: float, ramp_fraction: float
+) -> float:
+    """μ at `step`: linear from `mean_start` to `mean_end` over the first `ramp_fraction` of the steps, then flat."""
+    ramp_steps = ramp_fraction * total_steps
+    if ramp_steps <= 0:
+        return float(mean_end)
+    frac = min(max(step / ramp_steps, 0.0), 1.0)
+    return float(mean_start + frac * (mean_end - mean_start))
+
+
+AutoConfig.register(RecurrentConfig.model_type, RecurrentConfig, exist_ok=True)
+AutoModelForCausalLM.register(RecurrentConfig, RecurrentForCausalLM, exist_ok=True)
