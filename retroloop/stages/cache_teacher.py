@@ -1,0 +1,222 @@
+"""cache_teacher: run the teacher once and store its top-k next-token distributions.
+
+Reads:  data/prepare/model (role `teacher`),
+        data/prepare/datasets/{instruct,domain}_train.parquet (roles `train_instruct`, `train_domain`)
+Writes: data/cache_teacher/shards/shard_NNNNN.safetensors, index.parquet, cache.json,
+        metrics.json, manifest.json          (format: `retroloop.teacher_cache`)
+Side:   data/checkpoints/cache_teacher/<run key>/  completed shards of an interrupted run;
+        a rerun with the same teacher, data and parameters reuses them, and the directory
+        is removed once the artifact is in place.
+Run:    retroloop stage cache_teacher
+
+Sequences come from `retroloop.sequences.training_sequences`, exactly as distill builds
+them; only positions whose next token is trained on are stored (see `retroloop.teacher_cache`).
+Batches never cross a shard boundary, so a recomputed shard is bit-identical to the lost one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from retroloop import teacher_cache as tc
+from retroloop.artifacts import Manifest, atomic_artifact, input_ref, sha256_file, write_json_atomic
+from retroloop.config import Params
+from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.sequences import IGNORE, pad_batch, training_sequences
+from retroloop.stages.common import BASE_MODEL, DATA, PATHS, dataset_path, resolve_inputs, setup_run
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = DATA / "checkpoints" / "cache_teacher"
+
+
+def _after_shard(index: int) -> None:
+    """Called after each completed shard; tests replace it to simulate a kill."""
+
+
+def run(
+    cfg: Params,
+    *,
+    inputs: dict | None = None,
+    out_dir: Path = PATHS["cache_teacher"],
+    checkpoint_dir: Path = CHECKPOINTS,
+) -> Manifest:
+    device = setup_run(cfg)
+    c = cfg.cache_teacher
+    paths = resolve_inputs(
+        inputs,
+        {
+            "teacher": BASE_MODEL,
+            "train_instruct": dataset_path("instruct", "train"),
+            "train_domain": dataset_path("domain", "train"),
+        },
+    )
+    refs = [input_ref(role, paths[role]) for role in ("teacher", "train_instruct", "train_domain")]
+    tokenizer = load_tokenizer(paths["teacher"])
+    seqs = training_sequences(
+        tokenizer,
+        pl.read_parquet(paths["train_instruct"]),
+        pl.read_parquet(paths["train_domain"]),
+        cfg.prepare.max_seq_len,
+    )
+    model = load_model(paths["teacher"], cfg.dtype, device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    k = vocab if c.full_vocab else min(c.top_k, vocab)
+    if c.top_k > vocab and not c.full_vocab:
+        log.warning(
+            "cache_teacher.top_k=%d exceeds the vocabulary (%d); storing k=%d", c.top_k, vocab, k
+        )
+    fingerprint = tokenizer_fingerprint(tokenizer)
+
+    # Completed shards of an earlier, interrupted run with the same inputs and parameters.
+    key_blob = json.dumps(
+        {
+            "format": tc.FORMAT,
+            "params": cfg.section("cache_teacher"),
+            "max_seq_len": cfg.prepare.max_seq_len,
+            "inputs": [r.content_sha256 for r in refs],
+        },
+        sort_keys=True,
+    )
+    side = Path(checkpoint_dir) / hashlib.sha256(key_blob.encode()).hexdigest()[:16]
+    side.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-len(seqs) // c.shard_sequences)
+    log.info(
+        "teacher cache: %d sequences, %d shards of %d, k=%d, T=%g, %d B/position, side dir %s",
+        len(seqs), n_shards, c.shard_sequences, k, c.temperature,
+        tc.bytes_per_position(k, vocab, c.full_vocab), side,
+    )  # fmt: skip
+
+    index_rows: list[dict] = []
+    shard_meta: list[dict] = []
+    for s in tqdm(range(n_shards), desc="cache_teacher", unit="shard"):
+        first = s * c.shard_sequences
+        chunk = seqs[first : first + c.shard_sequences]
+        name = f"shard_{s:05d}.safetensors"
+        done_json = side / f"shard_{s:05d}.json"
+        done = json.loads(done_json.read_text()) if done_json.is_file() else None
+        if (
+            done is not None
+            and (side / name).is_file()
+            and sha256_file(side / name) == done["sha256"]
+        ):
+            log.debug("reusing %s", side / name)
+        else:
+            rows = _teacher_rows(
+                model, tokenizer, chunk, device, c.batch_size, c.temperature, k, c.full_vocab
+            )
+            sha = tc.write_shard(side / name, tc.concat(rows), {"first_sequence": str(first)})
+            done = {
+                "sha256": sha,
+                "lengths": [len(r) for r in rows],
+                "payload_bytes": sum(r.payload_bytes() for r in rows),
+            }
+            write_json_atomic(done_json, done)
+        shard_meta.append(done)
+        offset = 0
+        for j, (seq, length) in enumerate(zip(chunk, done["lengths"], strict=True)):
+            index_rows.append(
+                {
+                    "seq": first + j,
+                    "sequence_id": seq.id,
+                    "tokens_sha256": tc.sequence_sha256(seq),
+                    "shard": f"{tc.SHARDS}/{name}",
+                    "offset": offset,
+                    "length": length,
+                    "shard_sha256": done["sha256"],
+                }
+            )
+            offset += length
+        _after_shard(s)
+
+    positions = sum(r["length"] for r in index_rows)
+    payload = sum(m["payload_bytes"] for m in shard_meta)
+    with atomic_artifact(out_dir, stage="cache_teacher", kind="teacher_cache") as w:
+        w.inputs.extend(refs)
+        (w.dir / tc.SHARDS).mkdir()
+        tail_sum, tail_max = 0.0, 0.0
+        for s in range(n_shards):
+            name = f"shard_{s:05d}.safetensors"
+            shutil.copyfile(side / name, w.dir / tc.SHARDS / name)
+            rows = tc.read_shard(
+                w.dir / tc.SHARDS / name, shard_meta[s]["sha256"]
+            )  # verify the copy
+            tail_N = tc.tail_mass(rows)
+            tail_sum += float(tail_N.sum())
+            tail_max = max(tail_max, float(tail_N.max()) if len(tail_N) else 0.0)
+        pl.DataFrame(index_rows).write_parquet(w.dir / tc.INDEX)
+        meta = {
+            "format": tc.FORMAT,
+            "k": k,
+            "full_vocab": c.full_vocab,
+            "temperature": c.temperature,
+            "vocab_size": vocab,
+            "ids_dtype": None if c.full_vocab else str(tc.ids_dtype(vocab)).removeprefix("torch."),
+            "positions": "t where labels[t+1] != -100 (next token trained on)",
+            "max_seq_len": cfg.prepare.max_seq_len,
+            "tokenizer": fingerprint,
+            "teacher_sha256": refs[0].content_sha256,
+        }
+        write_json_atomic(w.dir / tc.CACHE_JSON, meta)
+        w.outputs = {
+            tc.SHARDS: "teacher_cache",
+            tc.INDEX: "teacher_cache",
+            tc.CACHE_JSON: "teacher_cache",
+        }
+        file_bytes = (
+            sum(p.stat().st_size for p in (w.dir / tc.SHARDS).iterdir())
+            + (w.dir / tc.INDEX).stat().st_size
+        )
+        w.metrics = {
+            "sequences": len(seqs),
+            "tokens": positions,
+            "shards": n_shards,
+            "k": k,
+            "full_vocab": c.full_vocab,
+            "temperature": c.temperature,
+            "bytes_per_token": payload / max(positions, 1),
+            "file_bytes_per_token": file_bytes / max(positions, 1),
+            "bytes_per_token_goal": 4 * k + 16,
+            "tail_mass_mean": tail_sum / max(positions, 1),
+            "tail_mass_max": tail_max,
+            "teacher_sha256": refs[0].content_sha256,
+            **fingerprint,
+        }
+        manifest = w.finish(
+            params=cfg.section("cache_teacher"),
+            params_sha256=cfg.section_sha256("cache_teacher"),
+            seed=cfg.seed,
+            device=str(device),
+        )
+    shutil.rmtree(side, ignore_errors=True)
+    log.info(
+        "teacher cache: %d positions, %.1f B/position", positions, w.metrics["bytes_per_token"]
+    )
+    return manifest
+
+
+@torch.no_grad()
+def _teacher_rows(
+    model, tokenizer, chunk, device, batch_size, temperature, k, full_vocab
+) -> list[tc.TeacherRows]:
+    """One `TeacherRows` per sequence: the teacher's rows at the positions distill trains on."""
+    out: list[tc.TeacherRows] = []
+    for start in range(0, len(chunk), batch_size):
+        batch = chunk[start : start + batch_size]
+        ids_B_T, mask_B_T, labels_B_T = pad_batch(batch, tokenizer.pad_token_id)
+        logits_B_T_V = model(
+            input_ids=ids_B_T.to(device), attention_mask=mask_B_T.to(device), use_cache=False
+        ).logits
+        keep_B_T = labels_B_T[:, 1:] != IGNORE  # logits at t predict labels[t+1]
+        for b in range(len(batch)):
+            logits_N_V = logits_B_T_V[b, :-1][keep_B_T[b].to(logits_B_T_V.device)]
+            out.append(tc.encode(logits_N_V, temperature=temperature, k=k, full_vocab=full_vocab))
+    return out

@@ -1,0 +1,383 @@
+"""distill: teach the looped student back what conversion lost, from the cached teacher.
+
+Reads:  data/convert/model (role `student`), data/cache_teacher (role `teacher_cache`; or
+        data/prepare/model, role `teacher`, with `distill.teacher: online`),
+        data/prepare/datasets/{instruct,domain}_train.parquet (roles `train_instruct`, `train_domain`)
+Writes: data/distill/adapter/   PEFT adapter (LoRA on; `PeftModel.from_pretrained(student, ...)`)
+        data/distill/model/     HF save_pretrained of the whole student (LoRA off: full fine-tuning)
+        data/distill/steps.csv  step, loss, ce, kl, lr, tokens_per_s, recurrence, mu (dvc plots)
+        data/distill/metrics.json, manifest.json
+Side:   data/checkpoints/distill/step_N   resumable checkpoints (dvc `persist: true`), removed
+        once the artifact is in place
+Run:    retroloop stage distill          (or: torchrun --nproc_per_node=N -m retroloop.cli stage distill)
+
+Loss (DESIGN.md §5, `retroloop.losses.distill_loss`), over positions with labels != −100:
+    total = α·CE + (1−α)·T²·D(p_T^T ‖ p_S^T),  D ∈ {forward_kl, reverse_kl, jsd(β), tvd}
+on the cache's k + 1 outcomes (top-k ids + tail bucket), or exactly over the vocabulary with an
+online teacher or a `full_vocab` cache. Four modes: LoRA on/off × distillation on/off.
+
+Recurrence curriculum (McLeish et al. 2025): at step s, μ = recurrence_mean_at(s, steps, …),
+R ~ Poisson(LogNormal(μ)) + 1 capped at max_recurrence, the forward runs R iterations with
+gradients through the last `bptt_k` only. A plain (non-looped) student ignores R.
+
+Reproducibility: the data order is a seeded permutation per epoch, and R and every random draw
+inside a micro-batch come from seeds derived from (seed, step, micro-batch). A step is therefore a
+pure function of its position: resuming from step_N, or splitting the global batch over torchrun
+ranks instead of gradient-accumulation micro-batches, follows the same trajectory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from retroloop import teacher_cache as tc
+from retroloop import training
+from retroloop.artifacts import (
+    Manifest,
+    atomic_artifact,
+    find_manifest_dir,
+    input_ref,
+    now_iso,
+    read_manifest,
+    write_json_atomic,
+)
+from retroloop.config import Params
+from retroloop.errors import ArtifactError, ConfigError, DataError
+from retroloop.losses import distill_loss
+from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.models.recurrent import RecurrentForCausalLM, recurrence_mean_at, sample_recurrence
+from retroloop.sequences import IGNORE, Sequence, pad_batch, training_sequences
+from retroloop.stages.common import (
+    BASE_MODEL,
+    CONVERTED_MODEL,
+    DISTILL_CHECKPOINTS,
+    PATHS,
+    dataset_path,
+    resolve_inputs,
+    setup_run,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _after_step(step: int) -> None:
+    """Called after each optimizer step (1-based); tests replace it to simulate a kill."""
+
+
+def run(
+    cfg: Params,
+    *,
+    inputs: dict | None = None,
+    out_dir: Path = PATHS["distill"],
+    checkpoint_dir: Path = DISTILL_CHECKPOINTS,
+) -> Manifest:
+    device = setup_run(cfg)
+    env = training.init_distributed(device)
+    if env.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    d, sched = cfg.distill, cfg.convert.schedule
+    online = d.distillation and d.teacher == "online"
+    cached = d.distillation and d.teacher == "cached"
+    defaults = {
+        "student": CONVERTED_MODEL,
+        "train_instruct": dataset_path("instruct", "train"),
+        "train_domain": dataset_path("domain", "train"),
+        "teacher_cache": PATHS["cache_teacher"],
+        "teacher": BASE_MODEL,
+    }
+    paths = resolve_inputs(inputs, defaults)
+    roles = list(defaults)[:3] + ["teacher_cache"] * cached + ["teacher"] * online
+    refs = [input_ref(role, paths[role]) for role in roles]
+    tokenizer = load_tokenizer(paths["student"])
+    seqs = training_sequences(
+        tokenizer,
+        pl.read_parquet(paths["train_instruct"]),
+        pl.read_parquet(paths["train_domain"]),
+        cfg.prepare.max_seq_len,
+    )
+    if not seqs:
+        raise DataError(
+            f"{paths['train_instruct']}, {paths['train_domain']}: no training sequence with a trainable token"
+        )
+    cache = _open_cache(paths, tokenizer, seqs, d.temperature) if cached else None
+    teacher = None
+    if online:
+        teacher_fp = {"tokenizer": tokenizer_fingerprint(load_tokenizer(paths["teacher"]))}
+        tc.check_compatible(teacher_fp, tokenizer, str(paths["teacher"]))
+        teacher = load_model(paths["teacher"], cfg.dtype, device)
+    model = _load_student(paths["student"], cfg, device)
+    looped = isinstance(model.get_base_model() if d.lora.enabled else model, RecurrentForCausalLM)
+    params = [p for _, p in training.trainable_parameters(model)]
+    optimizer = training.make_optimizer(model, d.lr, d.weight_decay)
+
+    # Derived quantities (nanoGPT style), logged before anything trains.
+    N = len(seqs)
+    micro_per_step = d.grad_accum * env.world_size  # micro-batches in one optimizer step
+    global_batch = d.batch_size * micro_per_step  # sequences per optimizer step
+    n_targets = [sum(label != IGNORE for label in s.labels[1:]) for s in seqs]
+    n_trainable = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "distill: %d sequences; effective batch %d = %d per micro-batch × %d accum × %d ranks; "
+        "~%.0f tokens/step (%.0f trained); %d steps ≈ %.2f epochs; trainable %d / %d (%.3f%%); "
+        "lora=%s distillation=%s teacher=%s D=%s looped=%s",
+        N, global_batch, d.batch_size, d.grad_accum, env.world_size,
+        global_batch * sum(len(s.input_ids) for s in seqs) / N, global_batch * sum(n_targets) / N,
+        d.steps, d.steps * global_batch / N, n_trainable, n_total, 100 * n_trainable / n_total,
+        d.lora.enabled, d.distillation, d.teacher, d.divergence, looped,
+    )  # fmt: skip
+
+    # Resume: the newest checkpoint of a run with the same inputs and parameters.
+    run_params = {
+        **cfg.section("distill"),
+        "schedule": sched.model_dump(),
+        "max_seq_len": cfg.prepare.max_seq_len,
+    }
+    params_sha256 = _sha256([run_params])
+    run_key = _sha256([params_sha256, [r.content_sha256 for r in refs]])
+    rows: list[dict] = []
+    start = 0
+    if (ckpt := training.latest_checkpoint(checkpoint_dir, run_key)) is not None:
+        state = training.load_checkpoint(ckpt, model, optimizer)
+        start, rows = state["step"], state["rows"]
+        log.info("resuming from %s (step %d of %d)", ckpt, start, d.steps)
+    training.broadcast_from_main_(params, env)
+    order = _DataOrder(N, cfg.seed)
+
+    bar = tqdm(
+        range(start, d.steps),
+        desc="distill",
+        unit="step",
+        initial=start,
+        total=d.steps,
+        disable=not env.is_main,
+    )
+    for step in bar:
+        t0 = time.perf_counter()
+        mu = recurrence_mean_at(
+            step, d.steps, sched.mean_start, sched.mean_end, sched.ramp_fraction
+        )
+        R = None
+        if looped:
+            gen = torch.Generator().manual_seed(training.seed_for(cfg.seed, "recurrence", step))
+            R = sample_recurrence(mu, sched.sigma, gen, sched.max_recurrence)
+        # Micro-batch j of this step holds global positions [(step·M + j)·b, +b); rank r takes
+        # j = a·W + r. Each loss is weighted by its share of the step's trained tokens, so the
+        # summed gradient is the gradient of the token mean over the whole global batch.
+        batches = [
+            order.take((step * micro_per_step + j) * d.batch_size, d.batch_size)
+            for j in range(micro_per_step)
+        ]
+        step_targets = max(sum(n_targets[i] for mb in batches for i in mb), 1)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kl (token-weighted), input tokens
+        for a in range(d.grad_accum):
+            j = a * env.world_size + env.rank
+            torch.manual_seed(training.seed_for(cfg.seed, "micro-batch", step, j))  # s_0, dropout
+            mb = batches[j]
+            rows_mb = [cache.rows(i) for i in mb] if cache is not None else None
+            loss, stats, n_in = _micro_batch_loss(model, [seqs[i] for i in mb], tokenizer.pad_token_id, d, R, sched.bptt_k, device, teacher, rows_mb)  # fmt: skip
+            weight = sum(n_targets[i] for i in mb) / step_targets
+            (loss * weight).backward()
+            sums += torch.tensor(
+                [stats["loss"] * weight, stats["ce"] * weight, stats["kl"] * weight, n_in],
+                dtype=torch.float64,
+            )
+        training.all_reduce_grads_(params, env)
+        training.all_reduce_sum_([sums], env)
+        torch.nn.utils.clip_grad_norm_(params, d.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_, ce, kl, tokens = sums.tolist()
+        lr = optimizer.param_groups[0]["lr"]
+        rows.append(
+            {"step": step + 1, "loss": loss_, "ce": ce, "kl": kl, "lr": lr,
+             "tokens_per_s": tokens / (time.perf_counter() - t0), "recurrence": R or 0, "mu": mu}
+        )  # fmt: skip
+        if (step + 1) % d.log_every == 0:
+            bar.set_postfix(loss=f"{loss_:.4f}", kl=f"{kl:.4f}", R=R or 0)
+        if (step + 1) % d.checkpoint_every == 0 or step + 1 == d.steps:
+            if env.is_main:
+                state = {"run_key": run_key, "data_position": (step + 1) * global_batch, "rows": rows,
+                         "rng": "derived from (seed, step, micro-batch): nothing to restore"}  # fmt: skip
+                training.save_checkpoint(checkpoint_dir, step + 1, model, optimizer, state)
+            training.barrier(env)
+        _after_step(step + 1)
+
+    if env.is_main:
+        manifest = _write_artifact(cfg, out_dir, env, model, tokenizer, refs, rows, run_params, params_sha256, device, n_trainable)  # fmt: skip
+        # Complete: nothing left to resume. The folder stays (dvc `persist`) with a note of the run.
+        for old in Path(checkpoint_dir).glob("step_*"):
+            shutil.rmtree(old, ignore_errors=True)
+        note = {
+            "run_key": run_key,
+            "steps": d.steps,
+            "artifact": str(out_dir),
+            "content_sha256": manifest.content_sha256,
+            "completed_at": now_iso(),
+        }
+        write_json_atomic(Path(checkpoint_dir) / "last_run.json", note)
+    training.barrier(env)
+    if not env.is_main:
+        manifest = read_manifest(out_dir)
+    training.shutdown(env)
+    return manifest
+
+
+class _DataOrder:
+    """Sequence index at a global position: a seeded permutation per epoch, so any step's
+    batch is known from its position alone (resume, and every rank agrees without talking)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.perms = n, seed, {}
+
+    def take(self, position: int, count: int) -> list[int]:
+        return [self._at(p) for p in range(position, position + count)]
+
+    def _at(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        if epoch not in self.perms:
+            gen = torch.Generator().manual_seed(training.seed_for(self.seed, "data", epoch))
+            self.perms[epoch] = torch.randperm(self.n, generator=gen).tolist()
+        return self.perms[epoch][i]
+
+
+def _open_cache(
+    paths: dict, tokenizer, seqs: list[Sequence], temperature: float
+) -> tc.TeacherCache:
+    """Open the teacher cache and check it fits this student and these sequences."""
+    cache = tc.TeacherCache(paths["teacher_cache"])
+    cache.check_tokenizer(tokenizer)
+    if abs(cache.temperature - temperature) > 1e-9:
+        raise ConfigError(
+            f"distill.temperature: {temperature} but the teacher cache was built at "
+            f"cache_teacher.temperature={cache.temperature}; set them equal"
+        )
+    cache.check_sequences(seqs)
+    cache.verify_all()
+    _warn_if_other_teacher(paths["student"], paths["teacher_cache"])
+    return cache
+
+
+def _load_student(path: Path, cfg: Params, device: torch.device) -> torch.nn.Module:
+    """The student in train mode: wrapped with LoRA (PEFT), or fully trainable (LoRA off)."""
+    model = load_model(path, cfg.dtype, device)
+    lc = cfg.distill.lora
+    if lc.enabled:
+        from peft import get_peft_model
+
+        from retroloop.models.lora import lora_config_for
+
+        config = lora_config_for(
+            model,
+            r=lc.r,
+            alpha=lc.alpha,
+            dropout=lc.dropout,
+            target_modules=lc.target_modules,
+            train_adapter=lc.train_adapter,
+        )
+        model = get_peft_model(model, config)
+    else:
+        model.requires_grad_(True)
+    return model.train()
+
+
+def _micro_batch_loss(
+    model, batch: list[Sequence], pad_id: int, d, R, bptt_k, device, teacher, rows
+):
+    """Forward one micro-batch → (loss, stats, input tokens). Pre-shifted alignment: logits[:, t]
+    predict labels[:, t + 1]; the cached `rows` sit exactly where those labels are trained."""
+    ids_B_T, mask_B_T, labels_B_T = pad_batch(batch, pad_id)
+    ids_B_T, mask_B_T = ids_B_T.to(device), mask_B_T.to(device)
+    extra = {} if R is None else {"num_recurrence": R, "bptt_k": bptt_k}
+    logits_B_T_V = model(
+        input_ids=ids_B_T, attention_mask=mask_B_T, use_cache=False, **extra
+    ).logits[:, :-1]
+    targets_B_T = labels_B_T[:, 1:].to(device)
+    teacher_kw = {}
+    if teacher is not None:
+        with torch.no_grad():
+            out = teacher(input_ids=ids_B_T, attention_mask=mask_B_T, use_cache=False)
+        teacher_kw["teacher_logits_B_T_V"] = out.logits[:, :-1]
+    elif rows is not None:
+        logp_B_T_K, topk_B_T_K = tc.scatter_rows(rows, (targets_B_T != IGNORE).cpu())
+        if (
+            topk_B_T_K is None
+        ):  # full-vocabulary cache: exact D, since log_softmax(T·logp / T) = logp
+            teacher_kw["teacher_logits_B_T_V"] = (logp_B_T_K * d.temperature).to(device)
+        else:
+            teacher_kw["teacher_topk_logprobs_B_T_K"] = logp_B_T_K.to(device)
+            teacher_kw["teacher_topk_ids_B_T_K"] = topk_B_T_K.to(device)
+    loss, stats = distill_loss(
+        logits_B_T_V, targets_B_T, alpha=d.alpha, temperature=d.temperature, kind=d.divergence,
+        beta=d.jsd_beta, distillation=d.distillation, **teacher_kw,
+    )  # fmt: skip
+    return loss, stats, int(mask_B_T.sum())
+
+
+def _write_artifact(
+    cfg, out_dir, env, model, tokenizer, refs, rows, run_params, params_sha256, device, n_trainable
+) -> Manifest:
+    """The adapter (or full model), steps.csv and the summary metrics, atomically (rank 0)."""
+    lora = cfg.distill.lora.enabled
+    name = "adapter" if lora else "model"
+    with atomic_artifact(out_dir, stage="distill", kind=name) as w:
+        w.inputs.extend(refs)
+        model.save_pretrained(w.dir / name)
+        if not lora:
+            tokenizer.save_pretrained(w.dir / name)
+        steps = pl.DataFrame(rows)
+        steps.write_csv(w.dir / "steps.csv")
+        w.outputs = {name: name, "steps.csv": "report"}
+        tenth = max(1, round(0.1 * len(rows)))  # kl_start / kl_end: first / last 10% of steps
+        head, tail = steps.head(tenth), steps.tail(tenth)
+        w.metrics = {
+            "steps": len(rows),
+            "kl_start": float(head["kl"].mean()),
+            "kl_end": float(tail["kl"].mean()),
+            "ce_start": float(head["ce"].mean()),
+            "ce_end": float(tail["ce"].mean()),
+            "loss_end": float(tail["loss"].mean()),
+            "trainable_parameters": n_trainable,
+            "tokens_per_s": float(steps["tokens_per_s"].median()),
+            "mean_recurrence": float(steps["recurrence"].mean()),
+            "world_size": env.world_size,
+        }
+        manifest = w.finish(
+            params=run_params, params_sha256=params_sha256, seed=cfg.seed, device=str(device)
+        )
+    log.info(
+        "distill: kl %.4f → %.4f, ce %.4f → %.4f",
+        *(w.metrics[k] for k in ("kl_start", "kl_end", "ce_start", "ce_end")),
+    )
+    return manifest
+
+
+def _sha256(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _warn_if_other_teacher(student: Path, cache: Path) -> None:
+    """The cache's teacher should be the model the student was converted from (DESIGN.md §3);
+    a different one is legitimate (e.g. a continual-learning cycle), so this only warns."""
+    owner = find_manifest_dir(Path(student))
+    try:
+        base = read_manifest(owner).input("base_model").content_sha256 if owner else None
+        used = read_manifest(cache).input("teacher").content_sha256
+    except ArtifactError:  # provenance is advisory here; the tokenizer check is the guard
+        return
+    if base is not None and base != used:
+        log.warning(
+            "the teacher cache was built from another model (%s) than the student's base (%s)",
+            used[:12],
+            base[:12],
+        )

@@ -1,0 +1,220 @@
+"""Small helpers shared by the training stages (distill, opd): distributed setup, the optimizer
+over trainable parameters only, gradient all-reduce, and pickle-free resumable checkpoints.
+
+Checkpoint layout (one directory per step, written to a temporary name and renamed):
+    step_N/adapter/                PEFT `save_pretrained` (LoRA runs): adapter weights only
+    step_N/trainable.safetensors   every trainable tensor (full fine-tuning runs)
+    step_N/optimizer.safetensors   optimizer state tensors, keys "<param index>.<name>"
+    step_N/optimizer.json          optimizer param groups (hyper-parameters)
+    step_N/trainer_state.json      step, data position, run key, the metric rows so far, ...
+No pickle anywhere (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from retroloop.artifacts import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_JSON = "trainer_state.json"
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a `torchrun` launch (world_size 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we initialised the process group, so we tear it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistEnv:
+    """Join the process group when launched by torchrun (`WORLD_SIZE` > 1): gloo on CPU,
+    nccl on CUDA. Returns a single-process `DistEnv` otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    env = DistEnv(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns
+    )
+    log.info("distributed: rank %d of %d (%s)", env.rank, env.world_size, dist.get_backend())
+    return env
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], env: DistEnv) -> None:
+    """In-place sum over ranks (one flat buffer, one collective)."""
+    if env.world_size <= 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def broadcast_from_main_(tensors: list[torch.Tensor], env: DistEnv) -> None:
+    """Make every rank start from rank 0's values (random LoRA A init, resumed weights)."""
+    if env.world_size <= 1:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def all_reduce_grads_(params: list[torch.nn.Parameter], env: DistEnv) -> None:
+    """Sum gradients over ranks. The caller scales each micro-batch loss by its share of the
+    global batch's tokens, so the sum is the gradient of the global token mean."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_sum_([p.grad for p in params], env)
+
+
+# --------------------------------------------------------------------------- parameters / optimizer
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (frozen base weights get no optimizer state)."""
+    params = [p for _, p in trainable_parameters(model)]
+    assert params, "no trainable parameters"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def seed_for(*parts: Any) -> int:
+    """A 63-bit seed derived from `parts` (e.g. seed, "data", epoch): independent streams that
+    depend only on position, so a resumed run draws exactly what an uninterrupted one would."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> Path:
+    """Write `root/step_<step>` atomically and delete older step directories."""
+    root = Path(root)
+    final = root / f"step_{step}"
+    tmp = root / f".step_{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if _is_peft(model):
+        model.save_pretrained(tmp / "adapter")
+    else:
+        save_file(
+            {n: p.detach().contiguous().cpu() for n, p in trainable_parameters(model)},
+            tmp / "trainable.safetensors",
+        )
+    opt = optimizer.state_dict()
+    tensors = {
+        f"{idx}.{name}": value.detach().contiguous().cpu()
+        for idx, entry in opt["state"].items()
+        for name, value in entry.items()
+        if isinstance(value, torch.Tensor)
+    }
+    save_file(tensors, tmp / "optimizer.safetensors")
+    write_json_atomic(tmp / "optimizer.json", opt["param_groups"])
+    write_json_atomic(tmp / STATE_JSON, {"step": step, **state})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in root.glob("step_*"):
+        if old != final and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path, run_key: str) -> Path | None:
+    """The newest complete `step_N` under `root` written by a run with the same `run_key`."""
+    best: tuple[int, Path] | None = None
+    for path in Path(root).glob("step_*"):
+        state_path = path / STATE_JSON
+        if not state_path.is_file():
+            continue
+        state = json.loads(state_path.read_text())
+        if state.get("run_key") != run_key:
+            log.info("ignoring checkpoint %s: written with other inputs or parameters", path)
+            continue
+        if best is None or state["step"] > best[0]:
+            best = (state["step"], path)
+    return None if best is None else best[1]
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore trainable weights and optimizer state in place; return the trainer state."""
+    path = Path(path)
+    device = next(p.device for _, p in trainable_parameters(model))
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(
+            model, load_file(path / "adapter" / "adapter_model.safetensors")
+        )
+        assert not result.unexpected_keys, result.unexpected_keys
+    else:
+        weights = load_file(path / "trainable.safetensors")
+        missing = {n for n, _ in trainable_parameters(model)} - weights.keys()
+        assert not missing, f"checkpoint {path} lacks {sorted(missing)[:3]}"
+        model.load_state_dict(weights, strict=False)
+    tensors = load_file(path / "optimizer.safetensors")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
+    groups = json.loads((path / "optimizer.json").read_text())
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return json.loads((path / STATE_JSON).read_text())
