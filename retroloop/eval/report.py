@@ -158,23 +158,30 @@ def render_markdown(metrics: Mapping[str, Any], *, title: str = "retroloop evalu
     """The whole report.md text (tables only; the PNGs are linked by file name)."""
     models: Mapping[str, Mapping[str, Any]] = metrics["models"]
     present = _present(models)
-    out = [f"# {title}\n"]
+    out = [f"# {title}\n\n"]
     direction = ", ".join(
         f"{HEADERS[k]} {'↑' if up else '↓'}" for k, _, up in METRICS if k in present
     )
-    out.append(f"Models: {', '.join(f'`{n}`' for n in models)}. Better is {direction}.\n")
+    out.append(f"Models: {', '.join(f'`{n}`' for n in models)}. Better is {direction}.\n\n")
 
-    out.append("## Metrics\n")
+    out.append("## Metrics\n\n")
     extra = [
         c
-        for c in ("ifeval_prompts", "ifeval_skipped", "recurrence", "seconds")
+        for c in (
+            "ifeval_prompts",
+            "ifeval_instructions",
+            "ifeval_skipped",
+            "gsm8k_questions",
+            "recurrence",
+            "seconds",
+        )
         if any(c in v for v in models.values())
     ]
     rows = [{"model": name, **values} for name, values in models.items()]
     out.append(markdown_table(rows, [("model", "model"), *present, *extra]))
 
     if "teacher" in models:
-        out.append("\n## Difference from the teacher (model − teacher)\n")
+        out.append("\n## Difference from the teacher (model − teacher)\n\n")
         out.append(
             markdown_table(
                 delta_rows(models, metrics=present), [("model", "model"), *present], signed=True
@@ -183,12 +190,15 @@ def render_markdown(metrics: Mapping[str, Any], *, title: str = "retroloop evalu
 
     recovery = metrics.get("recovery") or {}
     if recovery:
-        out.append("\n## Fraction of the conversion's loss recovered\n")
+        out.append("\n## Fraction of the conversion's loss recovered\n\n")
         out.append(
             "(m_after − m_converted) / (m_teacher − m_converted): 0 = no better than the converted "
             "model, 1 = back at the teacher; – = undefined (the conversion did not change the metric).\n\n"
         )
-        rec_cols = sorted({m for v in recovery.values() for m in v}, key=list(HEADERS).index)
+        rec_cols = sorted(
+            {m for v in recovery.values() for m in v},
+            key=lambda m: (list(HEADERS).index(m) if m in HEADERS else len(HEADERS), m),
+        )
         out.append(
             markdown_table(
                 [{"model": n, **v} for n, v in recovery.items()], [("model", "model"), *rec_cols]
@@ -197,7 +207,7 @@ def render_markdown(metrics: Mapping[str, Any], *, title: str = "retroloop evalu
 
     scaling = metrics.get("recurrence_scaling") or {}
     if scaling:
-        out.append("\n## Held-out domain NLL vs recurrence count R\n")
+        out.append("\n## Held-out domain NLL vs recurrence count R\n\n")
         rs = sorted({int(k.removeprefix("R")) for v in scaling.values() for k in v})
         rows = [
             {"model": n, **{f"R{r}": v.get(f"R{r}", {}).get("domain_nll") for r in rs}}
@@ -235,7 +245,11 @@ def plot_models(models: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     colors = [f"C{i}" for i in range(len(names))]
     for ax, key in zip(axes.flat, present, strict=False):
         values = [models[n].get(key) for n in names]
-        ax.bar(range(len(names)), [float("nan") if v is None else v for v in values], color=colors)
+        bars = ax.bar(
+            range(len(names)), [float("nan") if v is None else v for v in values], color=colors
+        )
+        ax.bar_label(bars, labels=[_fmt(v) for v in values], fontsize=7)
+        ax.margins(y=0.15)  # room for the labels
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         up = next(u for k, _, u in METRICS if k == key)
         ax.set_title(f"{HEADERS[key]} {'↑' if up else '↓'}", fontsize=9)

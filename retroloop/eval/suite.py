@@ -1,0 +1,325 @@
+"""Every evaluator on one model, as one flat dict of numbers (DESIGN.md §1, evaluate).
+
+`evaluate_model` runs, on one (model, tokenizer) pair:
+
+- IFEval (Zhou et al. 2023): greedy responses to the IFEval-style prompts, graded by
+  lm-eval's checkers → prompt/instruction-level strict/loose accuracy;
+- KL to the teacher: per-token reverse KL, KL(student ‖ teacher), on the model's own
+  temperature-1 samples (seeded, the same prompts for every model) — the quantity on-policy
+  distillation minimises;
+- held-out NLL: per-token negative log-likelihood of held-out domain documents (and its
+  perplexity) and of held-out instruction conversations (chat-templated prompt + response
+  when the record has a response, the templated prompt alone when it does not);
+- GSM8K accuracy (only when questions are given): greedy answer, final number compared.
+
+Generation goes through `generate_responses`, which batches and caches on disk by
+model identity + prompts + decoding, so re-running an unchanged model is free.
+`recurrence_scaling` adds held-out NLL at several recurrence counts R for a looped model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from retroloop.config import EvaluateParams
+from retroloop.eval import gsm8k as gsm8k_eval
+from retroloop.eval import ifeval
+from retroloop.eval.generation import generate_responses
+from retroloop.eval.likelihood import nll_per_token, sampled_reverse_kl
+from retroloop.sequences import render_chat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IFEvalItem:
+    id: str
+    prompt: str
+    instruction_id_list: list[str]
+    kwargs_list: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """What every model is evaluated on; built once so all models see the same inputs."""
+
+    ifeval: list[IFEvalItem]
+    kl_prompts: list[str]
+    instruct_texts: list[str]  # chat-templated held-out conversations (or prompts)
+    domain_texts: list[str]
+    max_seq_len: int
+    gsm8k: list[tuple[str, str]] = field(default_factory=list)  # (question, gold answer)
+
+
+def _kwargs_list(value: Any, n: int) -> list[dict[str, Any]]:
+    """The CHAT_SCHEMA stores IFEval kwargs as a JSON list of dicts; accept a list as well."""
+    if value is None or value == "":
+        return [{} for _ in range(n)]
+    parsed = json.loads(value) if isinstance(value, str) else list(value)
+    parsed = [dict(kw or {}) for kw in parsed]
+    assert len(parsed) == n, f"kwargs has {len(parsed)} entries for {n} instruction ids"
+    return parsed
+
+
+def ifeval_items(frame: pl.DataFrame, limit: int) -> list[IFEvalItem]:
+    """The first `limit` rows that carry IFEval instructions, as `IFEvalItem`s."""
+    items = []
+    for row in frame.iter_rows(named=True):
+        ids = list(row.get("instruction_id_list") or [])
+        if not ids:
+            continue
+        items.append(
+            IFEvalItem(
+                str(row["id"]), row["prompt"], ids, _kwargs_list(row.get("kwargs"), len(ids))
+            )
+        )
+        if len(items) == limit:
+            break
+    return items
+
+
+def build_eval_data(
+    params: EvaluateParams,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    instruct_eval: pl.DataFrame,
+    domain_eval: pl.DataFrame,
+    max_seq_len: int,
+    ifeval_frame: pl.DataFrame | None = None,
+    gsm8k_frame: pl.DataFrame | None = None,
+) -> EvalData:
+    """Select the evaluation inputs from the held-out frames (CHAT_SCHEMA / TEXT_SCHEMA).
+
+    `ifeval_frame` defaults to the held-out instruction prompts (the built-in synthetic
+    IFEval set); pass the real IFEval file loaded with `load_ifeval` to use that instead.
+    """
+    items = ifeval_items(
+        ifeval_frame if ifeval_frame is not None else instruct_eval, params.ifeval_prompts
+    )
+    n = params.nll_records
+    instruct_rows = list(instruct_eval.head(n).iter_rows(named=True))
+    instruct_texts = [render_chat(tokenizer, r["prompt"], r.get("response")) for r in instruct_rows]
+    gsm = []
+    if gsm8k_frame is not None:
+        gsm = [
+            (r["prompt"], r["answer"])
+            for r in gsm8k_frame.head(params.gsm8k_questions).iter_rows(named=True)
+        ]
+    data = EvalData(
+        ifeval=items,
+        kl_prompts=instruct_eval["prompt"].head(params.kl_prompts).to_list(),
+        instruct_texts=instruct_texts,
+        domain_texts=domain_eval["text"].head(n).to_list(),
+        max_seq_len=max_seq_len,
+        gsm8k=gsm,
+    )
+    log.info(
+        "eval data: %d IFEval prompts, %d KL prompts, %d instruct / %d domain texts, %d GSM8K questions",
+        len(data.ifeval),
+        len(data.kl_prompts),
+        len(data.instruct_texts),
+        len(data.domain_texts),
+        len(data.gsm8k),
+    )
+    return data
+
+
+# --------------------------------------------------------------------------- evaluators
+
+
+def _ifeval_metrics(
+    model, tokenizer, items: list[IFEvalItem], params: EvaluateParams, cache: dict[str, Any]
+) -> dict[str, float | int | None]:
+    if not items:
+        return {}
+    responses = generate_responses(
+        model,
+        tokenizer,
+        [it.prompt for it in items],
+        max_new_tokens=params.max_new_tokens,
+        batch_size=params.batch_size,
+        temperature=0.0,
+        **cache,
+    )
+    scores = [
+        ifeval.score_response(it.prompt, response, it.instruction_id_list, it.kwargs_list)
+        for it, response in zip(items, responses, strict=True)
+    ]
+    # Instructions whose checker cannot run offline are skipped (and counted), not failed.
+    agg = ifeval.aggregate(scores)
+    out: dict[str, float | int | None] = {
+        f"ifeval_{k}": agg[k]
+        for k in ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
+    }
+    out["ifeval_prompts"] = agg["prompts"]
+    out["ifeval_instructions"] = agg["instructions"]
+    out["ifeval_skipped"] = agg["skipped_instructions"]
+    return out
+
+
+def _gsm8k_accuracy(
+    model, tokenizer, questions: list[tuple[str, str]], params: EvaluateParams, cache: dict
+) -> float:
+    responses = generate_responses(
+        model,
+        tokenizer,
+        [q for q, _ in questions],
+        max_new_tokens=params.max_new_tokens,
+        batch_size=params.batch_size,
+        temperature=0.0,
+        **cache,
+    )
+    correct = sum(
+        gsm8k_eval.is_correct(text, gold)
+        for text, (_, gold) in zip(responses, questions, strict=True)
+    )
+    return correct / len(questions)
+
+
+def _cache_args(
+    cache_dir: Path | None, identity: dict[str, Any], purpose: str, forward_kwargs: dict
+) -> dict[str, Any]:
+    """The keyword arguments that make generation cached and recurrence-aware."""
+    parts = {
+        **identity,
+        "purpose": purpose,
+        **{f"forward.{k}": v for k, v in sorted(forward_kwargs.items())},
+    }
+    return {
+        "cache_dir": cache_dir,
+        "cache_key_parts": parts,
+        "generate_kwargs": dict(forward_kwargs) or None,
+    }
+
+
+def evaluate_model(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    teacher: torch.nn.Module,
+    data: EvalData,
+    params: EvaluateParams,
+    cache_dir: Path | None,
+    forward_kwargs: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, float | int | None]:
+    """All metrics of one model. `forward_kwargs` go to every forward/generate call (e.g.
+    `{"num_recurrence": 4}` for a looped model); `identity` (model/adapter content hashes)
+    keys the generation cache — without it the cache is keyed by `name` alone, which is
+    only safe for throwaway cache dirs. Passing `model is teacher` gives KL = 0 without
+    sampling."""
+    fk = dict(forward_kwargs or {})
+    identity = dict(identity or {"name": name})
+    start = time.perf_counter()
+    out: dict[str, float | int | None] = {}
+    with torch.inference_mode():
+        out.update(
+            _ifeval_metrics(
+                model,
+                tokenizer,
+                data.ifeval,
+                params,
+                _cache_args(cache_dir, identity, "ifeval", fk),
+            )
+        )
+        if model is teacher:
+            out["kl_to_teacher"] = 0.0
+        elif data.kl_prompts:
+            out["kl_to_teacher"] = float(
+                sampled_reverse_kl(
+                    model,
+                    teacher,
+                    tokenizer,
+                    data.kl_prompts,
+                    max_new_tokens=params.kl_max_new_tokens,
+                    batch_size=params.batch_size,
+                    seed=seed,
+                    student_kwargs=fk or None,
+                )
+            )
+        out.update(_nll_metrics(model, tokenizer, data, params.batch_size, fk))
+        if data.gsm8k:
+            cache = _cache_args(cache_dir, identity, "gsm8k", fk)
+            out["gsm8k_accuracy"] = _gsm8k_accuracy(model, tokenizer, data.gsm8k, params, cache)
+            out["gsm8k_questions"] = len(data.gsm8k)
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    out = {k: _finite(v) for k, v in out.items()}
+    log.info(
+        "%s: %s",
+        name,
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()),
+    )
+    return out
+
+
+def _nll_metrics(
+    model, tokenizer, data: EvalData, batch_size: int, fk: dict[str, Any]
+) -> dict[str, float]:
+    out = {}
+    if data.domain_texts:
+        nll = nll_per_token(
+            model,
+            tokenizer,
+            data.domain_texts,
+            max_seq_len=data.max_seq_len,
+            batch_size=batch_size,
+            forward_kwargs=fk or None,
+        )
+        out["domain_nll"] = float(nll)
+        out["domain_ppl"] = math.exp(min(float(nll), 50.0))  # guard overflow on a broken model
+    if data.instruct_texts:
+        out["instruct_nll"] = float(
+            nll_per_token(
+                model,
+                tokenizer,
+                data.instruct_texts,
+                max_seq_len=data.max_seq_len,
+                batch_size=batch_size,
+                forward_kwargs=fk or None,
+            )
+        )
+    return out
+
+
+def recurrence_scaling(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: EvalData,
+    Rs: Sequence[int],
+    *,
+    batch_size: int = 8,
+) -> list[dict[str, float | int | None]]:
+    """Held-out NLL of a looped model at each recurrence count R (test-time compute scaling).
+
+    Returns one dict per R: {"R", "domain_nll", "domain_ppl", "instruct_nll"}.
+    """
+    rows = []
+    with torch.inference_mode():
+        for R in Rs:
+            row = {
+                "R": int(R),
+                **_nll_metrics(model, tokenizer, data, batch_size, {"num_recurrence": int(R)}),
+            }
+            rows.append({k: _finite(v) for k, v in row.items()})
+            log.info("recurrence R=%d: domain_nll=%.4f", R, row.get("domain_nll", float("nan")))
+    return rows
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf are not JSON (and break `dvc metrics show`): store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,338 @@
+"""evaluate: what the conversion lost and what distillation and OPD won back.
+
+Reads:  data/prepare/model (the teacher), data/convert/model (the looped model),
+        data/distill/adapter, data/opd/adapter (PEFT adapters on the converted model),
+        data/prepare/datasets/{instruct,domain}_eval.parquet (held-out prompts and documents),
+        `evaluate.ifeval_path` / `evaluate.gsm8k_path` when set (real IFEval / GSM8K files).
+Writes: data/evaluate/metrics.json            {"models": {name: {...}}, "recovery": {...},
+                                               "recurrence_scaling": {name: {"R<k>": {...}}}}
+        data/evaluate/report.md               tables: metrics, deltas vs teacher, recovery
+        data/evaluate/models.png              one panel per metric, one bar per model
+        data/evaluate/recurrence_scaling.png  held-out NLL vs R (converted, distilled)
+        data/evaluate/recurrence_scaling.csv  model, R, domain_nll, … (`dvc plots show`)
+        data/evaluate/manifest.json
+Run:    retroloop stage evaluate
+
+Four models, the same prompts and decoding for each: teacher, converted (R = the model's
+default), distilled (converted + distill adapter) and opd (converted + OPD adapter). IFEval
+is greedy; KL to the teacher uses seeded temperature-1 samples of each model. Adapters are
+merged into a fresh copy of the converted model before evaluation (same outputs, faster).
+
+`evaluate_models` / `write_evaluation` take an explicit {name: ModelSpec} so tests and the
+continual-learning cycle can evaluate any set of models against any reference model.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from retroloop.artifacts import Manifest, atomic_artifact, input_ref
+from retroloop.config import Params
+from retroloop.errors import ArtifactError, MismatchError
+from retroloop.eval.report import recovery_table, write_report
+from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
+from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.stages.common import (
+    BASE_MODEL,
+    CONVERTED_MODEL,
+    DATA,
+    DISTILL_ADAPTER,
+    OPD_ADAPTER,
+    PATHS,
+    dataset_path,
+    resolve_inputs,
+    setup_run,
+)
+
+log = logging.getLogger(__name__)
+
+# Generated responses, keyed by model/adapter hash + prompts + decoding. Not an artifact.
+EVAL_CACHE = DATA / "cache" / "evaluate"
+# The stage that produces each input role (for "run this first" errors).
+PRODUCER = {
+    "teacher": "prepare",
+    "converted": "convert",
+    "distill_adapter": "distill",
+    "opd_adapter": "opd",
+    "instruct_eval": "prepare",
+    "domain_eval": "prepare",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to evaluate: a `save_pretrained` dir, optionally a PEFT adapter on it, and
+    the recurrence count for a looped model (None = the model's configured default).
+    `model_role` / `adapter_role` name the inputs in the manifest (default: the model name)."""
+
+    model_dir: Path
+    adapter_dir: Path | None = None
+    recurrence: int | None = None
+    model_role: str | None = None
+    adapter_role: str | None = None
+
+
+def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evaluate"]) -> Manifest:
+    paths = resolve_inputs(
+        inputs,
+        {
+            "teacher": BASE_MODEL,
+            "converted": CONVERTED_MODEL,
+            "distill_adapter": DISTILL_ADAPTER,
+            "opd_adapter": OPD_ADAPTER,
+            "instruct_eval": dataset_path("instruct", "eval"),
+            "domain_eval": dataset_path("domain", "eval"),
+        },
+    )
+    for role, path in paths.items():
+        if not Path(path).exists():
+            stage = PRODUCER.get(role)
+            hint = f"run `retroloop stage {stage}` first" if stage else "pass an existing path"
+            raise ArtifactError(f"{path}: evaluate input '{role}' does not exist; {hint}")
+    specs = {
+        "teacher": ModelSpec(paths["teacher"], model_role="teacher"),
+        "converted": ModelSpec(paths["converted"], model_role="converted"),
+        "distilled": ModelSpec(
+            paths["converted"],
+            paths["distill_adapter"],
+            model_role="converted",
+            adapter_role="distill_adapter",
+        ),
+        "opd": ModelSpec(
+            paths["converted"],
+            paths["opd_adapter"],
+            model_role="converted",
+            adapter_role="opd_adapter",
+        ),
+    }
+    return write_evaluation(
+        cfg,
+        specs,
+        instruct_eval=paths["instruct_eval"],
+        domain_eval=paths["domain_eval"],
+        out_dir=out_dir,
+        scaling=("converted", "distilled"),
+    )
+
+
+# --------------------------------------------------------------------------- lower level
+
+
+def load_spec(spec: ModelSpec, dtype: str, device: torch.device | str) -> torch.nn.Module:
+    """The model of `spec`, with its adapter (if any) merged in."""
+    model = load_model(spec.model_dir, dtype, device)
+    if spec.adapter_dir is not None:
+        from peft import PeftModel
+
+        if not (Path(spec.adapter_dir) / "adapter_config.json").is_file():
+            raise ArtifactError(
+                f"{spec.adapter_dir}: not a PEFT adapter directory (no adapter_config.json)"
+            )
+        model = PeftModel.from_pretrained(model, spec.adapter_dir).merge_and_unload()
+    return model.eval()
+
+
+def _is_looped(model: torch.nn.Module) -> bool:
+    from retroloop.models.recurrent import RecurrentForCausalLM
+
+    return isinstance(model, RecurrentForCausalLM)
+
+
+def default_recurrence(model: torch.nn.Module) -> int | None:
+    """The R stored in a looped model's config; None for a plain model."""
+    if not _is_looped(model):
+        return None
+    for attr in ("recurrence", "num_recurrence", "mean_recurrence"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ArtifactError(
+        "looped model config has no default recurrence count; re-run `retroloop stage convert`"
+    )
+
+
+def evaluate_models(
+    cfg: Params,
+    specs: Mapping[str, ModelSpec],
+    *,
+    data: EvalData,
+    teacher: str = "teacher",
+    scaling: Sequence[str] = (),
+    cache_dir: Path | None = EVAL_CACHE,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate every spec against `specs[teacher]` (the reference for KL, kept in memory
+    throughout; the others are loaded one at a time). Returns
+    {"models": {name: metrics}, "recurrence_scaling": {name: {"R<k>": {...}}}}."""
+    if teacher not in specs:
+        raise ArtifactError(
+            f"reference model '{teacher}' is not among the models to evaluate: {list(specs)}"
+        )
+    teacher_spec = specs[teacher]
+    teacher_model = load_spec(teacher_spec, cfg.dtype, device)
+    tokenizer = load_tokenizer(teacher_spec.model_dir)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    models: dict[str, dict[str, Any]] = {}
+    curves: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, spec in specs.items():
+        _check_tokenizer(name, spec, fingerprint, teacher_spec)
+        model = teacher_model if name == teacher else load_spec(spec, cfg.dtype, device)
+        R = spec.recurrence or default_recurrence(model)
+        forward_kwargs = {"num_recurrence": R} if R is not None else {}
+        metrics = evaluate_model(
+            name,
+            model,
+            tokenizer,
+            teacher=teacher_model,
+            data=data,
+            params=cfg.evaluate,
+            cache_dir=cache_dir,
+            forward_kwargs=forward_kwargs,
+            identity=spec_identity(spec),
+            seed=cfg.seed,
+        )
+        if R is not None:
+            metrics["recurrence"] = R
+        models[name] = metrics
+        if name in scaling:
+            if R is None:
+                log.warning("%s is not a looped model; no recurrence scaling", name)
+            else:
+                rows = recurrence_scaling(
+                    model,
+                    tokenizer,
+                    data,
+                    cfg.evaluate.recurrence_scaling,
+                    batch_size=cfg.evaluate.batch_size,
+                )
+                curves[name] = {
+                    f"R{row['R']}": {k: v for k, v in row.items() if k != "R"} for row in rows
+                }
+        if model is not teacher_model:
+            del model
+            gc.collect()
+    return {"models": models, "recurrence_scaling": curves}
+
+
+def spec_identity(spec: ModelSpec) -> dict[str, Any]:
+    """Content hashes of the model (and adapter): the generation-cache key of a spec."""
+    ident: dict[str, Any] = {"model": input_ref("model", spec.model_dir).content_sha256}
+    if spec.adapter_dir is not None:
+        ident["adapter"] = input_ref("adapter", spec.adapter_dir).content_sha256
+    return ident
+
+
+def _check_tokenizer(
+    name: str, spec: ModelSpec, fingerprint: dict, teacher_spec: ModelSpec
+) -> None:
+    """Every model is prompted with the teacher's tokenizer, so theirs must be the same."""
+    if spec.model_dir == teacher_spec.model_dir:
+        return
+    theirs = tokenizer_fingerprint(load_tokenizer(spec.model_dir))
+    for key in ("tokenizer_sha256", "chat_template_sha256"):
+        if theirs[key] != fingerprint[key]:
+            raise MismatchError(
+                f"{spec.model_dir}: {key} of '{name}' differs from the reference model "
+                f"{teacher_spec.model_dir}; evaluate models that share one tokenizer and chat template"
+            )
+
+
+def load_eval_data(
+    cfg: Params, tokenizer, *, instruct_eval: Path, domain_eval: Path
+) -> tuple[EvalData, dict[str, Path]]:
+    """The held-out frames plus the real IFEval / GSM8K files when `evaluate.*_path` is set.
+    Returns the data and the extra input files by role (for the manifest)."""
+    e = cfg.evaluate
+    extra: dict[str, Path] = {}
+    ifeval_frame = gsm8k_frame = None
+    if e.ifeval_path:
+        from retroloop.eval.ifeval import load_ifeval
+
+        extra["ifeval"] = Path(e.ifeval_path)
+        ifeval_frame = load_ifeval(e.ifeval_path)
+    if e.gsm8k_path:
+        from retroloop.eval.gsm8k import load_gsm8k
+
+        extra["gsm8k"] = Path(e.gsm8k_path)
+        gsm8k_frame = load_gsm8k(e.gsm8k_path)
+    data = build_eval_data(
+        e,
+        tokenizer,
+        instruct_eval=pl.read_parquet(instruct_eval),
+        domain_eval=pl.read_parquet(domain_eval),
+        max_seq_len=cfg.prepare.max_seq_len,
+        ifeval_frame=ifeval_frame,
+        gsm8k_frame=gsm8k_frame,
+    )
+    return data, extra
+
+
+def write_evaluation(
+    cfg: Params,
+    specs: Mapping[str, ModelSpec],
+    *,
+    instruct_eval: Path,
+    domain_eval: Path,
+    out_dir: Path,
+    teacher: str = "teacher",
+    converted: str = "converted",
+    scaling: Sequence[str] = (),
+    stage: str = "evaluate",
+    cache_dir: Path | None = EVAL_CACHE,
+) -> Manifest:
+    """Evaluate `specs`, then write metrics.json, the report and the manifest to `out_dir`.
+
+    Recovery fractions are computed when both `teacher` and `converted` are among the specs.
+    """
+    device = setup_run(cfg)
+    data, extra = load_eval_data(
+        cfg,
+        load_tokenizer(specs[teacher].model_dir),
+        instruct_eval=instruct_eval,
+        domain_eval=domain_eval,
+    )
+    result = evaluate_models(
+        cfg, specs, data=data, teacher=teacher, scaling=scaling, cache_dir=cache_dir, device=device
+    )
+    recovery = (
+        recovery_table(result["models"], teacher=teacher, converted=converted)
+        if converted in specs
+        else {}
+    )
+
+    with atomic_artifact(out_dir, stage=stage, kind="report") as w:
+        seen: set[str] = set()
+        for name, spec in specs.items():
+            for role, path in (
+                (spec.model_role or name, spec.model_dir),
+                (spec.adapter_role or f"{name}_adapter", spec.adapter_dir),
+            ):
+                if path is not None and role not in seen:
+                    seen.add(role)
+                    w.add_input(role, path)
+        w.add_input("instruct_eval", instruct_eval)
+        w.add_input("domain_eval", domain_eval)
+        for role, path in extra.items():
+            w.add_input(role, path)
+        w.metrics = {
+            "models": result["models"],
+            "recovery": recovery,
+            "recurrence_scaling": result["recurrence_scaling"],
+        }
+        for path in write_report(w.metrics, w.dir):
+            w.outputs[path.name] = "report"
+        w.outputs["metrics.json"] = "report"
+        return w.finish(
+            params=cfg.section("evaluate"),
+            params_sha256=cfg.section_sha256("evaluate"),
+            seed=cfg.seed,
+            device=str(device),
+        )

@@ -1,0 +1,203 @@
+"""evaluate on the tiny profile: real prepare/analyze/convert, two random LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from retroloop.artifacts import read_manifest, verify
+from retroloop.config import load_params
+from retroloop.errors import ArtifactError
+
+TINY = Path(__file__).resolve().parents[2] / "profiles" / "tiny.yaml"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repo
+MODELS = ("teacher", "converted", "distilled", "opd")
+PER_MODEL = (
+    "ifeval_prompt_strict",
+    "ifeval_prompt_loose",
+    "ifeval_inst_strict",
+    "ifeval_inst_loose",
+    "ifeval_skipped",
+    "kl_to_teacher",
+    "instruct_nll",
+    "domain_nll",
+    "domain_ppl",
+    "seconds",
+)
+
+
+def _random_adapter(model_dir: Path, out: Path, seed: int) -> None:
+    """A LoRA adapter on all linear layers with a random (non-zero) B, as distill/opd would save
+    (the looped model's recurrence adapter in `modules_to_save`)."""
+    from peft import get_peft_model
+
+    from retroloop.models.loading import load_model
+    from retroloop.models.lora import lora_config_for
+
+    model = load_model(model_dir)
+    torch.manual_seed(seed)  # lora_A's init
+    peft_model = get_peft_model(model, lora_config_for(model, r=2, alpha=32, dropout=0.0))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.05)
+            elif "modules_to_save" in name:
+                # Off pass-through, the state s_k reaches the block, so R changes the output.
+                param.add_(torch.randn_like(param) * 0.05)
+    peft_model.save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    """data/ of the tiny profile up to convert, plus distill and opd adapters."""
+    from retroloop.stages import analyze, convert, prepare
+
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = load_params(TINY)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        prepare.run(cfg)
+        analyze.run(cfg)
+        convert.run(cfg)
+        _random_adapter(Path("data/convert/model"), Path("data/distill/adapter"), seed=1)
+        _random_adapter(Path("data/convert/model"), Path("data/opd/adapter"), seed=2)
+    return root
+
+
+def test_evaluate_four_models(pipeline_dir, monkeypatch):
+    from retroloop.stages import evaluate
+
+    monkeypatch.chdir(pipeline_dir)
+    cfg = load_params(TINY)
+    manifest = evaluate.run(cfg)
+
+    out = Path("data/evaluate")
+    assert manifest.kind == "report" and manifest.stage == "evaluate"
+    roles = {ref.role for ref in manifest.inputs}
+    assert roles == {
+        "teacher",
+        "converted",
+        "distill_adapter",
+        "opd_adapter",
+        "instruct_eval",
+        "domain_eval",
+    }
+    assert verify(out) == []
+    assert read_manifest(out).content_sha256 == manifest.content_sha256
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(manifest.metrics))
+    assert set(metrics["models"]) == set(MODELS)
+    for name in MODELS:
+        missing = set(PER_MODEL) - set(metrics["models"][name])
+        assert not missing, f"{name} lacks {missing}"
+        assert metrics["models"][name]["domain_nll"] > 0
+        assert "gsm8k_accuracy" not in metrics["models"][name]  # gsm8k_path is null
+    assert metrics["models"]["teacher"]["kl_to_teacher"] == 0.0
+    assert metrics["models"]["converted"]["kl_to_teacher"] > 0
+    assert metrics["models"]["converted"]["recurrence"] == cfg.convert.recurrence
+    # The adapters change the model, so their NLL differs from the converted model's.
+    assert (
+        metrics["models"]["distilled"]["domain_nll"] != metrics["models"]["converted"]["domain_nll"]
+    )
+
+    assert set(metrics["recovery"]) == {"distilled", "opd"}
+    assert {"domain_nll", "kl_to_teacher", "ifeval_prompt_strict"} <= set(
+        metrics["recovery"]["opd"]
+    )
+    assert set(metrics["recurrence_scaling"]) == {"converted", "distilled"}
+    assert set(metrics["recurrence_scaling"]["converted"]) == {
+        f"R{r}" for r in cfg.evaluate.recurrence_scaling
+    }
+
+    report = (out / "report.md").read_text()
+    for name in MODELS:
+        assert f"| {name} |" in report
+    for png in ("models.png", "recurrence_scaling.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    csv = pl.read_csv(out / "recurrence_scaling.csv")
+    assert {"model", "R", "domain_nll"} <= set(csv.columns)
+    assert csv.height == 2 * len(cfg.evaluate.recurrence_scaling)
+    # The pass-through recurrence adapter ignores s_k, so the converted model's NLL does not
+    # depend on R; the distilled one's (perturbed adapter) does. The default R of the scaling
+    # curve equals the model's own evaluation.
+    curves = metrics["recurrence_scaling"]
+    assert curves["converted"]["R1"]["domain_nll"] == pytest.approx(
+        curves["converted"]["R2"]["domain_nll"]
+    )
+    assert curves["distilled"]["R1"]["domain_nll"] != pytest.approx(
+        curves["distilled"]["R2"]["domain_nll"]
+    )
+    R = f"R{cfg.convert.recurrence}"
+    assert metrics["recurrence_scaling"]["converted"][R]["domain_nll"] == pytest.approx(
+        metrics["models"]["converted"]["domain_nll"], rel=1e-5
+    )
+
+    # Greedy IFEval generations are cached on disk, one file per (model, adapter, prompts, R).
+    assert len(list(Path("data/cache/evaluate").glob("gen-*.json"))) == len(MODELS)
+
+
+def test_missing_adapter_names_the_stage(pipeline_dir, monkeypatch):
+    from retroloop.stages import evaluate
+
+    monkeypatch.chdir(pipeline_dir)
+    with pytest.raises(ArtifactError, match=r"opd_adapter.*retroloop stage opd"):
+        evaluate.run(
+            load_params(TINY),
+            inputs={"opd_adapter": "data/opd/missing"},
+            out_dir=Path("data/never"),
+        )
+    assert not Path("data/never").exists()
+
+
+def test_real_ifeval_and_gsm8k_on_any_model_set(pipeline_dir, monkeypatch):
+    from retroloop.stages.common import dataset_path
+    from retroloop.stages.evaluate import ModelSpec, write_evaluation
+
+    ifeval_file, gsm8k_file = (
+        SHARED / "ifeval" / "input_data.jsonl",
+        SHARED / "gsm8k" / "test.jsonl",
+    )
+    if not (ifeval_file.is_file() and gsm8k_file.is_file()):
+        pytest.skip(f"real IFEval / GSM8K files not found under {SHARED}")
+    monkeypatch.chdir(pipeline_dir)
+    # Repo-relative paths, as a user writes them in params.yaml, resolved from this tmp dir.
+    cfg = load_params(
+        TINY,
+        {
+            "evaluate.ifeval_path": os.path.relpath(ifeval_file),
+            "evaluate.gsm8k_path": os.path.relpath(gsm8k_file),
+        },
+    )
+    specs = {
+        "base": ModelSpec(Path("data/prepare/model")),
+        "looped_r3": ModelSpec(
+            Path("data/convert/model"), Path("data/distill/adapter"), recurrence=3
+        ),
+    }
+    manifest = write_evaluation(
+        cfg,
+        specs,
+        instruct_eval=dataset_path("instruct", "eval"),
+        domain_eval=dataset_path("domain", "eval"),
+        out_dir=Path("data/evaluate_real"),
+        teacher="base",
+        scaling=("looped_r3",),
+    )
+    roles = {ref.role for ref in manifest.inputs}
+    assert {"base", "looped_r3", "looped_r3_adapter", "ifeval", "gsm8k"} <= roles
+    models = manifest.metrics["models"]
+    assert set(models) == {"base", "looped_r3"}
+    assert manifest.metrics["recovery"] == {}  # no "converted" among the specs
+    assert models["looped_r3"]["recurrence"] == 3
+    for m in models.values():
+        # The first 4 real IFEval prompts, graded (a checker needing NLTK data is skipped).
+        assert 0 < m["ifeval_prompts"] <= cfg.evaluate.ifeval_prompts
+        assert 0.0 <= m["gsm8k_accuracy"] <= 1.0
+    report = (Path("data/evaluate_real") / "report.md").read_text()
+    assert "| base |" in report and "| looped_r3 |" in report
