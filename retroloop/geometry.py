@@ -57,7 +57,8 @@ def lora_modules(model: torch.nn.Module) -> dict[str, tuple[Tensor, Tensor, Tens
 
 
 def low_rank_svd(B_O_r: Tensor, A_r_I: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    """Left singular vectors `U_O_r` and singular values `S_r` (descending) of s·B·A, in float64."""
+    """Left singular vectors `U_O_r` and singular values `S_r` (descending) of s·B·A, in float64
+    (any inner size r ≤ min(O, I))."""
     Q_B, R_B = torch.linalg.qr(B_O_r.detach().double())  # O×r, r×r
     Q_A, R_A = torch.linalg.qr(A_r_I.detach().double().T)  # I×r, r×r
     U_m, S, _ = torch.linalg.svd(scaling * R_B @ R_A.T)
@@ -82,12 +83,24 @@ def subspace_overlap(U1_O_a: Tensor, U2_O_b: Tensor) -> float:
 
 
 class GeometryTracker:
-    """Snapshots of every LoRA module's ΔW; `snapshot(step)` appends one row per module."""
+    """Snapshots of every LoRA module's ΔW; `snapshot(step)` appends one row per module.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    `since_start=True` measures the update made since the tracker was created,
+    ΔW = s·(B·A − B₀·A₀) = s·[B | −B₀]·[A ; A₀] (rank ≤ 2r, same QR route): the update of
+    *this* run when it continues an adapter trained before (OPD after distill). With a fresh
+    LoRA (B₀ = 0) both views coincide.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, since_start: bool = False) -> None:
         self.model = model
         self._w_top: dict[str, Tensor] = {}  # module -> top-r left singular vectors of W (frozen)
-        self._prev: dict[str, Tensor] = {}  # module -> ΔW's left singular vectors at the last snapshot
+        self._prev: dict[
+            str, Tensor
+        ] = {}  # module -> ΔW's left singular vectors at the last snapshot
+        self._start: dict[str, tuple[Tensor, Tensor]] = {}
+        if since_start:
+            for name, (_, B_O_r, A_r_I, _) in lora_modules(model).items():
+                self._start[name] = (B_O_r.detach().clone(), A_r_I.detach().clone())
         self.rows: list[dict] = []
 
     @torch.no_grad()
@@ -98,9 +111,15 @@ class GeometryTracker:
             if name not in self._w_top:
                 U_W, _, _ = torch.linalg.svd(W_O_I.detach().double(), full_matrices=False)
                 self._w_top[name] = U_W[:, :r].clone()
+            if name in self._start:
+                B0_O_r, A0_r_I = self._start[name]
+                B_O_r, A_r_I = torch.cat([B_O_r, -B0_O_r], 1), torch.cat([A_r_I, A0_r_I], 0)
             U_d, S = low_rank_svd(B_O_r, A_r_I, scaling)
             norm = float(S.pow(2).sum().sqrt())
-            k = int((S > _REL_TOL * S.max()).sum()) if norm > 0 else 0
+            if norm <= _REL_TOL * scaling * float(B_O_r.norm() * A_r_I.norm()):
+                norm = 0.0  # rounding noise of B·A − B₀·A₀ = 0, not an update
+            k = min(r, int((S > _REL_TOL * S.max()).sum())) if norm > 0 else 0
+            S = S if norm > 0 else torch.zeros_like(S)
             U_k = U_d[:, :k]
             prev = self._prev.get(name)
             drift = math.nan

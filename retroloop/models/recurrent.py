@@ -265,10 +265,15 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
     def initial_state(self, e_B_T_H: torch.Tensor) -> torch.Tensor:
-        """s_0 ~ TruncNormal(0, σ²) clipped at ±3σ (Huginn §3), from the global torch RNG."""
+        """s_0 ~ TruncNormal(0, σ²) clipped at ±3σ (Huginn §3), from the global torch RNG.
+
+        In eval mode s_0 is its mean, 0: inference is then a deterministic function, so a
+        sampler's and a learner's log-probs (OPD's importance ratio) and repeated evaluations
+        agree exactly. Training keeps the random draw, which regularises the adapter.
+        """
         s = torch.zeros_like(e_B_T_H)
         std = self.config.state_init_std
-        if std > 0:
+        if std > 0 and self.training:
             nn.init.trunc_normal_(s, mean=0.0, std=std, a=-3 * std, b=3 * std)
         return s
 

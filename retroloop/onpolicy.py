@@ -1,0 +1,227 @@
+"""The pieces of one on-policy distillation step (DESIGN.md §5), used by `stages/opd.py` and
+the continual-learning cycle.
+
+Thinking Machines, "On-Policy Distillation" (2025); Agarwal et al., GKD (arXiv:2306.13649).
+The student samples y ~ π_sampler; the teacher scores the same ids in one forward pass; each
+generated token gets A_t = −kl_coef·(log π_sampler(y_t) − log π_teacher(y_t)) (+ γ-discounted
+future terms, a vOPD baseline, a verifiable reward: `losses.opd_advantages`); the update
+minimises −Σ_t exp(log π_θ(y_t) − log π_sampler(y_t))·A_t / #generated tokens
+(`losses.opd_pg_loss`), whose expected gradient is that of the per-token reverse KL
+KL(π_θ‖π_teacher) on the student's own samples. Prompt and padding positions are masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from retroloop.config import OpdParams
+from retroloop.errors import ConfigError, MismatchError
+from retroloop.losses import (
+    entropy_from_logits,
+    exact_reverse_kl_topk,
+    opd_advantages,
+    opd_pg_loss,
+    sampled_reverse_kl,
+)
+from retroloop.models.loading import tokenizer_fingerprint
+from retroloop.rollout import PackedRollouts, RolloutBatch, TransformersEngine, token_logprobs
+
+LOOPED_MODEL_TYPE = "retroloop_recurrent"
+
+
+def check_same_tokenizer(
+    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase
+) -> None:
+    """Teacher and student must share vocabulary and chat template (DESIGN.md §7): the teacher
+    scores the student's token ids, and a template mismatch silently biases its log-probs."""
+    s, t = tokenizer_fingerprint(student_tok), tokenizer_fingerprint(teacher_tok)
+    diff = [k for k in s if s[k] != t[k]]
+    if diff:
+        raise MismatchError(
+            f"opd: teacher and student tokenizers differ in {', '.join(diff)} "
+            f"(student {[s[k] for k in diff]}, teacher {[t[k] for k in diff]}); use the teacher's tokenizer"
+        )
+
+
+def student_forward_kwargs(model: torch.nn.Module, recurrence: int | None) -> dict[str, Any]:
+    """`{"num_recurrence": R}` for the looped student; {} (its config default) when R is None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if recurrence is not None and model_type != LOOPED_MODEL_TYPE:
+        raise ConfigError(
+            f"opd.recurrence: {recurrence} is set but the student is a plain {model_type}"
+        )
+    return {} if recurrence is None else {"num_recurrence": recurrence}
+
+
+@contextlib.contextmanager
+def fixed_initial_state(model: torch.nn.Module) -> Iterator[None]:
+    """Fix the looped model's s_0 at its mean (σ = 0) while OPD runs.
+
+    The looped model draws s_0 ~ TruncNormal(0, σ) on every forward call, in eval mode too, so
+    π(y_t | prefix) is random: the sampler's and the learner's log-probs would come from different
+    draws and the importance ratio would measure noise, not staleness. With σ = 0 the policy is
+    one deterministic function; with the pass-through adapter s_0 has no effect at all.
+    """
+    config = getattr(model, "config", None)
+    std = getattr(config, "state_init_std", None)
+    if std:
+        config.state_init_std = 0.0
+    try:
+        yield
+    finally:
+        if std:
+            config.state_init_std = std
+
+
+def _logits(model: torch.nn.Module, pk: PackedRollouts, kwargs: dict | None) -> torch.Tensor:
+    return model(
+        input_ids=pk.tokens_B_T, attention_mask=pk.attention_mask_B_T, **(kwargs or {})
+    ).logits
+
+
+def opd_step(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batch: RolloutBatch,
+    optimizer: torch.optim.Optimizer | None,
+    p: OpdParams,
+    *,
+    pad_id: int,
+    rewards: list[float] | None = None,
+    student_kwargs: dict[str, Any] | None = None,
+    teacher_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score `batch` with the teacher, take one policy-gradient step on the student.
+
+    Micro-batches of `p.rollout.batch_size` rows; each micro-batch loss is weighted by its share
+    of the generated tokens, so the accumulated gradient is that of the loss over the whole batch.
+    With `optimizer=None` the gradients stay in `.grad` (tests). Returns the step's metrics (per
+    generated token), `advantage_max_abs`, and `teacher_logprobs` (one list per row).
+    """
+    device = next(student.parameters()).device
+    n_total = max(batch.num_completion_tokens, 1)
+    sums: dict[str, float] = defaultdict(float)
+    teacher_rows: list[list[float]] = []
+    for first in range(0, len(batch), p.rollout.batch_size):
+        rows = list(range(first, min(first + p.rollout.batch_size, len(batch))))
+        pk = batch.select(rows).pack(pad_id, device)
+        mask_B_T, n_mb = pk.mask_B_T, int(pk.mask_B_T.sum())
+        tic = time.perf_counter()
+        with torch.no_grad():  # the teacher scores the student's ids in one forward pass
+            t_logits_B_T_V = _logits(teacher, pk, teacher_kwargs)
+        sums["teacher_s"] += time.perf_counter() - tic
+        s_logits_B_T_V = _logits(student, pk, student_kwargs)
+        if s_logits_B_T_V.shape[-1] != t_logits_B_T_V.shape[-1]:
+            raise MismatchError(
+                f"opd: student vocabulary {s_logits_B_T_V.shape[-1]} != teacher {t_logits_B_T_V.shape[-1]}"
+            )
+        teacher_logp_B_T = token_logprobs(t_logits_B_T_V, pk.tokens_B_T)
+        learner_logp_B_T = token_logprobs(s_logits_B_T_V, pk.tokens_B_T)
+
+        # Logits at t−1 predict token t: these N rows are the generated positions.
+        s_N_V = s_logits_B_T_V[:, :-1][mask_B_T[:, 1:]].detach()
+        kl_N = exact_reverse_kl_topk(s_N_V, t_logits_B_T_V[:, :-1][mask_B_T[:, 1:]], p.vopd_top_k)
+        baseline_B_T = None
+        if p.vopd_baseline:  # same row-major order as mask_B_T (column 0 is never generated)
+            baseline_B_T = torch.zeros_like(teacher_logp_B_T)
+            baseline_B_T[mask_B_T] = kl_N
+        reward_B = (
+            None if rewards is None else torch.tensor([rewards[i] for i in rows], device=device)
+        )
+        adv_B_T = opd_advantages(
+            pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T, gamma=p.gamma, kl_coef=p.kl_coef,
+            reward_B=reward_B, reward_weight=p.reward_weight, baseline_B_T=baseline_B_T,
+        )  # fmt: skip
+        loss = opd_pg_loss(learner_logp_B_T, pk.sampler_logp_B_T, adv_B_T, mask_B_T) * (
+            n_mb / n_total
+        )
+        loss.backward()
+
+        log_ratio_N = (learner_logp_B_T.detach() - pk.sampler_logp_B_T)[mask_B_T]
+        sums["loss"] += float(loss.detach())
+        sums["reverse_kl_sampled"] += (
+            float(sampled_reverse_kl(pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T)) * n_mb
+        )
+        sums["reverse_kl_exact"] += float(kl_N.sum())
+        sums["entropy"] += float(entropy_from_logits(s_N_V).sum())
+        sums["sampler_learner_kl"] += float(-log_ratio_N.sum())  # log π_sampler − log π_learner
+        sums["advantage_abs"] += float(adv_B_T.abs().sum())
+        sums["advantage_max_abs"] = max(sums["advantage_max_abs"], float(adv_B_T.abs().max()))
+        if n_mb:
+            sums["log_ratio_max_abs"] = max(
+                sums["log_ratio_max_abs"], float(log_ratio_N.abs().max())
+            )
+        teacher_rows += [teacher_logp_B_T[b][mask_B_T[b]].tolist() for b in range(len(rows))]
+
+    params = [q for q in student.parameters() if q.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm))
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    per_token = (
+        "reverse_kl_sampled",
+        "reverse_kl_exact",
+        "entropy",
+        "sampler_learner_kl",
+        "advantage_abs",
+    )
+    stats: dict[str, Any] = {k: sums[k] / n_total for k in per_token}
+    stats |= {k: sums[k] for k in ("loss", "teacher_s", "advantage_max_abs", "log_ratio_max_abs")}
+    return stats | {"grad_norm": grad_norm, "teacher_logprobs": teacher_rows}
+
+
+@torch.no_grad()
+def heldout_reverse_kl(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    n: int,
+    max_new_tokens: int,
+    top_k: int,
+    seed: int,
+    student_kwargs: dict[str, Any] | None = None,
+    teacher_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 8,
+) -> float:
+    """Exact top-k reverse KL(π_S‖π_T) per generated token on fixed prompts with a fixed seed:
+    the before/after measure (per-step values are noisy: fresh prompts, fresh samples)."""
+    batch = TransformersEngine(student, tokenizer, batch_size, student_kwargs).sample(
+        prompts, n=n, max_new_tokens=max_new_tokens, seed=seed
+    )
+    total, count = 0.0, 0
+    for first in range(0, len(batch), batch_size):
+        rows = list(range(first, min(first + batch_size, len(batch))))
+        pk = batch.select(rows).pack(tokenizer.pad_token_id, next(student.parameters()).device)
+        pred_B_Tm1 = pk.mask_B_T[:, 1:]
+        s_N_V = _logits(student, pk, student_kwargs)[:, :-1][pred_B_Tm1]
+        kl_N = exact_reverse_kl_topk(
+            s_N_V, _logits(teacher, pk, teacher_kwargs)[:, :-1][pred_B_Tm1], top_k
+        )
+        total, count = total + float(kl_N.sum()), count + kl_N.numel()
+    return total / max(count, 1)
+
+
+def ifeval_rewards(
+    tokenizer: PreTrainedTokenizerBase, batch: RolloutBatch, rows: list[dict]
+) -> list[float]:
+    """1.0 when every gradable IFEval instruction of the prompt is followed (strict), else 0.0
+    (also 0.0 when none is gradable here: no signal rather than a free reward)."""
+    from retroloop.eval.ifeval import score_response
+
+    out = []
+    for i, completion in zip(batch.prompt_index, batch.completion_ids, strict=True):
+        row, text = rows[i], tokenizer.decode(completion, skip_special_tokens=True)
+        strict = score_response(
+            row["prompt"], text, list(row["instruction_id_list"]), row["kwargs"]
+        )["strict"]
+        out.append(1.0 if strict and all(strict) else 0.0)
+    return out

@@ -1,0 +1,331 @@
+"""opd: on-policy distillation of the looped student against the original model.
+
+Reads:  data/convert/model (role `student`), data/distill/adapter (role `parent_adapter`; if it
+        does not exist a fresh LoRA from `opd.lora` is started), data/prepare/model (role
+        `teacher`), data/prepare/datasets/instruct_{train,eval}.parquet (prompts; held-out prompts)
+Writes: data/opd/adapter/            PEFT adapter (continues the distill LoRA)
+        data/opd/steps.csv           per-step metrics (the dvc plot)
+        data/opd/rollouts.parquet    every sampled completion with sampler / teacher log-probs
+        data/opd/geometry.parquet    per-module ΔW diagnostics (retroloop.geometry)
+        data/opd/geometry.png
+        data/opd/metrics.json, manifest.json
+Run:    retroloop stage opd
+
+The method and the step live in `retroloop.onpolicy` (Thinking Machines, "On-Policy
+Distillation", 2025; Agarwal et al., GKD, arXiv:2306.13649); this module is the loop:
+sample → reward → score + update → log, with geometry snapshots every `opd.geometry_every` steps.
+`train_opd` is the entry point the continual-learning cycle calls with its own teacher.
+
+The student stays in eval mode while it learns (LoRA dropout is 0 by default; the looped model
+must not sample its recurrence count, and its s_0 is fixed, see `onpolicy.fixed_initial_state`):
+sampler and learner then compute the same function, so the importance ratio is 1 up to kernel
+noise, which `sampler_learner_kl` in steps.csv measures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from retroloop.artifacts import Manifest, atomic_artifact
+from retroloop.config import OpdParams, Params
+from retroloop.errors import ConfigError, DataError
+from retroloop.geometry import GeometryTracker, plot_geometry
+from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.onpolicy import (
+    check_same_tokenizer,
+    fixed_initial_state,
+    heldout_reverse_kl,
+    ifeval_rewards,
+    opd_step,
+    student_forward_kwargs,
+)
+from retroloop.rollout import RolloutBatch, RolloutEngine, make_engine
+from retroloop.stages.common import (
+    BASE_MODEL,
+    CONVERTED_MODEL,
+    DISTILL_ADAPTER,
+    PATHS,
+    dataset_path,
+    resolve_inputs,
+    setup_run,
+)
+from retroloop.training import seed_for
+
+log = logging.getLogger(__name__)
+
+# What `train_opd` writes into its output directory (relative path -> artifact kind).
+OUTPUTS = {
+    "adapter": "adapter",
+    "steps.csv": "report",
+    "rollouts.parquet": "rollouts",
+    "geometry.parquet": "report",
+    "geometry.png": "report",
+}
+HELDOUT_PROMPTS = 8  # fixed held-out prompts for the before/after reverse KL
+
+
+def train_opd(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts_df: pl.DataFrame,
+    opd_params: OpdParams,
+    *,
+    seed: int,
+    out_dir_tmp: Path,
+    log_prefix: str = "opd",
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+    teacher_kwargs: dict[str, Any] | None = None,
+    heldout_prompts: list[str] | None = None,
+    engine: RolloutEngine | None = None,
+) -> dict[str, Any]:
+    """On-policy distillation of a PEFT `student` (trainable LoRA) against `teacher`.
+
+    `prompts_df` needs a `prompt` column (plus `instruction_id_list`, `kwargs` when
+    `reward_weight > 0`; `id` names rows in the rollouts). Writes `OUTPUTS` into `out_dir_tmp`
+    (the caller's temporary artifact directory) and returns the summary metrics.
+    `teacher_tokenizer` (checked against `tokenizer`) and `teacher_kwargs` (e.g. a looped
+    teacher's recurrence) let the continual-learning cycle distil from an earlier checkpoint.
+    """
+    p, out_dir = opd_params, Path(out_dir_tmp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if teacher_tokenizer is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    need = ["prompt"] + (["instruction_id_list", "kwargs"] if p.reward_weight > 0 else [])
+    if prompts_df.height == 0 or any(c not in prompts_df.columns for c in need):
+        raise DataError(f"opd: prompts need columns {need} and >= 1 row; got {prompts_df.columns}")
+    if p.rollout.temperature != 1.0 or p.rollout.top_p != 1.0:
+        log.warning(
+            "opd.rollout: temperature/top-p != 1 samples a distribution that is not the student's"
+        )
+    trainable = [q for q in student.parameters() if q.requires_grad]
+    if not trainable:
+        raise ConfigError(
+            "opd: the student has no trainable parameters (load the adapter with is_trainable=True)"
+        )
+    rows = prompts_df.to_dicts()
+    teacher.eval().requires_grad_(False)
+    student.eval()  # see the module docstring: sampler and learner run the same function
+    base = student.get_base_model() if hasattr(student, "get_base_model") else student
+    s_kwargs = student_forward_kwargs(base, p.recurrence)
+    engine = engine or make_engine(
+        p.rollout, student, tokenizer, generate_kwargs=s_kwargs, seed=seed
+    )
+    optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)  # constant LR
+    tracker = GeometryTracker(student, since_start=True)
+    n_trainable = sum(q.numel() for q in trainable)
+    n_all = sum(q.numel() for q in student.parameters())
+    log.info(
+        "%s: %d steps x %d prompts x %d samples = %d rollouts/step (<= %d new tokens each); "
+        "trainable %d of %d parameters (%.3f%%); recurrence %s; lr %g",
+        log_prefix, p.steps, p.prompts_per_step, p.rollout.samples_per_prompt,
+        p.prompts_per_step * p.rollout.samples_per_prompt, p.rollout.max_new_tokens,
+        n_trainable, n_all, 100 * n_trainable / n_all, p.recurrence or "default", p.lr,
+    )  # fmt: skip
+    heldout = dict(
+        n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens, top_k=p.vopd_top_k
+    )
+    heldout |= dict(seed=seed, student_kwargs=s_kwargs, teacher_kwargs=teacher_kwargs)
+
+    def push_adapter(step: int) -> None:
+        """vLLM samples from adapter files: hand it the current adapter (no-op otherwise)."""
+        if hasattr(engine, "set_adapter"):
+            student.save_pretrained(out_dir / ".rollout_adapter" / f"step-{step}")
+            engine.set_adapter(out_dir / ".rollout_adapter" / f"step-{step}")
+
+    rng, order, step_rows, rollouts = np.random.default_rng(seed), [], [], []
+    teacher_base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
+    with fixed_initial_state(base), fixed_initial_state(teacher_base):  # a looped teacher too
+        kl_before = (
+            heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)
+            if heldout_prompts
+            else None
+        )
+        tracker.snapshot(0)
+        push_adapter(0)
+        for step in (progress := tqdm(range(1, p.steps + 1), desc=log_prefix, unit="step")):
+            while len(order) < p.prompts_per_step:  # seeded epochs over the prompts
+                order += rng.permutation(len(rows)).tolist()
+            picked = [rows[i] for i in order[: p.prompts_per_step]]
+            order = order[p.prompts_per_step :]
+            tic = time.perf_counter()
+            batch = engine.sample(
+                [r["prompt"] for r in picked], n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens,
+                temperature=p.rollout.temperature, top_p=p.rollout.top_p, seed=seed_for(seed, "opd-rollout", step),
+            )  # fmt: skip
+            rewards = ifeval_rewards(tokenizer, batch, picked) if p.reward_weight > 0 else None
+            stats = opd_step(
+                student, teacher, batch, optimizer, p, pad_id=tokenizer.pad_token_id, rewards=rewards,
+                student_kwargs=s_kwargs, teacher_kwargs=teacher_kwargs,
+            )  # fmt: skip
+            push_adapter(step)
+            step_s, n_tok = time.perf_counter() - tic, batch.num_completion_tokens
+            teacher_lp = stats.pop("teacher_logprobs")
+            rollouts.append(_rollout_frame(step, batch, teacher_lp, rewards, picked, tokenizer))
+            row = {"step": step, **stats, "rollout_s": batch.seconds, "step_s": step_s}
+            row["tokens"], row["tokens_per_s"] = n_tok, n_tok / step_s
+            row["rollout_tokens_per_s"] = n_tok / max(batch.seconds, 1e-9)
+            row["response_length"] = n_tok / len(batch)
+            row["finished_fraction"] = float(np.mean(batch.finished))
+            row["reward"] = float(np.mean(rewards)) if rewards is not None else math.nan
+            step_rows.append(row)
+            if step % p.geometry_every == 0 or step == p.steps:
+                tracker.snapshot(step)
+            progress.set_postfix(
+                kl=f"{row['reverse_kl_exact']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}"
+            )
+        kl_after = (
+            heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)
+            if heldout_prompts
+            else None
+        )
+
+    steps_df, geometry = pl.DataFrame(step_rows), tracker.frame()
+    steps_df.write_csv(out_dir / "steps.csv")
+    pl.concat(rollouts).write_parquet(out_dir / "rollouts.parquet")
+    geometry.write_parquet(out_dir / "geometry.parquet")
+    plot_geometry(geometry, out_dir / "geometry.png")
+    student.save_pretrained(out_dir / "adapter")
+    shutil.rmtree(out_dir / ".rollout_adapter", ignore_errors=True)
+
+    edge = max(1, round(0.1 * p.steps))  # reverse_kl_start / _end: means over the first / last 10%
+    total_s, tokens = steps_df["step_s"].sum(), steps_df["tokens"].sum()
+    final = geometry.filter(pl.col("step") == p.steps).fill_nan(None)
+    return {
+        "steps": p.steps,
+        "reverse_kl_start": steps_df["reverse_kl_exact"].head(edge).mean(),
+        "reverse_kl_end": steps_df["reverse_kl_exact"].tail(edge).mean(),
+        "heldout_reverse_kl_before": kl_before,
+        "heldout_reverse_kl_after": kl_after,
+        "sampled_reverse_kl_mean": steps_df["reverse_kl_sampled"].mean(),
+        "sampler_learner_kl_mean": steps_df["sampler_learner_kl"].mean(),
+        "mean_response_length": steps_df["response_length"].mean(),
+        "generated_tokens": int(tokens),
+        "tokens_per_s": tokens / total_s,
+        "rollout_tokens_per_s": tokens / steps_df["rollout_s"].sum(),
+        "teacher_scoring_share": steps_df["teacher_s"].sum() / total_s,
+        "reward_mean": steps_df["reward"].mean() if p.reward_weight > 0 else None,
+        "trainable_parameters": n_trainable,
+        "geometry_effective_rank": final["effective_rank"].mean(),
+        "geometry_overlap_top_r": final["overlap_top_r"].mean(),
+    }
+
+
+def _rollout_frame(
+    step: int,
+    batch: RolloutBatch,
+    teacher_logprobs: list[list[float]],
+    rewards: list[float] | None,
+    prompts: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+) -> pl.DataFrame:
+    """One row per sampled completion: ids, sampler and teacher log-probs per generated token."""
+    return pl.DataFrame(
+        {
+            "step": [step] * len(batch),
+            "prompt_id": [str(prompts[i].get("id", "")) for i in batch.prompt_index],
+            "sample_id": batch.sample_index,
+            "prompt_tokens": batch.prompt_ids,
+            "completion_tokens": batch.completion_ids,
+            "sampler_logprobs": batch.sampler_logprobs,
+            "teacher_logprobs": teacher_logprobs,
+            "reward": rewards if rewards is not None else [None] * len(batch),
+            "finished": batch.finished,
+            "completion": tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True),
+        },
+        schema_overrides={
+            "prompt_tokens": pl.List(pl.Int32),
+            "completion_tokens": pl.List(pl.Int32),
+            "sampler_logprobs": pl.List(pl.Float32),
+            "teacher_logprobs": pl.List(pl.Float32),
+            "reward": pl.Float64,
+        },
+    )
+
+
+def load_student(base: torch.nn.Module, parent_adapter: Path, p: OpdParams) -> torch.nn.Module:
+    """Continue the distill LoRA (`is_trainable=True`), or start a fresh one from `opd.lora`."""
+    from peft import PeftModel, get_peft_model
+
+    from retroloop.models.lora import lora_config_for
+
+    if (Path(parent_adapter) / "adapter_config.json").is_file():
+        log.info(
+            "continuing the adapter at %s (its own LoRA config holds, not opd.lora)", parent_adapter
+        )
+        return PeftModel.from_pretrained(base, parent_adapter, is_trainable=True)
+    if not p.lora.enabled:
+        raise ConfigError(
+            "opd.lora.enabled: false needs a parent adapter; OPD trains LoRA adapters only"
+        )
+    log.warning("no parent adapter at %s: OPD starts a fresh LoRA (r=%d)", parent_adapter, p.lora.r)
+    lo = p.lora
+    config = lora_config_for(
+        base,
+        r=lo.r,
+        alpha=lo.alpha,
+        dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        train_adapter=lo.train_adapter,
+    )
+    return get_peft_model(base, config)
+
+
+def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["opd"]) -> Manifest:
+    device = setup_run(cfg)
+    p = cfg.opd
+    defaults = {
+        "student": CONVERTED_MODEL,
+        "parent_adapter": DISTILL_ADAPTER,
+        "teacher": BASE_MODEL,
+        "train_data": dataset_path("instruct", "train"),
+        "heldout": dataset_path("instruct", "eval"),
+    }
+    paths = resolve_inputs(inputs, defaults)
+    tokenizer = load_tokenizer(paths["student"])
+    teacher_tokenizer = load_tokenizer(paths["teacher"])
+    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    has_parent = (paths["parent_adapter"] / "adapter_config.json").is_file()
+    student = load_student(
+        load_model(paths["student"], cfg.dtype, device), paths["parent_adapter"], p
+    )
+    teacher = load_model(paths["teacher"], cfg.dtype, device)
+    prompts = pl.read_parquet(paths["train_data"])
+    heldout = None
+    if paths["heldout"].is_file():
+        heldout = pl.read_parquet(paths["heldout"])["prompt"].head(HELDOUT_PROMPTS).to_list()
+    engine = None
+    if p.rollout.backend == "vllm":  # the student's model dir; train_opd hands it each adapter
+        r = p.lora.r
+        if has_parent:
+            r = json.loads((paths["parent_adapter"] / "adapter_config.json").read_text())["r"]
+        rank = max(8, 1 << (r - 1).bit_length())  # vLLM accepts powers of two from 8 up
+        engine = make_engine(
+            p.rollout, None, None, model_dir=paths["student"], max_lora_rank=rank, seed=cfg.seed
+        )
+
+    with atomic_artifact(out_dir, stage="opd", kind="adapter") as w:
+        roles = ["student", "teacher", "train_data"]
+        roles += (["parent_adapter"] if has_parent else []) + (["heldout"] if heldout else [])
+        for role in roles:
+            w.add_input(role, paths[role])
+        metrics = train_opd(
+            student, teacher, tokenizer, prompts, p, seed=cfg.seed, out_dir_tmp=w.dir,
+            teacher_tokenizer=teacher_tokenizer, heldout_prompts=heldout, engine=engine,
+        )  # fmt: skip
+        w.outputs.update(OUTPUTS)
+        w.metrics = {**metrics, **tokenizer_fingerprint(tokenizer)}
+        section, sha = cfg.section("opd"), cfg.section_sha256("opd")
+        return w.finish(params=section, params_sha256=sha, seed=cfg.seed, device=str(device))

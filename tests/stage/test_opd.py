@@ -1,0 +1,280 @@
+"""opd on the tiny looped model: the step's invariants (student = teacher → zero advantage and
+gradient, importance ratio 1, no gradient through prompt tokens), 20 steps lower the reverse KL
+to a perturbed teacher, LoRA rank 1, and the stage's artifact (fresh LoRA and continued parent).
+
+Upstream artifacts come from the real prepare → analyze → convert stages on the tiny profile,
+run once per module in a temp dir; every test works on its own copy of `data/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from retroloop.artifacts import audit, verify
+from retroloop.config import OpdParams, RolloutParams, load_params
+from retroloop.errors import MismatchError
+from retroloop.models.loading import load_model, load_tokenizer
+from retroloop.models.lora import lora_config_for
+from retroloop.onpolicy import (
+    check_same_tokenizer,
+    fixed_initial_state,
+    heldout_reverse_kl,
+    opd_step,
+)
+from retroloop.rollout import TransformersEngine, token_logprobs
+from retroloop.stages import opd
+from retroloop.stages.opd import train_opd
+
+TINY = Path(__file__).resolve().parents[2] / "profiles" / "tiny.yaml"
+STUDENT, TEACHER = Path("data/convert/model"), Path("data/prepare/model")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, 2 threads spin against other jobs and tiny
+    matmuls get ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from retroloop.stages import analyze, convert, prepare
+
+    root = tmp_path_factory.mktemp("opd_upstream")
+    cfg = load_params(TINY, {"threads": 1})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in (prepare, analyze, convert):
+            stage.run(cfg)
+    return root
+
+
+@pytest.fixture
+def workdir(upstream: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    shutil.copytree(upstream / "data", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    return tmp_path
+
+
+def student_with_lora(r: int = 4, randomise_b: bool = False) -> torch.nn.Module:
+    base = load_model(STUDENT)
+    student = get_peft_model(base, lora_config_for(base, r=r, alpha=32, dropout=0.0))
+    if randomise_b:
+        with torch.no_grad():
+            for name, param in student.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.02)
+    return student.eval()
+
+
+def params(**over) -> OpdParams:
+    rollout = RolloutParams(max_new_tokens=8, samples_per_prompt=2, batch_size=8)
+    return OpdParams(**{"rollout": rollout, "vopd_top_k": 1024, **over})
+
+
+def prompts(split: str = "train", n: int | None = None) -> list[str]:
+    frame = pl.read_parquet(f"data/prepare/datasets/instruct_{split}.parquet")
+    return frame["prompt"].to_list()[:n]
+
+
+def sample(student, tok, n_prompts: int = 2, seed: int = 0):
+    engine = TransformersEngine(student, tok, batch_size=8)
+    with fixed_initial_state(student.get_base_model()):
+        return engine.sample(prompts(n=n_prompts), n=2, max_new_tokens=8, seed=seed)
+
+
+def test_student_equal_to_teacher_gives_exactly_zero_advantage_and_gradient(workdir):
+    tok, student = load_tokenizer(STUDENT), student_with_lora(randomise_b=True)
+    batch = sample(student, tok)
+    # An exact sampler reports the learner's own log-probs: re-score the ids teacher-forced.
+    pk = batch.pack(tok.pad_token_id)
+    with torch.no_grad(), fixed_initial_state(student.get_base_model()):
+        logp = token_logprobs(
+            student(input_ids=pk.tokens_B_T, attention_mask=pk.attention_mask_B_T).logits,
+            pk.tokens_B_T,
+        )
+    batch.sampler_logprobs = [logp[b][pk.mask_B_T[b]].tolist() for b in range(len(batch))]
+    p = params(vopd_baseline=True, gamma=0.5)
+    with fixed_initial_state(student.get_base_model()):
+        stats = opd_step(student, student, batch, None, p, pad_id=tok.pad_token_id)
+    assert stats["advantage_max_abs"] == 0.0 and stats["reverse_kl_sampled"] == 0.0
+    grads = [q.grad for q in student.parameters() if q.requires_grad]
+    assert grads and all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+    assert stats["grad_norm"] == 0.0
+
+
+def test_importance_ratio_is_one_when_learner_is_the_sampler(workdir):
+    tok, student = load_tokenizer(STUDENT), student_with_lora(randomise_b=True)
+    batch = sample(student, tok)  # the engine's own (KV-cache) log-probs
+    with fixed_initial_state(student.get_base_model()):
+        stats = opd_step(student, student, batch, None, params(), pad_id=tok.pad_token_id)
+    assert stats["log_ratio_max_abs"] < 1e-4 and abs(stats["sampler_learner_kl"]) < 1e-5
+    assert stats["advantage_max_abs"] < 1e-4  # student = teacher up to kernel noise
+
+
+def test_prompt_tokens_receive_no_gradient(workdir):
+    tok, student = load_tokenizer(STUDENT), student_with_lora(randomise_b=True)
+    teacher = load_model(TEACHER)
+    batch = sample(student, tok)
+    grads = []
+    head = student.get_base_model().get_output_embeddings()
+
+    def keep_grad(_module, _inputs, out):
+        if out.requires_grad:  # the learner's forward (the teacher's runs without grad)
+            out.register_hook(grads.append)
+
+    hook = head.register_forward_hook(keep_grad)
+    try:
+        with fixed_initial_state(student.get_base_model()):
+            opd_step(student, teacher, batch, None, params(), pad_id=tok.pad_token_id)
+    finally:
+        hook.remove()
+    (grad_B_T_V,) = grads  # one micro-batch
+    for b, (p_ids, c_ids) in enumerate(zip(batch.prompt_ids, batch.completion_ids, strict=True)):
+        n_p, n = len(p_ids), len(p_ids) + len(c_ids)
+        # Logits at t predict token t+1: positions n_p-1 .. n-2 predict generated tokens.
+        assert torch.count_nonzero(grad_B_T_V[b, : n_p - 1]) == 0, "a prompt token got gradient"
+        assert torch.count_nonzero(grad_B_T_V[b, n - 1 :]) == 0, (
+            "the last token / padding got gradient"
+        )
+        assert torch.count_nonzero(grad_B_T_V[b, n_p - 1 : n - 1]) > 0
+
+
+def test_twenty_steps_lower_the_exact_reverse_kl_to_a_different_teacher(workdir, tmp_path):
+    # Teacher = the looped model; student = the same model + a LoRA whose B is randomised away
+    # from it (a fresh LoRA would equal the teacher exactly).
+    tok, student, teacher = (
+        load_tokenizer(STUDENT),
+        student_with_lora(r=4, randomise_b=True),
+        load_model(STUDENT),
+    )
+    frozen = {k: v.clone() for k, v in student.named_parameters() if not v.requires_grad}
+    heldout = prompts("eval", n=4)
+    p = params(steps=20, prompts_per_step=2, lr=3e-3)
+    measure = dict(n=2, max_new_tokens=8, top_k=1024, seed=123)
+    with fixed_initial_state(student.get_base_model()):
+        before = heldout_reverse_kl(student, teacher, tok, heldout, **measure)
+    metrics = train_opd(
+        student, teacher, tok, pl.read_parquet("data/prepare/datasets/instruct_train.parquet"), p,
+        seed=0, out_dir_tmp=tmp_path / "out", heldout_prompts=heldout,
+    )  # fmt: skip
+    with fixed_initial_state(student.get_base_model()):
+        after = heldout_reverse_kl(student, teacher, tok, heldout, **measure)
+    assert before > 0.0 and after < 0.7 * before, (before, after)  # measured: 0.019 -> 0.008
+    assert metrics["heldout_reverse_kl_after"] < metrics["heldout_reverse_kl_before"]
+    steps = pl.read_csv(tmp_path / "out" / "steps.csv")
+    assert steps.height == 20 and steps["sampler_learner_kl"].abs().max() < 1e-4
+    assert all(torch.equal(v, frozen[k]) for k, v in student.named_parameters() if k in frozen)
+
+
+def test_lora_rank_one_trains_and_has_rank_one_updates(workdir, tmp_path):
+    tok, student = load_tokenizer(STUDENT), student_with_lora(r=1)
+    frame = pl.read_parquet("data/prepare/datasets/instruct_train.parquet")
+    train_opd(
+        student,
+        load_model(TEACHER),
+        tok,
+        frame,
+        params(steps=2, lr=1e-2),
+        seed=0,
+        out_dir_tmp=tmp_path,
+    )
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 1
+    final = pl.read_parquet(tmp_path / "geometry.parquet").filter(pl.col("step") == 2)
+    assert final.height > 0 and final["effective_rank"].to_list() == pytest.approx(
+        [1.0] * final.height
+    )
+
+
+def test_teacher_with_another_chat_template_is_refused(workdir):
+    student_tok, teacher_tok = load_tokenizer(STUDENT), load_tokenizer(TEACHER)
+    check_same_tokenizer(student_tok, teacher_tok)
+    teacher_tok.chat_template = teacher_tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    with pytest.raises(MismatchError, match="chat_template_sha256"):
+        check_same_tokenizer(student_tok, teacher_tok)
+
+
+def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir):
+    cfg = load_params(
+        TINY,
+        {
+            "threads": 1,
+            "opd.steps": 3,
+            "opd.recurrence": 3,
+            "opd.reward_weight": 0.5,
+            "opd.vopd_baseline": True,
+        },
+    )
+    assert not Path("data/distill/adapter").exists()  # → a fresh LoRA from opd.lora
+    manifest = opd.run(cfg)
+    out = Path("data/opd")
+    assert manifest.kind == "adapter" and not verify(out)
+    assert {r.role for r in manifest.inputs} == {"student", "teacher", "train_data", "heldout"}
+    assert set(opd.OUTPUTS) <= {p.name for p in out.iterdir()}
+    m = manifest.metrics
+    for key in ("reverse_kl_start", "reverse_kl_end", "tokens_per_s", "teacher_scoring_share"):
+        assert m[key] is not None and m[key] >= 0.0
+    assert m["steps"] == 3 and 0.0 <= m["reward_mean"] <= 1.0
+
+    steps = pl.read_csv(out / "steps.csv")  # the dvc plot's columns
+    assert steps["step"].to_list() == [1, 2, 3]
+    assert {
+        "reverse_kl_exact",
+        "reverse_kl_sampled",
+        "sampler_learner_kl",
+        "entropy",
+        "response_length",
+    } <= set(steps.columns)
+    rollouts = pl.read_parquet(out / "rollouts.parquet")
+    assert rollouts.height == 3 * cfg.opd.prompts_per_step * cfg.opd.rollout.samples_per_prompt
+    for row in rollouts.iter_rows(named=True):
+        assert (
+            len(row["completion_tokens"])
+            == len(row["sampler_logprobs"])
+            == len(row["teacher_logprobs"])
+            >= 1
+        )
+        assert row["reward"] in (0.0, 1.0)
+    geometry = pl.read_parquet(out / "geometry.parquet")
+    assert set(geometry["step"]) == {0, 1, 2, 3} and {
+        "effective_rank",
+        "overlap_top_r",
+        "drift",
+    } <= set(geometry.columns)
+
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")  # adapter weights only
+    adapter = "base_model.model.model.adapter.weight"  # the recurrence adapter (modules_to_save)
+    assert adapter in saved and all("lora_" in k for k in saved if k != adapter), sorted(saved)[:4]
+    trained = PeftModel.from_pretrained(load_model(STUDENT), out / "adapter").state_dict()
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained.items()), (
+        "LoRA B did not move"
+    )
+    (row,) = [r for r in audit("data") if r["stage"] == "opd"]
+    assert row["teacher"]["path"].endswith("data/prepare/model")
+
+
+def test_stage_continues_the_distill_adapter(workdir):
+    parent = student_with_lora(r=3, randomise_b=True)
+    parent.save_pretrained("data/distill/adapter")
+    cfg = load_params(TINY, {"threads": 1, "opd.steps": 1, "opd.geometry_every": 1})
+    manifest = opd.run(cfg)
+    assert manifest.input("parent_adapter").path.endswith("data/distill/adapter")
+    config = json.loads(Path("data/opd/adapter/adapter_config.json").read_text())
+    assert config["r"] == 3  # the parent's LoRA, not opd.lora.r = 2
+    before = PeftModel.from_pretrained(load_model(STUDENT), "data/distill/adapter").state_dict()
+    after = PeftModel.from_pretrained(load_model(STUDENT), "data/opd/adapter").state_dict()
+    moved = [k for k in before if "lora_" in k and not torch.equal(before[k], after[k])]
+    assert moved, "OPD did not update the parent adapter"
