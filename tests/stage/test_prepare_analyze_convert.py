@@ -1,0 +1,317 @@
+"""prepare → analyze → convert on the tiny profile, in a temporary directory.
+
+The three stages run once per module (`built`); each test then reads their artifacts:
+the manifest contract (DESIGN.md §3), the Parquet schemas and the train/eval split, the
+model directories loading with Hugging Face, the redundancy table and split, the R = 1
+equivalence, and the lineage from the converted model back to prepare. The bad-input
+tests run a stage in their own empty directory and check it fails with the named error
+before writing anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from retroloop import cli, datasets
+from retroloop.artifacts import MANIFEST, hash_tree, lineage, read_manifest, verify
+from retroloop.config import load_params
+from retroloop.errors import ConfigError, DataError, ModelError
+from retroloop.models.loading import load_model, load_tokenizer
+from retroloop.models.recurrent import (
+    RecurrentForCausalLM,
+    drop_layers,
+    equivalence_max_abs_diff,
+    pass_through_weight,
+)
+from retroloop.stages import analyze, convert, prepare
+from tests.conftest import TINY_PROFILE
+
+STAGE_DIRS = {
+    "prepare": Path("data/prepare"),
+    "analyze": Path("data/analyze"),
+    "convert": Path("data/convert"),
+}
+CONTRACT_KEYS = {
+    "kind", "stage", "content_sha256", "files", "outputs", "inputs", "params", "params_sha256",
+    "seed", "code_version", "library_versions", "device", "started_at", "ended_at", "metrics",
+}  # fmt: skip
+KINDS = {"prepare": "model", "analyze": "analysis", "convert": "model"}
+INPUT_ROLES = {
+    "prepare": set(),  # tiny_random model and built-in data: no upstream file to reference
+    "analyze": {"base_model", "calibration_instruct", "calibration_domain"},
+    "convert": {"base_model", "split", "heldout"},
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny profile's prepare, analyze and convert, run once in a module temp dir."""
+    root = tmp_path_factory.mktemp("prepare_analyze_convert")
+    cfg = load_params(TINY_PROFILE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in (prepare, analyze, convert):
+            stage.run(cfg)
+    return root
+
+
+@pytest.fixture
+def workdir(built: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(built)
+    return built
+
+
+def _model_subtree_sha256(prepare_files: dict[str, str]) -> str:
+    """Hash of `model/` from the prepare manifest's per-file hashes (hash_tree's listing)."""
+    sub = {k.removeprefix("model/"): v for k, v in prepare_files.items() if k.startswith("model/")}
+    return hashlib.sha256(
+        "".join(f"{k}\0{v}\n" for k, v in sorted(sub.items())).encode()
+    ).hexdigest()
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+@pytest.mark.parametrize("stage", list(STAGE_DIRS))
+def test_manifest_has_the_contract_keys_and_matches_its_files(workdir: Path, stage: str) -> None:
+    directory = STAGE_DIRS[stage]
+    raw = json.loads((directory / MANIFEST).read_text())
+    assert CONTRACT_KEYS <= raw.keys()
+    manifest = read_manifest(directory)
+    cfg = load_params(TINY_PROFILE)
+    assert manifest.kind == KINDS[stage] and manifest.stage == stage
+    assert manifest.content_sha256 == hash_tree(directory)[0] and not verify(directory)
+    assert manifest.params == json.loads(json.dumps(cfg.section(stage), default=str))
+    assert manifest.params_sha256 == cfg.section_sha256(stage) and manifest.seed == cfg.seed
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", manifest.code_version)
+    assert {"python", "torch", "transformers"} <= manifest.library_versions.keys()
+    assert {ref.role for ref in manifest.inputs} == INPUT_ROLES[stage]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", ref.content_sha256) for ref in manifest.inputs)
+    assert (
+        manifest.metrics
+        and json.loads((directory / "metrics.json").read_text()) == manifest.metrics
+    )
+    assert not list(Path("data").glob(".*"))  # no temporary or old directories left behind
+
+
+def test_downstream_inputs_carry_the_upstream_hashes(workdir: Path) -> None:
+    prep, ana, conv = (read_manifest(d) for d in STAGE_DIRS.values())
+    model_sha = _model_subtree_sha256(prep.files)
+    assert model_sha == hash_tree(Path("data/prepare/model"))[0]
+    assert ana.input("base_model").content_sha256 == model_sha
+    assert (
+        ana.input("calibration_instruct").content_sha256
+        == prep.files["datasets/instruct_train.parquet"]
+    )
+    assert (
+        ana.input("calibration_domain").content_sha256
+        == prep.files["datasets/domain_train.parquet"]
+    )
+    assert conv.input("base_model").content_sha256 == model_sha
+    assert conv.input("split").content_sha256 == ana.files["split.json"]
+    assert conv.input("heldout").content_sha256 == prep.files["datasets/domain_eval.parquet"]
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def test_datasets_have_the_fixed_schemas_and_disjoint_splits(workdir: Path) -> None:
+    metrics = read_manifest(STAGE_DIRS["prepare"]).metrics
+    for name, schema in (("domain", datasets.TEXT_SCHEMA), ("instruct", datasets.CHAT_SCHEMA)):
+        train = pl.read_parquet(f"data/prepare/datasets/{name}_train.parquet")
+        held_out = pl.read_parquet(f"data/prepare/datasets/{name}_eval.parquet")
+        for split, frame in (("train", train), ("eval", held_out)):
+            assert frame.schema == schema, f"{name}_{split}"
+            assert frame.height > 0 and frame["id"].n_unique() == frame.height
+            assert metrics[f"{name}_{split}_records"] == frame.height
+        assert not set(train["id"]) & set(held_out["id"]), f"{name}: train and eval share ids"
+    instruct_train = pl.read_parquet("data/prepare/datasets/instruct_train.parquet")
+    assert instruct_train["response"].null_count() == 0  # the teacher wrote the targets
+
+
+def test_prepared_model_loads_with_hugging_face_and_has_a_chat_template(workdir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained("data/prepare/model")
+    tokenizer = AutoTokenizer.from_pretrained("data/prepare/model")
+    cfg = load_params(TINY_PROFILE)
+    assert model.config.model_type == "llama"
+    assert model.config.num_hidden_layers == cfg.prepare.model.tiny.num_hidden_layers
+    assert not hasattr(model.config, "quantization_config")
+    assert tokenizer.chat_template
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.startswith("<|im_start|>user") and rendered.endswith("<|im_start|>assistant\n")
+    metrics = read_manifest(STAGE_DIRS["prepare"]).metrics
+    assert metrics["vocab_size"] == len(tokenizer) == model.config.vocab_size
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+def test_layer_scores_cover_both_variants_and_block_sizes(workdir: Path) -> None:
+    N = read_manifest(STAGE_DIRS["prepare"]).metrics["num_hidden_layers"]
+    table = pl.read_parquet("data/analyze/layer_scores.parquet")
+    assert {"layer", "n", "block_influence", "angular_distance", "variant"} <= set(table.columns)
+    assert set(table["variant"]) == {"all_tokens", "last_token"}
+    for variant in ("all_tokens", "last_token"):
+        rows = table.filter(pl.col("variant") == variant)
+        assert rows["n"].max() >= N // 2
+        bi = rows.filter(pl.col("n") == 1)
+        assert sorted(bi["layer"]) == list(
+            range(N)
+        )  # the last layer too (hooks, not hidden_states)
+        assert bi["block_influence"].null_count() == 0
+        assert rows.filter(pl.col("n") > 1)["block_influence"].null_count() == rows.height - N
+        assert (rows["layer"] + rows["n"] <= N).all()
+        assert rows["angular_distance"].is_between(0.0, 1.0).all()
+    assert Path("data/analyze/redundancy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_split_covers_every_layer_and_drops_the_closest_window(workdir: Path) -> None:
+    cfg = load_params(TINY_PROFILE).analyze.split
+    split = json.loads(Path("data/analyze/split.json").read_text())
+    N = split["num_layers"]
+    assert {"prelude", "block", "coda", "dropped", "rule"} <= split.keys() and split["rule"]
+    assert sorted(split["prelude"] + split["block"] + split["coda"] + split["dropped"]) == list(
+        range(N)
+    )
+    assert split["prelude"] == list(range(cfg.prelude_layers))
+    assert split["coda"] == list(range(N - cfg.coda_layers, N))
+    assert len(split["block"]) == cfg.block_layers
+    n_drop = N - cfg.prelude_layers - cfg.block_layers - cfg.coda_layers
+    start = split["dropped"][0]
+    assert split["dropped"] == list(range(start, start + n_drop))
+    # Gromov et al.: the dropped window is the one with the smallest d(ℓ, ℓ + n).
+    windows = pl.read_parquet("data/analyze/layer_scores.parquet").filter(
+        (pl.col("variant") == cfg.variant)
+        & (pl.col("n") == n_drop)
+        & (pl.col("layer") >= cfg.prelude_layers)
+        & (pl.col("layer") + n_drop <= N - cfg.coda_layers)
+    )
+    best = windows["angular_distance"].min()
+    assert windows.filter(pl.col("layer") == start)["angular_distance"][0] == best
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def test_converted_model_loads_and_is_equivalent_at_r1(workdir: Path) -> None:
+    manifest = read_manifest(STAGE_DIRS["convert"])
+    split = json.loads(Path("data/analyze/split.json").read_text())
+    looped = load_model("data/convert/model")
+    assert isinstance(looped, RecurrentForCausalLM)
+    cfg = looped.config
+    assert (cfg.prelude_layers, cfg.block_layers, cfg.coda_layers) == (
+        split["prelude"],
+        split["block"],
+        split["coda"],
+    )
+    assert manifest.metrics["equivalence_max_abs_diff"] <= 1e-5
+    assert manifest.metrics["equivalence_tokens"] > 0
+    h = cfg.hidden_size
+    assert torch.equal(
+        looped.model.adapter.weight, pass_through_weight(h)
+    )  # [0 | I] survives saving
+
+    # The reloaded model, too, equals the source with the dropped layers removed.
+    source = load_model("data/prepare/model")
+    tokenizer = load_tokenizer("data/prepare/model")
+    enc = tokenizer(
+        ["def f(x): return x", "A list comprehension builds a list."],
+        return_tensors="pt",
+        padding=True,
+    )
+    reference = drop_layers(source, split["prelude"] + split["block"] + split["coda"])
+    assert (
+        equivalence_max_abs_diff(looped, reference, enc["input_ids"], enc["attention_mask"]) <= 1e-5
+    )
+
+
+def test_converted_model_records_the_source_hash(workdir: Path) -> None:
+    prepare_files = read_manifest(STAGE_DIRS["prepare"]).files
+    expected = _model_subtree_sha256(prepare_files)
+    config = json.loads(Path("data/convert/model/config.json").read_text())
+    assert config["source_sha256"] == expected
+    assert read_manifest(STAGE_DIRS["convert"]).input("base_model").content_sha256 == expected
+    assert config["source_model"] == "data/prepare/model"
+
+
+def test_lineage_walks_from_the_converted_model_back_to_prepare(workdir: Path, capsys) -> None:
+    tree = lineage("data/convert/model")
+    assert tree["stage"] == "convert" and tree["kind"] == "model"
+    by_role = {node["role"]: node for node in tree["inputs"]}
+    assert by_role.keys() == INPUT_ROLES["convert"]
+    assert by_role["base_model"]["stage"] == "prepare"
+    assert by_role["split"]["stage"] == "analyze"
+
+    def stages(node: dict) -> set[str]:
+        found = {node.get("stage")}
+        for child in node["inputs"] if isinstance(node.get("inputs"), list) else []:
+            found |= stages(child)
+        return found
+
+    assert {"convert", "analyze", "prepare"} <= stages(tree)
+
+    assert cli.main(["lineage", "data/convert/model", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == tree
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_manual_split_beyond_the_model_is_a_config_error(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    split = {"mode": "manual", "prelude": {"first": 0, "last": 1}, "block": {"first": 2, "last": 5},
+             "coda": {"first": 6, "last": 9}}  # fmt: skip
+    cfg = load_params(TINY_PROFILE, {"analyze.split": split})
+    data = built / "data" / "prepare"
+    inputs = {
+        "base_model": data / "model",
+        "calibration_instruct": data / "datasets" / "instruct_train.parquet",
+        "calibration_domain": data / "datasets" / "domain_train.parquet",
+    }
+    with pytest.raises(ConfigError, match=r"analyze\.split\.coda\.last: layer 9 is beyond") as err:
+        analyze.run(cfg, inputs=inputs)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_local_model_path_that_is_not_a_model_dir_is_a_model_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    not_a_model = tmp_path / "weights"
+    not_a_model.mkdir()
+    (not_a_model / "README.md").write_text("no config.json here\n")
+    cfg = load_params(
+        TINY_PROFILE, {"prepare.model": {"source": "local", "path": str(not_a_model)}}
+    )
+    with pytest.raises(
+        ModelError, match=r"prepare\.model\.path: .*weights is not a save_pretrained directory"
+    ):
+        prepare.run(cfg)
+    assert not (tmp_path / "data").exists()
+
+
+def test_empty_local_dataset_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "docs.jsonl"
+    empty.write_text("")
+    cfg = load_params(
+        TINY_PROFILE, {"prepare.domain": {"source": "local", "path": str(empty), "format": "text"}}
+    )
+    with pytest.raises(DataError, match=r"docs\.jsonl \(format 'text'\): the file is empty"):
+        prepare.run(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # nothing written
