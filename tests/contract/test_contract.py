@@ -77,3 +77,14 @@ def test_core_never_imports_prefect_or_dvc() -> None:
             stripped = line.strip()
             if stripped.startswith(("import ", "from ")) and path.name != "cli.py":
                 assert "prefect" not in stripped and not stripped.startswith(("import dvc", "from dvc")), f"{path}: {stripped}"
+
+
+def test_prefect_deployments_point_at_real_flows() -> None:
+    import importlib
+
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    assert deployments
+    for deployment in deployments:
+        path, name = deployment["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert hasattr(getattr(module, name), "fn"), f"{deployment['entrypoint']} is not a Prefect flow"
