@@ -70,6 +70,9 @@ def test_repro_runs_every_stage_then_nothing(repo_copy: Path) -> None:
 
     metrics = _sh(["dvc", "metrics", "show", "--json"], repo_copy, stdout_only=True)
     assert "data/evaluate/metrics.json" in metrics
+    plots = json.loads(_sh(["dvc", "plots", "show", "--json"], repo_copy, stdout_only=True))
+    assert {"distill_loss", "opd_reverse_kl", "block_influence", "recurrence_scaling"} <= set(plots["data"])
+    assert "OK " in _sh(["retroloop", "verify"], repo_copy, stdout_only=True)
 
     audit = json.loads(_sh(["retroloop", "audit", "--json"], repo_copy, stdout_only=True))
     stages = {row["stage"] for row in audit}
