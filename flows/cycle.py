@@ -64,14 +64,25 @@ def sft_baseline(state: cycle.CycleState, snapshot: dict) -> dict[str, Any]:
 @task(name="register", cache_policy=NO_CACHE)
 def register(state: cycle.CycleState, work_dir: str) -> str:
     out = cycle.register(state, Path(work_dir))
-    rows = [{"phase": phase, **{k: m.get(k) for k in cycle.PHASE_COLUMNS}} for phase, m in state.phases.items()]
-    create_table_artifact(key=f"cycle-{state.number:04d}-phases", table=rows, description=f"cycle {state.number}: forgetting and recovery")
-    create_markdown_artifact(key=f"cycle-{state.number:04d}-report", markdown=(out / "report.md").read_text())
+    rows = [
+        {"phase": phase, **{k: m.get(k) for k in cycle.PHASE_COLUMNS}}
+        for phase, m in state.phases.items()
+    ]
+    create_table_artifact(
+        key=f"cycle-{state.number:04d}-phases",
+        table=rows,
+        description=f"cycle {state.number}: forgetting and recovery",
+    )
+    create_markdown_artifact(
+        key=f"cycle-{state.number:04d}-report", markdown=(out / "report.md").read_text()
+    )
     return str(out)
 
 
 @flow(name="retroloop-cycle", log_prints=True)
-def cycle_flow(domain_data: str, params_path: str = "params.yaml", fmt: str = "text") -> dict[str, Any]:
+def cycle_flow(
+    domain_data: str, params_path: str = "params.yaml", fmt: str = "text"
+) -> dict[str, Any]:
     """Ingest → mid-train → evaluate forgetting → OPD with the earlier model → evaluate → register."""
     import copy
 
@@ -96,19 +107,25 @@ def cycle_flow(domain_data: str, params_path: str = "params.yaml", fmt: str = "t
 def new_files(watch_dir: Path, registry: Path) -> list[Path]:
     """Files in `watch_dir` whose content has not been ingested into the registry yet."""
     seen = {p.name for p in (registry / "datasets").glob("*") if p.is_dir()}
-    files = sorted(p for p in Path(watch_dir).glob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(
+        p for p in Path(watch_dir).glob("*") if p.is_file() and not p.name.startswith(".")
+    )
     return [p for p in files if sha256_file(p)[:12] not in seen]
 
 
 @flow(name="retroloop-watch", log_prints=True)
-def watch_flow(params_path: str = "params.yaml", watch_dir: str | None = None, fmt: str = "text") -> list[dict[str, Any]]:
+def watch_flow(
+    params_path: str = "params.yaml", watch_dir: str | None = None, fmt: str = "text"
+) -> list[dict[str, Any]]:
     """One cycle per new file in the watched folder, oldest name first (what the schedule runs)."""
     cfg = load_params(params_path)
     folder = Path(watch_dir or cfg.cycle.watch_dir)
     if not folder.is_dir():
         from retroloop.errors import DataError
 
-        raise DataError(f"cycle.watch_dir: {folder} does not exist; create it and drop domain files into it")
+        raise DataError(
+            f"cycle.watch_dir: {folder} does not exist; create it and drop domain files into it"
+        )
     results = []
     for path in new_files(folder, Path(cfg.cycle.registry)):
         results.append(cycle_flow(domain_data=str(path), params_path=params_path, fmt=fmt))
@@ -117,7 +134,13 @@ def watch_flow(params_path: str = "params.yaml", watch_dir: str | None = None, f
     return results
 
 
-def build_deployment(cron: str, *, params_path: str = "params.yaml", watch_dir: str | None = None, name: str = "retroloop-cycle"):
+def build_deployment(
+    cron: str,
+    *,
+    params_path: str = "params.yaml",
+    watch_dir: str | None = None,
+    name: str = "retroloop-cycle",
+):
     """The scheduled deployment of `watch_flow` (served by `retroloop schedule`)."""
     return watch_flow.to_deployment(
         name=name,
@@ -128,7 +151,13 @@ def build_deployment(cron: str, *, params_path: str = "params.yaml", watch_dir: 
     )
 
 
-def serve_schedule(cron: str, *, params_path: str = "params.yaml", watch_dir: str | None = None, name: str = "retroloop-cycle") -> None:
+def serve_schedule(
+    cron: str,
+    *,
+    params_path: str = "params.yaml",
+    watch_dir: str | None = None,
+    name: str = "retroloop-cycle",
+) -> None:
     from prefect import serve
 
     serve(build_deployment(cron, params_path=params_path, watch_dir=watch_dir, name=name))

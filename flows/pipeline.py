@@ -50,7 +50,9 @@ def pipeline_flow(params_path: str = "params.yaml", force: bool = False) -> list
     assert dvc_stage_names() == list(STAGES), "dvc.yaml and retroloop.config.STAGES disagree"
     track = Path(params_path).resolve() == Path("params.yaml").resolve()
     if not track:
-        log.warning("params %s is not params.yaml: DVC skip logic and dvc.lock are bypassed", params_path)
+        log.warning(
+            "params %s is not params.yaml: DVC skip logic and dvc.lock are bypassed", params_path
+        )
     results = []
     for name in STAGES:
         current = track and not force and stage_is_current(name)

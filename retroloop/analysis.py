@@ -37,7 +37,9 @@ class RedundancyAccumulator:
     def add(self, states_L1_B_T_H: list[torch.Tensor], mask_B_T: torch.Tensor) -> None:
         """`states` holds N + 1 tensors: the embeddings and each layer's output."""
         mask = mask_B_T.bool()
-        last_idx_B = mask.long().cumsum(1).argmax(1)  # last non-pad position (right or left padding)
+        last_idx_B = (
+            mask.long().cumsum(1).argmax(1)
+        )  # last non-pad position (right or left padding)
         rows_B = torch.arange(mask.shape[0])
         for variant in VARIANTS:
             if variant == "all_tokens":
@@ -46,7 +48,9 @@ class RedundancyAccumulator:
                 flat = [s[rows_B, last_idx_B].double() for s in states_L1_B_T_H]  # each [B, H]
             for n in range(1, self.max_n + 1):
                 for layer in range(0, self.num_layers - n + 1):
-                    cos = torch.nn.functional.cosine_similarity(flat[layer], flat[layer + n], dim=-1)
+                    cos = torch.nn.functional.cosine_similarity(
+                        flat[layer], flat[layer + n], dim=-1
+                    )
                     ang = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
                     acc = self.sums.setdefault((variant, layer, n), [0.0, 0.0, 0])
                     acc[0] += cos.sum().item()
@@ -118,7 +122,9 @@ def choose_split(spec: SplitSpec, num_layers: int, table: pl.DataFrame | None) -
         block = spec.block.indices
         coda = spec.coda.indices if spec.coda else []
         kept = set(prelude + block + coda)
-        return Split(prelude, block, coda, [i for i in range(N) if i not in kept], "manual (params.yaml)")
+        return Split(
+            prelude, block, coda, [i for i in range(N) if i not in kept], "manual (params.yaml)"
+        )
 
     P, B, C = spec.prelude_layers, spec.block_layers, spec.coda_layers
     n_drop = N - P - B - C
@@ -139,7 +145,9 @@ def choose_split(spec: SplitSpec, num_layers: int, table: pl.DataFrame | None) -
         & (pl.col("layer") + n_drop <= N - C)
     ).sort(["angular_distance", "layer"])
     if candidates.is_empty():
-        raise ConfigError(f"analyze.split: no candidate window of {n_drop} layers between prelude and coda")
+        raise ConfigError(
+            f"analyze.split: no candidate window of {n_drop} layers between prelude and coda"
+        )
     start = int(candidates["layer"][0])
     dist = float(candidates["angular_distance"][0])
     dropped = list(range(start, start + n_drop))

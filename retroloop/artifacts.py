@@ -103,7 +103,9 @@ def find_manifest_dir(path: Path) -> Path | None:
 def read_manifest(artifact_dir: Path) -> Manifest:
     path = Path(artifact_dir) / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"{path}: no manifest; run the stage that produces {artifact_dir} first")
+        raise ArtifactError(
+            f"{path}: no manifest; run the stage that produces {artifact_dir} first"
+        )
     try:
         return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
     except ValueError as err:
@@ -130,7 +132,9 @@ def input_ref(role: str, path: str | Path) -> InputRef:
         if sub:
             listing = "".join(f"{k}\0{v}\n" for k, v in sorted(sub.items()))
             return InputRef(
-                role=role, path=_display(path), content_sha256=hashlib.sha256(listing.encode()).hexdigest()
+                role=role,
+                path=_display(path),
+                content_sha256=hashlib.sha256(listing.encode()).hexdigest(),
             )
     return InputRef(role=role, path=_display(path), content_sha256=hash_tree(path)[0])
 
@@ -198,7 +202,9 @@ class ArtifactWriter:
         self.inputs.append(ref)
         return ref
 
-    def finish(self, *, params: dict[str, Any], params_sha256: str, seed: int | None, device: str) -> Manifest:
+    def finish(
+        self, *, params: dict[str, Any], params_sha256: str, seed: int | None, device: str
+    ) -> Manifest:
         """Write `metrics.json` (what `dvc metrics show` reads) and `manifest.json`."""
         write_json_atomic(self.dir / METRICS, self.metrics)
         content, files = hash_tree(self.dir)
@@ -277,7 +283,9 @@ def verify(artifact_dir: Path) -> list[str]:
         if rel not in files:
             problems.append(f"{artifact_dir / rel}: missing")
         elif files[rel] != sha:
-            problems.append(f"{artifact_dir / rel}: sha256 {files[rel][:12]} != manifest {sha[:12]}")
+            problems.append(
+                f"{artifact_dir / rel}: sha256 {files[rel][:12]} != manifest {sha[:12]}"
+            )
     for rel in files.keys() - manifest.files.keys():
         problems.append(f"{artifact_dir / rel}: not in the manifest")
     if not problems and content != manifest.content_sha256:
@@ -285,7 +293,9 @@ def verify(artifact_dir: Path) -> list[str]:
     return problems
 
 
-def lineage(path: str | Path, *, role: str = "artifact", _seen: set[str] | None = None) -> dict[str, Any]:
+def lineage(
+    path: str | Path, *, role: str = "artifact", _seen: set[str] | None = None
+) -> dict[str, Any]:
     """The provenance tree of an artifact: itself, then each input's tree, recursively."""
     _seen = set() if _seen is None else _seen
     path = Path(path)
@@ -337,9 +347,12 @@ def audit(root: str | Path = "data") -> list[dict[str, Any]]:
                     "stage": manifest.stage,
                     "adapter_sha256": manifest.content_sha256,
                     "teacher": teacher,
-                    "student": next((r.model_dump() for r in manifest.inputs if r.role == "student"), None),
+                    "student": next(
+                        (r.model_dump() for r in manifest.inputs if r.role == "student"), None
+                    ),
                     "parent_adapter": next(
-                        (r.model_dump() for r in manifest.inputs if r.role == "parent_adapter"), None
+                        (r.model_dump() for r in manifest.inputs if r.role == "parent_adapter"),
+                        None,
                     ),
                     "code_version": manifest.code_version,
                     "created": manifest.ended_at,
@@ -360,5 +373,9 @@ def _resolve_teacher(manifest: Manifest) -> dict[str, Any] | None:
             if owner is not None:
                 with contextlib.suppress(ArtifactError):
                     inner = read_manifest(owner).input("teacher")
-                    return {"path": inner.path, "content_sha256": inner.content_sha256, "via": ref.path}
+                    return {
+                        "path": inner.path,
+                        "content_sha256": inner.content_sha256,
+                        "via": ref.path,
+                    }
     return None

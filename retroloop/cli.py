@@ -29,7 +29,9 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
+        handlers=[
+            RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+        ],
     )
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -54,7 +56,17 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = load_params(args.params, _overrides(args.set))
     module = importlib.import_module(f"retroloop.stages.{args.name}")
     manifest = module.run(cfg)
-    print(json.dumps({"stage": manifest.stage, "content_sha256": manifest.content_sha256, "metrics": manifest.metrics}, indent=2, default=str))
+    print(
+        json.dumps(
+            {
+                "stage": manifest.stage,
+                "content_sha256": manifest.content_sha256,
+                "metrics": manifest.metrics,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     return 0
 
 
@@ -71,7 +83,9 @@ def cmd_cycle(args: argparse.Namespace) -> int:
     cfg = load_params(args.params)
     from flows.cycle import cycle_flow
 
-    result = cycle_flow(domain_data=str(args.domain_data), params_path=str(args.params), fmt=args.format)
+    result = cycle_flow(
+        domain_data=str(args.domain_data), params_path=str(args.params), fmt=args.format
+    )
     del cfg
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -81,7 +95,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     load_params(args.params)
     from flows.cycle import serve_schedule
 
-    serve_schedule(cron=args.cron, params_path=str(args.params), watch_dir=args.watch_dir, name=args.name)
+    serve_schedule(
+        cron=args.cron, params_path=str(args.params), watch_dir=args.watch_dir, name=args.name
+    )
     return 0
 
 
@@ -123,7 +139,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         table.add_column(col)
     for row in rows:
         teacher = row["teacher"] or {}
-        table.add_row(row["adapter"], row["stage"], teacher.get("path", "-"), (teacher.get("content_sha256") or "-")[:12], row["created"])
+        table.add_row(
+            row["adapter"],
+            row["stage"],
+            teacher.get("path", "-"),
+            (teacher.get("content_sha256") or "-")[:12],
+            row["created"],
+        )
     Console().print(table)
     return 0
 
@@ -159,9 +181,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = {"num_recurrence": args.recurrence} if args.recurrence else {}
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                             temperature=args.temperature or None, top_p=None, top_k=None,
-                             pad_token_id=tokenizer.pad_token_id, **kwargs)
+        out = model.generate(
+            **enc,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature or None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
     print(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0
 
@@ -179,7 +208,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         table.add_column("metric")
         table.add_column("value")
         for key, value in result.items():
-            table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict | list) else f"{value}")
+            table.add_row(
+                key,
+                json.dumps(value, default=str) if isinstance(value, dict | list) else f"{value}",
+            )
         Console().print(table)
     return 0
 
@@ -193,26 +225,56 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+        p.add_argument(
+            "--params",
+            type=Path,
+            default=Path("params.yaml"),
+            help="params file (default params.yaml)",
+        )
         return p
 
     p = with_params(sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)"))
     p.add_argument("name", choices=STAGES)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param (prefer dvc exp run -S)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param (prefer dvc exp run -S)",
+    )
     p.set_defaults(func=cmd_stage)
 
-    p = with_params(sub.add_parser("run", help="the whole pipeline as a Prefect flow (honours DVC's skip logic)"))
-    p.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
+    p = with_params(
+        sub.add_parser(
+            "run", help="the whole pipeline as a Prefect flow (honours DVC's skip logic)"
+        )
+    )
+    p.add_argument(
+        "--force", action="store_true", help="rerun every stage even if DVC says it is up to date"
+    )
     p.set_defaults(func=cmd_run)
 
-    p = with_params(sub.add_parser("cycle", help="one continual-learning cycle on new domain data, now"))
-    p.add_argument("--domain-data", required=True, type=Path, help="JSONL/Parquet/text file of domain documents")
-    p.add_argument("--format", default="text", choices=["text", "chat"], help="format of --domain-data")
+    p = with_params(
+        sub.add_parser("cycle", help="one continual-learning cycle on new domain data, now")
+    )
+    p.add_argument(
+        "--domain-data",
+        required=True,
+        type=Path,
+        help="JSONL/Parquet/text file of domain documents",
+    )
+    p.add_argument(
+        "--format", default="text", choices=["text", "chat"], help="format of --domain-data"
+    )
     p.set_defaults(func=cmd_cycle)
 
-    p = with_params(sub.add_parser("schedule", help="serve the cycle flow on a cron schedule (Prefect)"))
+    p = with_params(
+        sub.add_parser("schedule", help="serve the cycle flow on a cron schedule (Prefect)")
+    )
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
-    p.add_argument("--watch-dir", default=None, help="folder of new domain files (default cycle.watch_dir)")
+    p.add_argument(
+        "--watch-dir", default=None, help="folder of new domain files (default cycle.watch_dir)"
+    )
     p.add_argument("--name", default="retroloop-cycle", help="deployment name")
     p.set_defaults(func=cmd_schedule)
 

@@ -125,7 +125,9 @@ class TeacherResponses(Strict):
 class PrepareParams(Strict):
     model: ModelSource = ModelSource()
     domain: DatasetSource = DatasetSource(name="pydoc", format="text")
-    instructions: DatasetSource = DatasetSource(name="ifeval_synthetic", format="ifeval", max_records=120)
+    instructions: DatasetSource = DatasetSource(
+        name="ifeval_synthetic", format="ifeval", max_records=120
+    )
     eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of records held out")
     teacher_responses: TeacherResponses = TeacherResponses()
     max_seq_len: int = Field(256, gt=8, description="tokens per training sequence")
@@ -208,7 +210,9 @@ class RecurrenceSchedule(Strict):
 
 class ConvertParams(Strict):
     recurrence: int = Field(2, ge=1, description="default R stored in the model config")
-    state_init_std: float = Field(0.0087, gt=0.0, description="sigma of s_0 ~ TruncNormal(0, sigma)")
+    state_init_std: float = Field(
+        0.0087, gt=0.0, description="sigma of s_0 ~ TruncNormal(0, sigma)"
+    )
     early_exit_kl: float | None = Field(None, gt=0.0, description="KL threshold; null disables")
     equivalence_tokens: int = Field(512, gt=0, description="held-out tokens for the R=1 check")
     schedule: RecurrenceSchedule = RecurrenceSchedule()
@@ -276,7 +280,9 @@ class OpdParams(Strict):
     vopd_top_k: int = Field(32, gt=0)
     reward_weight: float = Field(0.0, ge=0.0, description="IFEval pass/fail added to the advantage")
     max_grad_norm: float = Field(1.0, gt=0.0)
-    recurrence: int | None = Field(None, ge=1, description="R for the looped student; null = config default")
+    recurrence: int | None = Field(
+        None, ge=1, description="R for the looped student; null = config default"
+    )
     lora: LoraParams = LoraParams()
     rollout: RolloutParams = RolloutParams()
     geometry_every: int = Field(5, gt=0, description="steps between subspace diagnostics")
@@ -287,7 +293,9 @@ class OpdParams(Strict):
 
 class EvaluateParams(Strict):
     ifeval_prompts: int = Field(24, gt=0)
-    ifeval_path: str | None = Field(None, description="real IFEval input_data.jsonl; null = built-in")
+    ifeval_path: str | None = Field(
+        None, description="real IFEval input_data.jsonl; null = built-in"
+    )
     gsm8k_path: str | None = Field(None, description="GSM8K jsonl; null = skip the GSM8K metric")
     gsm8k_questions: int = Field(16, gt=0)
     max_new_tokens: int = Field(96, gt=0)
@@ -362,14 +370,18 @@ def parse_params(raw: Any, source: str = "params") -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: top level must be a mapping of sections, got {type(raw).__name__}"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
+) -> Params:
     """Read and validate a params file. `overrides` maps dotted keys to values."""
     path = Path(path)
     if not path.is_file():

@@ -26,7 +26,9 @@ class Sequence:
     labels: list[int]
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None = None) -> str:
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None = None
+) -> str:
     """The chat-templated text: the prompt with a generation prompt, plus the response if given."""
     messages = [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -45,16 +47,22 @@ def _end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     return full.split(marker, 1)[1] if marker in full else (tokenizer.eos_token or "")
 
 
-def chat_sequence(tokenizer: PreTrainedTokenizerBase, id_: str, prompt: str, response: str, max_len: int) -> Sequence:
+def chat_sequence(
+    tokenizer: PreTrainedTokenizerBase, id_: str, prompt: str, response: str, max_len: int
+) -> Sequence:
     prompt_ids = tokenizer(render_chat(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(render_chat(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(render_chat(tokenizer, prompt, response), add_special_tokens=False)[
+        "input_ids"
+    ]
     full_ids = full_ids[:max_len]
     n_prompt = min(len(prompt_ids), len(full_ids))
     labels = [IGNORE] * n_prompt + full_ids[n_prompt:]
     return Sequence(id_, full_ids, labels)
 
 
-def text_sequence(tokenizer: PreTrainedTokenizerBase, id_: str, text: str, max_len: int) -> Sequence:
+def text_sequence(
+    tokenizer: PreTrainedTokenizerBase, id_: str, text: str, max_len: int
+) -> Sequence:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_len]
     return Sequence(id_, ids, list(ids))
 
@@ -74,7 +82,10 @@ def training_sequences(
         for row in instruct.iter_rows(named=True)
     ]
     if domain is not None:
-        seqs += [text_sequence(tokenizer, row["id"], row["text"], max_len) for row in domain.iter_rows(named=True)]
+        seqs += [
+            text_sequence(tokenizer, row["id"], row["text"], max_len)
+            for row in domain.iter_rows(named=True)
+        ]
     return [s for s in seqs if any(label != IGNORE for label in s.labels[1:])]
 
 

@@ -22,7 +22,9 @@ from retroloop.config import STAGES, load_params
 def publish_manifest(manifest: Manifest, key: str) -> None:
     """Manifest summary + flat metrics as Prefect artifacts (keys: lowercase, dashes)."""
     key = key.replace("_", "-").lower()
-    inputs = "\n".join(f"| {r.role} | `{r.path}` | `{r.content_sha256[:16]}` |" for r in manifest.inputs)
+    inputs = "\n".join(
+        f"| {r.role} | `{r.path}` | `{r.content_sha256[:16]}` |" for r in manifest.inputs
+    )
     create_markdown_artifact(
         key=f"{key}-manifest",
         markdown=(
@@ -33,9 +35,14 @@ def publish_manifest(manifest: Manifest, key: str) -> None:
         ),
         description=f"{manifest.stage} manifest",
     )
-    rows = [{"metric": k, "value": json.dumps(v) if isinstance(v, dict | list) else v} for k, v in flatten(manifest.metrics).items()]
+    rows = [
+        {"metric": k, "value": json.dumps(v) if isinstance(v, dict | list) else v}
+        for k, v in flatten(manifest.metrics).items()
+    ]
     if rows:
-        create_table_artifact(key=f"{key}-metrics", table=rows, description=f"{manifest.stage} metrics")
+        create_table_artifact(
+            key=f"{key}-metrics", table=rows, description=f"{manifest.stage} metrics"
+        )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -58,7 +65,9 @@ def _run(name: str, params_path: str) -> dict[str, Any]:
 
 
 def _skipped(name: str) -> dict[str, Any]:
-    create_markdown_artifact(key=f"{name.replace('_', '-')}-manifest", markdown=f"### {name}: skipped (DVC: up to date)")
+    create_markdown_artifact(
+        key=f"{name.replace('_', '-')}-manifest", markdown=f"### {name}: skipped (DVC: up to date)"
+    )
     return {"stage": name, "status": "skipped"}
 
 

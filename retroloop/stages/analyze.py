@@ -54,19 +54,34 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
     )
     # Interleave chat and domain sequences so a small calibration budget sees both.
     half = len(seqs) // 2
-    mixed = [s for pair in zip(seqs[:half], seqs[half:], strict=False) for s in pair] + seqs[2 * half :]
+    mixed = [s for pair in zip(seqs[:half], seqs[half:], strict=False) for s in pair] + seqs[
+        2 * half :
+    ]
     seqs = mixed[: a.calibration_records]
 
     acc = RedundancyAccumulator(num_layers=N, max_n=N - 1)
     captured: list[torch.Tensor] = []
-    hooks = [layers[0].register_forward_pre_hook(lambda mod, args, kw: captured.append(_hidden(args, kw)), with_kwargs=True)]
-    hooks += [layer.register_forward_hook(lambda mod, args, out: captured.append(_first(out))) for layer in layers]
+    hooks = [
+        layers[0].register_forward_pre_hook(
+            lambda mod, args, kw: captured.append(_hidden(args, kw)), with_kwargs=True
+        )
+    ]
+    hooks += [
+        layer.register_forward_hook(lambda mod, args, out: captured.append(_first(out)))
+        for layer in layers
+    ]
     try:
         with torch.no_grad():
             for start in tqdm(range(0, len(seqs), a.batch_size), desc="analyze", unit="batch"):
-                ids_B_T, mask_B_T, _ = pad_batch(seqs[start : start + a.batch_size], tokenizer.pad_token_id)
+                ids_B_T, mask_B_T, _ = pad_batch(
+                    seqs[start : start + a.batch_size], tokenizer.pad_token_id
+                )
                 captured.clear()
-                model(input_ids=ids_B_T.to(device), attention_mask=mask_B_T.to(device), use_cache=False)
+                model(
+                    input_ids=ids_B_T.to(device),
+                    attention_mask=mask_B_T.to(device),
+                    use_cache=False,
+                )
                 assert len(captured) == N + 1
                 acc.add([h.float().cpu() for h in captured], mask_B_T)
     finally:
@@ -81,9 +96,13 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
         for role in ("base_model", "calibration_instruct", "calibration_domain"):
             w.add_input(role, paths[role])
         table.write_parquet(w.dir / "layer_scores.parquet")
-        bi = table.filter((pl.col("n") == 1)).select("variant", "layer", "block_influence", "angular_distance")
+        bi = table.filter(pl.col("n") == 1).select(
+            "variant", "layer", "block_influence", "angular_distance"
+        )
         bi.write_csv(w.dir / "block_influence.csv")
-        (w.dir / "split.json").write_text(json.dumps({**split.as_dict(), "num_layers": N}, indent=2) + "\n")
+        (w.dir / "split.json").write_text(
+            json.dumps({**split.as_dict(), "num_layers": N}, indent=2) + "\n"
+        )
         _plot(table, split, N, w.dir / "redundancy.png")
         w.outputs = {
             "layer_scores.parquet": "analysis",
@@ -91,15 +110,27 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
             "redundancy.png": "report",
             "block_influence.csv": "analysis",
         }
-        lowest = bi.filter(pl.col("variant") == "all_tokens").sort("block_influence")["layer"].head(5).to_list()
+        lowest = (
+            bi.filter(pl.col("variant") == "all_tokens")
+            .sort("block_influence")["layer"]
+            .head(5)
+            .to_list()
+        )
         w.metrics = {
             "num_layers": N,
             "calibration_sequences": len(seqs),
-            "calibration_tokens": int(table.filter((pl.col("variant") == "all_tokens") & (pl.col("n") == 1))["tokens"][0]),
+            "calibration_tokens": int(
+                table.filter((pl.col("variant") == "all_tokens") & (pl.col("n") == 1))["tokens"][0]
+            ),
             "split": split.as_dict(),
             "lowest_block_influence_layers": lowest,
         }
-        return w.finish(params=cfg.section("analyze"), params_sha256=cfg.section_sha256("analyze"), seed=cfg.seed, device=str(device))
+        return w.finish(
+            params=cfg.section("analyze"),
+            params_sha256=cfg.section_sha256("analyze"),
+            seed=cfg.seed,
+            device=str(device),
+        )
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -123,13 +154,21 @@ def _plot(table: pl.DataFrame, split, N: int, path: Path) -> None:
         ax1.plot(rows["layer"], rows["block_influence"], marker="o", ms=3, label=f"BI ({variant})")
     for layer in split.dropped:
         ax1.axvspan(layer - 0.5, layer + 0.5, color="grey", alpha=0.2)
-    ax1.set(xlabel="layer i", ylabel="Block Influence 1 − cos(h_i, h_i+1)", title="Block Influence (shaded: dropped)")
+    ax1.set(
+        xlabel="layer i",
+        ylabel="Block Influence 1 − cos(h_i, h_i+1)",
+        title="Block Influence (shaded: dropped)",
+    )
     ax1.legend()
     grid = np.full((N, N), np.nan)
     for row in table.filter(pl.col("variant") == "all_tokens").iter_rows(named=True):
         grid[row["n"] - 1, row["layer"]] = row["angular_distance"]
     im = ax2.imshow(grid[: max(1, N // 2)], aspect="auto", origin="lower", cmap="viridis")
-    ax2.set(xlabel="first layer ℓ", ylabel="block size n − 1", title="angular distance d(ℓ, ℓ+n) (all tokens)")
+    ax2.set(
+        xlabel="first layer ℓ",
+        ylabel="block size n − 1",
+        title="angular distance d(ℓ, ℓ+n) (all tokens)",
+    )
     fig.colorbar(im, ax=ax2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -49,11 +49,19 @@ def setup_run(cfg: Params) -> torch.device:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    log.info("device=%s dtype=%s threads=%d seed=%d", device, cfg.dtype, torch.get_num_threads(), cfg.seed)
+    log.info(
+        "device=%s dtype=%s threads=%d seed=%d",
+        device,
+        cfg.dtype,
+        torch.get_num_threads(),
+        cfg.seed,
+    )
     return device
 
 
-def resolve_inputs(given: dict[str, str | Path] | None, defaults: dict[str, Path]) -> dict[str, Path]:
+def resolve_inputs(
+    given: dict[str, str | Path] | None, defaults: dict[str, Path]
+) -> dict[str, Path]:
     """Stage inputs by role: the defaults, overridden by what the caller passed."""
     out = dict(defaults)
     for role, path in (given or {}).items():

@@ -34,7 +34,11 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
     c = cfg.convert
     paths = resolve_inputs(
         inputs,
-        {"base_model": BASE_MODEL, "split": PATHS["analyze"] / "split.json", "heldout": dataset_path("domain", "eval")},
+        {
+            "base_model": BASE_MODEL,
+            "split": PATHS["analyze"] / "split.json",
+            "heldout": dataset_path("domain", "eval"),
+        },
     )
     split = json.loads(Path(paths["split"]).read_text())
     source = load_model(paths["base_model"], "float32", "cpu")
@@ -65,7 +69,9 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
     ids_B_T, mask_B_T, _ = pad_batch(seqs, tokenizer.pad_token_id)
     reference = drop_layers(source, split["prelude"] + split["block"] + split["coda"])
     max_diff = equivalence_max_abs_diff(looped, reference, ids_B_T, mask_B_T)
-    log.info("equivalence at R=1: max |Δlogit| = %.3g over %d tokens", max_diff, int(mask_B_T.sum()))
+    log.info(
+        "equivalence at R=1: max |Δlogit| = %.3g over %d tokens", max_diff, int(mask_B_T.sum())
+    )
 
     with atomic_artifact(out_dir, stage="convert", kind="model") as w:
         w.inputs.append(base_ref)
@@ -88,4 +94,9 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
             "recurrence": c.recurrence,
             **tokenizer_fingerprint(tokenizer),
         }
-        return w.finish(params=cfg.section("convert"), params_sha256=cfg.section_sha256("convert"), seed=cfg.seed, device=str(device))
+        return w.finish(
+            params=cfg.section("convert"),
+            params_sha256=cfg.section_sha256("convert"),
+            seed=cfg.seed,
+            device=str(device),
+        )

@@ -39,7 +39,11 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
     model.to(device)
 
     with atomic_artifact(out_dir, stage="prepare", kind="model") as w:
-        for role, src in (("source_model", p.model), ("source_domain", p.domain), ("source_instructions", p.instructions)):
+        for role, src in (
+            ("source_model", p.model),
+            ("source_domain", p.domain),
+            ("source_instructions", p.instructions),
+        ):
             if getattr(src, "path", None) and src.source in ("local", "gguf"):
                 w.add_input(role, src.path)
         if provenance.get("source") == "pypi_wheel":
@@ -69,7 +73,10 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
             )
             filled = pl.Series("response", responses, dtype=pl.Utf8)
             instruct_train = instruct_train.with_columns(
-                pl.when(pl.col("response").is_null()).then(filled).otherwise(pl.col("response")).alias("response")
+                pl.when(pl.col("response").is_null())
+                .then(filled)
+                .otherwise(pl.col("response"))
+                .alias("response")
             )
             splits["instruct"] = (instruct_train, splits["instruct"][1])
 
@@ -91,4 +98,9 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
             **tokenizer_fingerprint(tokenizer),
         }
         log.info("prepare: %s", w.metrics)
-        return w.finish(params=cfg.section("prepare"), params_sha256=cfg.section_sha256("prepare"), seed=cfg.seed, device=str(device))
+        return w.finish(
+            params=cfg.section("prepare"),
+            params_sha256=cfg.section_sha256("prepare"),
+            seed=cfg.seed,
+            device=str(device),
+        )

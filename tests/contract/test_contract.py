@@ -55,9 +55,10 @@ def test_upstream_outputs_feed_downstream_deps() -> None:
     for name, stage in DVC.items():
         for dep in stage["deps"]:
             if dep.startswith("data/"):
-                assert any(dep == out or dep.startswith(out + "/") or out.startswith(dep + "/") for out in produced), (
-                    f"{name} depends on {dep}, which no earlier stage produces"
-                )
+                assert any(
+                    dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
+                    for out in produced
+                ), f"{name} depends on {dep}, which no earlier stage produces"
         for out in stage["outs"]:
             produced.add(next(iter(out)) if isinstance(out, dict) else out)
 
@@ -76,7 +77,9 @@ def test_core_never_imports_prefect_or_dvc() -> None:
         for line in text.splitlines():
             stripped = line.strip()
             if stripped.startswith(("import ", "from ")) and path.name != "cli.py":
-                assert "prefect" not in stripped and not stripped.startswith(("import dvc", "from dvc")), f"{path}: {stripped}"
+                assert "prefect" not in stripped and not stripped.startswith(
+                    ("import dvc", "from dvc")
+                ), f"{path}: {stripped}"
 
 
 def test_prefect_deployments_point_at_real_flows() -> None:
@@ -87,4 +90,6 @@ def test_prefect_deployments_point_at_real_flows() -> None:
     for deployment in deployments:
         path, name = deployment["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        assert hasattr(getattr(module, name), "fn"), f"{deployment['entrypoint']} is not a Prefect flow"
+        assert hasattr(getattr(module, name), "fn"), (
+            f"{deployment['entrypoint']} is not a Prefect flow"
+        )

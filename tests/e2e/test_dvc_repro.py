@@ -41,7 +41,11 @@ def _ran(output: str) -> list[str]:
 def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dst = tmp_path_factory.mktemp("repo")
     listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for rel in listed:
         src = REPO / rel
@@ -50,7 +54,11 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(src, dst / rel)
     (dst / "dvc.lock").unlink(missing_ok=True)
     shutil.copy2(REPO / "profiles" / "tiny.yaml", dst / "params.yaml")
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
+    ):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
     return dst
 
@@ -71,7 +79,9 @@ def test_repro_runs_every_stage_then_nothing(repo_copy: Path) -> None:
     metrics = _sh(["dvc", "metrics", "show", "--json"], repo_copy, stdout_only=True)
     assert "data/evaluate/metrics.json" in metrics
     plots = json.loads(_sh(["dvc", "plots", "show", "--json"], repo_copy, stdout_only=True))
-    assert {"distill_loss", "opd_reverse_kl", "block_influence", "recurrence_scaling"} <= set(plots["data"])
+    assert {"distill_loss", "opd_reverse_kl", "block_influence", "recurrence_scaling"} <= set(
+        plots["data"]
+    )
     assert "OK " in _sh(["retroloop", "verify"], repo_copy, stdout_only=True)
 
     audit = json.loads(_sh(["retroloop", "audit", "--json"], repo_copy, stdout_only=True))

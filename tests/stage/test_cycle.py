@@ -10,11 +10,10 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.conftest import TINY_PROFILE
-
 from retroloop.artifacts import audit, lineage, read_manifest
 from retroloop.config import load_params
 from retroloop.errors import DataError, ModelError
+from tests.conftest import TINY_PROFILE
 
 
 @pytest.fixture(scope="module")

@@ -59,9 +59,16 @@ def test_angular_distance_matches_formula() -> None:
 
 def _table(N: int, best_start: int, n: int) -> pl.DataFrame:
     rows = [
-        {"variant": "all_tokens", "layer": l, "n": k, "block_influence": None, "angular_distance": 0.1 if (l, k) == (best_start, n) else 0.5, "tokens": 1}
+        {
+            "variant": "all_tokens",
+            "layer": layer,
+            "n": k,
+            "block_influence": None,
+            "angular_distance": 0.1 if (layer, k) == (best_start, n) else 0.5,
+            "tokens": 1,
+        }
         for k in range(1, N)
-        for l in range(0, N - k + 1)
+        for layer in range(0, N - k + 1)
     ]
     return pl.DataFrame(rows)
 
@@ -84,5 +91,14 @@ def test_manual_split_beyond_model_is_an_error() -> None:
     spec = SplitSpec(mode="manual", block=LayerRange(first=2, last=40))
     with pytest.raises(ConfigError, match="analyze.split.block.last"):
         choose_split(spec, 30, None)
-    ok = choose_split(SplitSpec(mode="manual", prelude=LayerRange(first=0, last=3), block=LayerRange(first=10, last=13), coda=LayerRange(first=26, last=29)), 30, None)
+    ok = choose_split(
+        SplitSpec(
+            mode="manual",
+            prelude=LayerRange(first=0, last=3),
+            block=LayerRange(first=10, last=13),
+            coda=LayerRange(first=26, last=29),
+        ),
+        30,
+        None,
+    )
     assert ok.block == [10, 11, 12, 13] and len(ok.dropped) == 30 - 12

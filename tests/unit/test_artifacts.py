@@ -31,7 +31,10 @@ def test_manifest_has_the_contract_keys(tmp_path: Path) -> None:
 
 def test_failed_stage_leaves_nothing_and_keeps_the_old_artifact(tmp_path: Path) -> None:
     _write(tmp_path / "a", "prepare", "model", {}, "old")
-    with pytest.raises(RuntimeError), atomic_artifact(tmp_path / "a", stage="prepare", kind="model") as w:
+    with (
+        pytest.raises(RuntimeError),
+        atomic_artifact(tmp_path / "a", stage="prepare", kind="model") as w,
+    ):
         (w.dir / "payload.txt").write_text("half")
         raise RuntimeError("killed")
     assert (tmp_path / "a" / "payload.txt").read_text() == "old"
@@ -48,7 +51,9 @@ def test_verify_finds_tampering(tmp_path: Path) -> None:
 def test_lineage_and_audit_follow_roles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     base = _write(Path("data/base"), "prepare", "model", {}, "weights")
-    cache = _write(Path("data/cache"), "cache_teacher", "teacher_cache", {"teacher": Path("data/base")}, "c")
+    cache = _write(
+        Path("data/cache"), "cache_teacher", "teacher_cache", {"teacher": Path("data/base")}, "c"
+    )
     _write(
         Path("data/distill"),
         "distill",

@@ -15,7 +15,11 @@ from retroloop.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("path", [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))],
+    ids=lambda p: p.name,
+)
 def test_every_profile_validates(path: Path) -> None:
     assert isinstance(load_params(path), Params)
 
@@ -35,9 +39,20 @@ def test_default_profile_is_smollm2_from_the_wheel() -> None:
         ({"distill": {"divergence": "wasserstein"}}, "distill.divergence"),
         ({"prepare": {"model": {"source": "local"}}}, "needs 'path'"),
         ({"prepare": {"model": {"source": "gguf", "path": "model.bin"}}}, ".gguf"),
-        ({"analyze": {"split": {"mode": "manual", "block": {"first": 4, "last": 2}}}}, "last (2) must be >= first"),
         (
-            {"analyze": {"split": {"mode": "manual", "prelude": {"first": 0, "last": 5}, "block": {"first": 3, "last": 8}}}},
+            {"analyze": {"split": {"mode": "manual", "block": {"first": 4, "last": 2}}}},
+            "last (2) must be >= first",
+        ),
+        (
+            {
+                "analyze": {
+                    "split": {
+                        "mode": "manual",
+                        "prelude": {"first": 0, "last": 5},
+                        "block": {"first": 3, "last": 8},
+                    }
+                }
+            },
             "overlap",
         ),
         ({"distil": {"steps": 3}}, "distil: unknown key"),
@@ -54,7 +69,12 @@ def test_bad_values_name_the_key(raw: dict, expect: str) -> None:
 def test_overrides_apply_dotted_keys(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"distill": {"steps": 3}}))
-    assert load_params(path, {"distill.lr": 0.5, "opd.rollout.max_new_tokens": 7}).opd.rollout.max_new_tokens == 7
+    assert (
+        load_params(
+            path, {"distill.lr": 0.5, "opd.rollout.max_new_tokens": 7}
+        ).opd.rollout.max_new_tokens
+        == 7
+    )
 
 
 def test_section_hash_changes_only_with_its_section() -> None:
@@ -67,7 +87,10 @@ def test_section_hash_changes_only_with_its_section() -> None:
 def test_cli_bad_params_exit_nonzero_one_line_and_write_nothing(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"distill": {"lora": {"r": -4}}}))
     proc = subprocess.run(
-        [sys.executable, "-m", "retroloop.cli", "stage", "distill"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "retroloop.cli", "stage", "distill"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
