@@ -64,10 +64,10 @@ def student_forward_kwargs(model: torch.nn.Module, recurrence: int | None) -> di
 def fixed_initial_state(model: torch.nn.Module) -> Iterator[None]:
     """Fix the looped model's s_0 at its mean (σ = 0) while OPD runs.
 
-    The looped model draws s_0 ~ TruncNormal(0, σ) on every forward call, in eval mode too, so
-    π(y_t | prefix) is random: the sampler's and the learner's log-probs would come from different
-    draws and the importance ratio would measure noise, not staleness. With σ = 0 the policy is
-    one deterministic function; with the pass-through adapter s_0 has no effect at all.
+    In eval mode the looped model already uses s_0 = 0 (see `RecurrentForCausalLM.initial_state`);
+    this guard keeps OPD deterministic if the student is ever put in train mode (e.g. dropout),
+    where s_0 ~ TruncNormal(0, σ) would be redrawn per forward and the sampler's and learner's
+    log-probs would come from different draws, so the importance ratio would measure noise.
     """
     config = getattr(model, "config", None)
     std = getattr(config, "state_init_std", None)
