@@ -22,7 +22,7 @@ penalties) can silently truncate the distribution; (3) it is as fast: measured s
 the tiny profile (CPU, 1 thread, 16 rows x 32 new tokens, ~120-token prompts) the loop made
 169 tok/s vs 162 for `generate` on the tiny Llama and 162 vs 178 on the looped model at R = 2,
 within run-to-run noise; both are bound by per-step framework overhead there. Prompts go
-through the chat template with `add_generation_prompt=True` (`sequences.render_chat`),
+through the chat template with `add_generation_prompt=True` (`eval.generation.encode_chat_prompts`),
 tokenised without extra specials: the same ids the teacher later scores.
 """
 
@@ -41,7 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from retroloop.config import RolloutParams
 from retroloop.errors import MissingExtraError
-from retroloop.sequences import render_chat
+from retroloop.eval.generation import encode_chat_prompts, eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -156,18 +156,12 @@ class RolloutEngine(Protocol):
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    """Chat-templated prompt ids (add_generation_prompt=True), exactly as `sequences` builds them."""
-    return [
-        tokenizer(render_chat(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts
-    ]
+    """Chat-templated prompt ids (add_generation_prompt=True), the same ids evaluation uses."""
+    return encode_chat_prompts(tokenizer, prompts)
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    ids |= set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-    return ids
+    return set(eos_token_ids(model, tokenizer))
 
 
 class TransformersEngine:
