@@ -264,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL/Parquet/text file of domain documents",
     )
     p.add_argument(
-        "--format", default="text", choices=["text", "chat"], help="format of --domain-data"
+        "--format",
+        default="text",
+        choices=["text", "chat", "gsm8k"],
+        help="format of --domain-data (gsm8k: question + worked answer as one document)",
     )
     p.set_defaults(func=cmd_cycle)
 

@@ -174,7 +174,7 @@ def start(
     setup_run(cfg)
     registry = Path(registry or cfg.cycle.registry)
     frame = load_domain_file(domain_file, fmt)
-    if fmt == "chat":
+    if fmt in ("chat", "gsm8k"):  # a prompt/response pair is one domain document
         frame = frame.select(
             "id",
             pl.concat_str(
