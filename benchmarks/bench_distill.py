@@ -2,9 +2,9 @@
 
     retroloop bench distill [--json] [--quick] [--params profiles/tiny.yaml]
 
-Everything runs through the stage code: `cache_teacher.run` / `_teacher_rows` (writer),
-`distill._open_cache` + `TeacherCache.rows` (reader), `distill._load_student` (PEFT LoRA),
-`distill._micro_batch_loss` (→ `losses.distill_loss`), `training.make_optimizer`.
+Everything runs through the stage code: `cache_teacher.run` / `teacher_rows` (writer),
+`distill.open_cache` + `TeacherCache.rows` (reader), `distill.load_student` (PEFT LoRA),
+`distill.micro_batch_loss` (→ `losses.distill_loss_sums`), `training.make_optimizer`.
 Models: data/prepare/model and data/convert/model if present, else `prepare.model` loaded in
 memory and converted with the params' P/B/C (dropped window centred between prelude and
 coda; data/analyze/split.json wins if present), both saved to a temp dir. Data:
@@ -26,7 +26,7 @@ Measurements (ratios come from ONE run, interleaved rounds, `benchmarks.common`)
 - cache_bytes_per_token = on-disk bytes of shards + index.parquet / cached positions, of a
   cache built by `cache_teacher.run` in a temp dir (payload alone: 4k + 4).
 - cache_build_vs_forward_ratio = median_r t_forward,r / t_build,r over the same sequences:
-  build = `_teacher_rows` (forward, log-softmax, top-k, fp16) + `write_shard`; forward = the
+  build = `teacher_rows` (forward, log-softmax, top-k, fp16) + `write_shard`; forward = the
   bare no-grad teacher forward on the same padded batches.
 - topk_kl_rel_error[k] = |Σ D_topk+tail − Σ D_exact| / Σ D_exact over the trained positions
   (teacher = source, student = converted model before training, distill's R): rows encoded
@@ -109,7 +109,7 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         k = vocab if c.full_vocab else min(c.top_k, vocab)
 
         def build() -> None:
-            rows = cache_teacher._teacher_rows(
+            rows = cache_teacher.teacher_rows(
                 teacher, tokenizer, chunk, "cpu", Bc, c.temperature, k, c.full_vocab
             )
             tc.write_shard(tmp / "bench_shard.safetensors", tc.concat(rows))
@@ -125,13 +125,13 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         )
 
         log.info("top-k vs exact KL, before any training")
-        student = distill._load_student(paths["student"], cfg, torch.device("cpu"))
+        student = distill.load_student(paths["student"], cfg, torch.device("cpu"))
         kl_err, tail = _topk_kl_error(teacher, student, seqs, tokenizer.pad_token_id, d, R)
 
         # Distill steps, cached vs online, side by side on the same shared student.
-        cache = distill._open_cache(paths, tokenizer, seqs, d.temperature)
+        cache = distill.open_cache(paths, tokenizer, seqs, d.temperature)
         opt = training.make_optimizer(student, d.lr, d.weight_decay)
-        order = distill._DataOrder(len(seqs), cfg.seed)
+        order = distill.DataOrder(len(seqs), cfg.seed)
         n_b = z["warmup"] + z["repeats"]
         batches = [order.take(j * d.batch_size, d.batch_size) for j in range(n_b)]
         step = partial(_step, student, opt, seqs, tokenizer.pad_token_id, d, R, bptt_k)
@@ -193,7 +193,7 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
 def _step(model, opt, seqs, pad_id, d, R, bptt_k, mb, teacher, cache) -> None:
     """One distill optimizer step exactly as `distill.run` does it (grad_accum 1, one rank)."""
     rows = [cache.rows(i) for i in mb] if cache is not None else None
-    loss, _, _ = distill._micro_batch_loss(model, [seqs[i] for i in mb], pad_id, d, R, bptt_k, torch.device("cpu"), teacher, rows)  # fmt: skip
+    loss, _, _ = distill.micro_batch_loss(model, [seqs[i] for i in mb], pad_id, d, R, bptt_k, torch.device("cpu"), teacher, rows)  # fmt: skip
     loss.backward()
     torch.nn.utils.clip_grad_norm_(
         [p for _, p in training.trainable_parameters(model)], d.max_grad_norm
@@ -296,9 +296,9 @@ def _child(job: dict) -> dict:
     if job["variant"] != "baseline":
         d, cpu = cfg.distill, torch.device("cpu")
         online = job["variant"] == "online"
-        cache = None if online else distill._open_cache(paths, tokenizer, seqs, d.temperature)
+        cache = None if online else distill.open_cache(paths, tokenizer, seqs, d.temperature)
         teacher = load_model(paths["teacher"], "float32", cpu) if online else None
-        model = distill._load_student(paths["student"], cfg, cpu)
+        model = distill.load_student(paths["student"], cfg, cpu)
         opt = training.make_optimizer(model, d.lr, d.weight_decay)
         step = partial(_step, model, opt, seqs, tokenizer.pad_token_id, d, job["R"], job["bptt_k"])
         for mb in job["batches"]:

@@ -253,6 +253,9 @@ class DistillParams(Strict):
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
     distillation: bool = Field(True, description="off = CE only (the reference design's 4 modes)")
     teacher: Literal["cached", "online"] = "cached"
+    loss_chunk_rows: int = Field(
+        0, ge=0, description="LM head + loss in chunks of this many positions (0 = one chunk)"
+    )
     lora: LoraParams = LoraParams()
     checkpoint_every: int = Field(20, gt=0, description="steps between resumable checkpoints")
     log_every: int = Field(1, gt=0)

@@ -105,6 +105,52 @@ def teacher_topk_tail(topk_logprobs_N_K: Tensor) -> Tensor:
     return _append_tail(topk_logprobs_N_K.float())
 
 
+def distill_loss_sums(
+    student_logits_N_V: Tensor,
+    targets_N: Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    kind: Divergence,
+    beta: float = 0.5,
+    teacher_logits_N_V: Tensor | None = None,
+    teacher_topk_logprobs_N_K: Tensor | None = None,
+    teacher_topk_ids_N_K: Tensor | None = None,
+    distillation: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Σ over N trained rows of (α·CE + (1−α)·T²·D, CE, D) → three scalars (sums, not means).
+
+    The row-level core of `distill_loss`: every row is a trained position (already selected),
+    so callers can compute it chunk by chunk and divide by the total count once. Teacher modes
+    and conventions as in `distill_loss`.
+    """
+    student_N_V = student_logits_N_V.float()
+    ce = F.cross_entropy(student_N_V, targets_N, reduction="sum")
+    kl = student_N_V.new_zeros(())
+    if not distillation:
+        return ce, ce, kl
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0.0:
+        raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
+    cached = teacher_topk_logprobs_N_K is not None or teacher_topk_ids_N_K is not None
+    if cached == (teacher_logits_N_V is not None):
+        raise ValueError(
+            "distill_loss needs exactly one teacher: teacher logits (exact mode) or "
+            "teacher top-k log-probs + ids (cached mode)"
+        )
+    if cached:
+        if teacher_topk_logprobs_N_K is None or teacher_topk_ids_N_K is None:
+            raise ValueError("cached mode needs both the teacher top-k log-probs and their ids")
+        assert teacher_topk_ids_N_K.shape == teacher_topk_logprobs_N_K.shape
+        teacher_N_C = teacher_topk_tail(teacher_topk_logprobs_N_K.detach())
+        student_N_C = topk_tail_logprobs(student_N_V, teacher_topk_ids_N_K, temperature)
+    else:
+        assert teacher_logits_N_V is not None
+        teacher_N_C = F.log_softmax(teacher_logits_N_V.detach().float() / temperature, dim=-1)
+        student_N_C = F.log_softmax(student_N_V / temperature, dim=-1)
+    kl = divergence_from_logprobs(teacher_N_C, student_N_C, kind, beta).sum()
+    return alpha * ce + (1.0 - alpha) * temperature**2 * kl, ce, kl
+
+
 def distill_loss(
     student_logits_B_T_V: Tensor,
     labels_B_T: Tensor,
@@ -138,39 +184,18 @@ def distill_loss(
     assert labels_B_T.shape == student_logits_B_T_V.shape[:-1], "labels must be [B, T]"
     mask_B_T = labels_B_T != IGNORE_INDEX
     # Selecting rows first keeps masked positions (even inf/NaN logits) out of value and gradient.
-    student_M_V = student_logits_B_T_V[mask_B_T].float()
+    teacher = {
+        "teacher_logits_N_V": teacher_logits_B_T_V,
+        "teacher_topk_logprobs_N_K": teacher_topk_logprobs_B_T_K,
+        "teacher_topk_ids_N_K": teacher_topk_ids_B_T_K,
+    }
+    rows = {k: None if v is None else v[mask_B_T] for k, v in teacher.items()}
+    sums = distill_loss_sums(
+        student_logits_B_T_V[mask_B_T], labels_B_T[mask_B_T], alpha=alpha,
+        temperature=temperature, kind=kind, beta=beta, distillation=distillation, **rows,
+    )  # fmt: skip
     n_tokens = max(int(mask_B_T.sum()), 1)
-    ce = F.cross_entropy(student_M_V, labels_B_T[mask_B_T], reduction="sum") / n_tokens
-    kl = student_M_V.new_zeros(())
-    if distillation:
-        if not 0.0 <= alpha <= 1.0 or temperature <= 0.0:
-            raise ValueError(
-                f"need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}"
-            )
-        cached = teacher_topk_logprobs_B_T_K is not None or teacher_topk_ids_B_T_K is not None
-        if cached == (teacher_logits_B_T_V is not None):
-            raise ValueError(
-                "distill_loss needs exactly one teacher: teacher_logits_B_T_V (exact mode) or "
-                "teacher_topk_logprobs_B_T_K + teacher_topk_ids_B_T_K (cached mode)"
-            )
-        if cached:
-            if teacher_topk_logprobs_B_T_K is None or teacher_topk_ids_B_T_K is None:
-                raise ValueError(
-                    "cached mode needs both teacher_topk_logprobs_B_T_K and _ids_B_T_K"
-                )
-            assert teacher_topk_ids_B_T_K.shape == teacher_topk_logprobs_B_T_K.shape
-            ids_M_K = teacher_topk_ids_B_T_K[mask_B_T]
-            teacher_M_C = teacher_topk_tail(teacher_topk_logprobs_B_T_K[mask_B_T].detach())
-            student_M_C = topk_tail_logprobs(student_M_V, ids_M_K, temperature)
-        else:
-            assert teacher_logits_B_T_V is not None
-            teacher_M_V = teacher_logits_B_T_V[mask_B_T].detach().float()
-            teacher_M_C = F.log_softmax(teacher_M_V / temperature, dim=-1)
-            student_M_C = F.log_softmax(student_M_V / temperature, dim=-1)
-        kl = divergence_from_logprobs(teacher_M_C, student_M_C, kind, beta).sum() / n_tokens
-        loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
-    else:
-        loss = ce
+    loss, ce, kl = (x / n_tokens for x in sums)
     stats = {"ce": float(ce.detach()), "kl": float(kl.detach()), "loss": float(loss.detach())}
     return loss, stats
 

@@ -144,28 +144,36 @@ def concat(rows: list[TeacherRows]) -> TeacherRows:
     )
 
 
-def scatter_rows(
+def batch_rows(
     rows: list[TeacherRows], mask_B_T: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Place each sequence's rows at the True entries of its row of `mask_B_T`.
+    """A batch's cached rows in the row-major order of the True entries of `mask_B_T`.
 
-    `mask_B_T` is `labels[:, 1:] != -100` of the padded batch (pre-shifted convention).
-    Returns fp32 log-probs `[B, T, K]` and int64 ids `[B, T, K]` (None in full-vocabulary
-    mode, where K = V and the ids are implicit); unmasked entries are 0 and never read.
+    `mask_B_T` is `labels[:, 1:] != -100` of the padded batch (pre-shifted convention), so row
+    n here is the position `logits[:, :-1][mask_B_T][n]` predicts from. Returns fp32 log-probs
+    `[N, K]` (`TeacherRows.teacher_logprobs`) and int64 ids `[N, K]` (None in full-vocabulary
+    mode, where K = V and the ids are implicit).
     """
     assert len(rows) == mask_B_T.shape[0]
     for b, r in enumerate(rows):
         n = int(mask_B_T[b].sum())
         assert len(r) == n, f"sequence {b}: {len(r)} cached rows but {n} trainable positions"
     flat = concat(rows)
-    logp_M_K = flat.teacher_logprobs()
+    return flat.teacher_logprobs(), None if flat.full_vocab else flat.ids_N_K.long()
+
+
+def scatter_rows(
+    rows: list[TeacherRows], mask_B_T: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`batch_rows` placed back at the True entries of `mask_B_T`: `[B, T, K]` (0 elsewhere)."""
+    logp_N_K, ids_N_K = batch_rows(rows, mask_B_T)
     B, T = mask_B_T.shape
-    logp_B_T_K = logp_M_K.new_zeros(B, T, logp_M_K.shape[-1])
-    logp_B_T_K[mask_B_T] = logp_M_K
-    if flat.full_vocab:
+    logp_B_T_K = logp_N_K.new_zeros(B, T, logp_N_K.shape[-1])
+    logp_B_T_K[mask_B_T] = logp_N_K
+    if ids_N_K is None:
         return logp_B_T_K, None
-    ids_B_T_K = torch.zeros(B, T, logp_M_K.shape[-1], dtype=torch.long)
-    ids_B_T_K[mask_B_T] = flat.ids_N_K.long()
+    ids_B_T_K = torch.zeros(B, T, logp_N_K.shape[-1], dtype=torch.long)
+    ids_B_T_K[mask_B_T] = ids_N_K
     return logp_B_T_K, ids_B_T_K
 
 

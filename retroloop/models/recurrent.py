@@ -175,7 +175,37 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         bptt_k: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """One forward pass with R = `num_recurrence` (default `config.recurrence`) iterations.
+        """One forward pass with R = `num_recurrence` (default `config.recurrence`) iterations:
+        `final_hidden_states`, then the head on the `logits_to_keep` positions."""
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        hidden, past_key_values = self.final_hidden_states(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+            use_cache=use_cache, num_recurrence=num_recurrence, bptt_k=bptt_k,
+        )  # fmt: skip
+        logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None
+        )
+
+    def final_hidden_states(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        *,
+        use_cache: bool = False,
+        num_recurrence: int | None = None,
+        bptt_k: int | None = None,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """norm(C(s_R)) `[B, T, H]` (the head's input) and the KV cache.
 
         `bptt_k`: only the last k iterations build a graph; the earlier ones run under
         `torch.no_grad()` (truncated BPTT, McLeish et al. §3). The prelude still gets gradients
@@ -198,8 +228,6 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = m.embed_tokens(input_ids)
-        if use_cache is None:
-            use_cache = cfg.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         P, B, C = len(m.prelude), len(m.block), len(m.coda)
@@ -253,16 +281,7 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
                             _fill_skipped(past_key_values, P + C, B, k, R, T)
                         break
                 prev_logp = logp
-        hidden = m.norm(run(m.coda, s, P))
-        logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=cfg.vocab_size, **kwargs
-            )
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None
-        )
+        return m.norm(run(m.coda, s, P)), past_key_values
 
     def initial_state(self, e_B_T_H: torch.Tensor) -> torch.Tensor:
         """s_0 ~ TruncNormal(0, σ²) clipped at ±3σ (Huginn §3), from the global torch RNG.

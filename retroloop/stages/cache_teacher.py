@@ -110,7 +110,7 @@ def run(
         ):
             log.debug("reusing %s", side / name)
         else:
-            rows = _teacher_rows(
+            rows = teacher_rows(
                 model, tokenizer, chunk, device, c.batch_size, c.temperature, k, c.full_vocab
             )
             sha = tc.write_shard(side / name, tc.concat(rows), {"first_sequence": str(first)})
@@ -204,7 +204,7 @@ def run(
 
 
 @torch.no_grad()
-def _teacher_rows(
+def teacher_rows(
     model, tokenizer, chunk, device, batch_size, temperature, k, full_vocab
 ) -> list[tc.TeacherRows]:
     """One `TeacherRows` per sequence: the teacher's rows at the positions distill trains on."""

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import polars as pl
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from retroloop import teacher_cache as tc
@@ -52,7 +54,8 @@ from retroloop.artifacts import (
 )
 from retroloop.config import Params
 from retroloop.errors import ArtifactError, ConfigError, DataError
-from retroloop.losses import distill_loss
+from retroloop.losses import distill_loss_sums
+from retroloop.models.head import chunked_rows, final_hidden_states, logits_at, output_head
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.models.recurrent import RecurrentForCausalLM, recurrence_mean_at, sample_recurrence
 from retroloop.sequences import IGNORE, Sequence, pad_batch, training_sequences
@@ -108,13 +111,13 @@ def run(
         raise DataError(
             f"{paths['train_instruct']}, {paths['train_domain']}: no training sequence with a trainable token"
         )
-    cache = _open_cache(paths, tokenizer, seqs, d.temperature) if cached else None
+    cache = open_cache(paths, tokenizer, seqs, d.temperature) if cached else None
     teacher = None
     if online:
         teacher_fp = {"tokenizer": tokenizer_fingerprint(load_tokenizer(paths["teacher"]))}
         tc.check_compatible(teacher_fp, tokenizer, str(paths["teacher"]))
         teacher = load_model(paths["teacher"], cfg.dtype, device)
-    model = _load_student(paths["student"], cfg, device)
+    model = load_student(paths["student"], cfg, device)
     looped = isinstance(model.get_base_model() if d.lora.enabled else model, RecurrentForCausalLM)
     params = [p for _, p in training.trainable_parameters(model)]
     optimizer = training.make_optimizer(model, d.lr, d.weight_decay)
@@ -151,7 +154,7 @@ def run(
         start, rows = state["step"], state["rows"]
         log.info("resuming from %s (step %d of %d)", ckpt, start, d.steps)
     training.broadcast_from_main_(params, env)
-    order = _DataOrder(N, cfg.seed)
+    order = DataOrder(N, cfg.seed)
 
     bar = tqdm(
         range(start, d.steps),
@@ -184,7 +187,7 @@ def run(
             torch.manual_seed(training.seed_for(cfg.seed, "micro-batch", step, j))  # s_0, dropout
             mb = batches[j]
             rows_mb = [cache.rows(i) for i in mb] if cache is not None else None
-            loss, stats, n_in = _micro_batch_loss(model, [seqs[i] for i in mb], tokenizer.pad_token_id, d, R, sched.bptt_k, device, teacher, rows_mb)  # fmt: skip
+            loss, stats, n_in = micro_batch_loss(model, [seqs[i] for i in mb], tokenizer.pad_token_id, d, R, sched.bptt_k, device, teacher, rows_mb)  # fmt: skip
             weight = sum(n_targets[i] for i in mb) / step_targets
             (loss * weight).backward()
             sums += torch.tensor(
@@ -233,7 +236,7 @@ def run(
     return manifest
 
 
-class _DataOrder:
+class DataOrder:
     """Sequence index at a global position: a seeded permutation per epoch, so any step's
     batch is known from its position alone (resume, and every rank agrees without talking)."""
 
@@ -251,9 +254,7 @@ class _DataOrder:
         return self.perms[epoch][i]
 
 
-def _open_cache(
-    paths: dict, tokenizer, seqs: list[Sequence], temperature: float
-) -> tc.TeacherCache:
+def open_cache(paths: dict, tokenizer, seqs: list[Sequence], temperature: float) -> tc.TeacherCache:
     """Open the teacher cache and check it fits this student and these sequences."""
     cache = tc.TeacherCache(paths["teacher_cache"])
     cache.check_tokenizer(tokenizer)
@@ -268,7 +269,7 @@ def _open_cache(
     return cache
 
 
-def _load_student(path: Path, cfg: Params, device: torch.device) -> torch.nn.Module:
+def load_student(path: Path, cfg: Params, device: torch.device) -> torch.nn.Module:
     """The student in train mode: wrapped with LoRA (PEFT), or fully trainable (LoRA off)."""
     model = load_model(path, cfg.dtype, device)
     lc = cfg.distill.lora
@@ -291,36 +292,58 @@ def _load_student(path: Path, cfg: Params, device: torch.device) -> torch.nn.Mod
     return model.train()
 
 
-def _micro_batch_loss(
+def micro_batch_loss(
     model, batch: list[Sequence], pad_id: int, d, R, bptt_k, device, teacher, rows
-):
-    """Forward one micro-batch → (loss, stats, input tokens). Pre-shifted alignment: logits[:, t]
-    predict labels[:, t + 1]; the cached `rows` sit exactly where those labels are trained."""
+) -> tuple[torch.Tensor, dict[str, float], int]:
+    """Forward one micro-batch → (mean loss over its trained positions, stats, input tokens).
+
+    Pre-shifted alignment: position t predicts labels[t + 1]; only the N positions whose next
+    token is trained on reach the LM head and the loss (`models.head`), and those are exactly
+    the rows the teacher cache stores, in the same row-major order. With
+    `d.loss_chunk_rows > 0` the head + loss run in chunks of that many rows under activation
+    checkpointing, so at most one chunk's `[rows, V]` logits (and their copies) is alive at a
+    time; the backward recomputes each chunk's head once.
+    """
     ids_B_T, mask_B_T, labels_B_T = pad_batch(batch, pad_id)
     ids_B_T, mask_B_T = ids_B_T.to(device), mask_B_T.to(device)
+    trained_B_Tm1 = labels_B_T[:, 1:] != IGNORE
+    select_B_T = F.pad(trained_B_Tm1, (0, 1), value=False).to(
+        device
+    )  # last column predicts nothing
+    targets_N = labels_B_T[:, 1:][trained_B_Tm1].to(device)
     extra = {} if R is None else {"num_recurrence": R, "bptt_k": bptt_k}
-    logits_B_T_V = model(
-        input_ids=ids_B_T, attention_mask=mask_B_T, use_cache=False, **extra
-    ).logits[:, :-1]
-    targets_B_T = labels_B_T[:, 1:].to(device)
-    teacher_kw = {}
+    hidden_N_H = final_hidden_states(model, ids_B_T, mask_B_T, **extra)[select_B_T]
+    teacher_N: dict[str, torch.Tensor] = {}
     if teacher is not None:
         with torch.no_grad():
-            out = teacher(input_ids=ids_B_T, attention_mask=mask_B_T, use_cache=False)
-        teacher_kw["teacher_logits_B_T_V"] = out.logits[:, :-1]
+            teacher_N["teacher_logits_N_V"] = logits_at(teacher, select_B_T, ids_B_T, mask_B_T)
     elif rows is not None:
-        logp_B_T_K, topk_B_T_K = tc.scatter_rows(rows, (targets_B_T != IGNORE).cpu())
-        if (
-            topk_B_T_K is None
-        ):  # full-vocabulary cache: exact D, since log_softmax(T·logp / T) = logp
-            teacher_kw["teacher_logits_B_T_V"] = (logp_B_T_K * d.temperature).to(device)
+        logp_N_K, topk_N_K = tc.batch_rows(rows, trained_B_Tm1)
+        if topk_N_K is None:  # full-vocabulary cache: exact D, since log_softmax(T·logp / T) = logp
+            teacher_N["teacher_logits_N_V"] = (logp_N_K * d.temperature).to(device)
         else:
-            teacher_kw["teacher_topk_logprobs_B_T_K"] = logp_B_T_K.to(device)
-            teacher_kw["teacher_topk_ids_B_T_K"] = topk_B_T_K.to(device)
-    loss, stats = distill_loss(
-        logits_B_T_V, targets_B_T, alpha=d.alpha, temperature=d.temperature, kind=d.divergence,
-        beta=d.jsd_beta, distillation=d.distillation, **teacher_kw,
-    )  # fmt: skip
+            teacher_N["teacher_topk_logprobs_N_K"] = logp_N_K.to(device)
+            teacher_N["teacher_topk_ids_N_K"] = topk_N_K.to(device)
+    head = output_head(model)
+    kw = dict(alpha=d.alpha, temperature=d.temperature, kind=d.divergence, beta=d.jsd_beta,
+              distillation=d.distillation)  # fmt: skip
+
+    def chunk_sums(h_n_H: torch.Tensor, rows_: slice) -> tuple[torch.Tensor, ...]:
+        return distill_loss_sums(
+            head(h_n_H), targets_N[rows_], **{k: v[rows_] for k, v in teacher_N.items()}, **kw
+        )
+
+    slices = chunked_rows(len(targets_N), d.loss_chunk_rows)
+    totals = [torch.zeros((), device=device) for _ in range(3)]  # loss, ce, kl (sums)
+    for rows_ in slices:
+        if len(slices) > 1 and hidden_N_H.requires_grad:
+            sums = checkpoint(chunk_sums, hidden_N_H[rows_], rows_, use_reentrant=False)
+        else:
+            sums = chunk_sums(hidden_N_H[rows_], rows_)
+        totals = [t + x for t, x in zip(totals, sums, strict=True)]
+    n = max(len(targets_N), 1)
+    loss, ce, kl = (t / n for t in totals)
+    stats = {"ce": float(ce.detach()), "kl": float(kl.detach()), "loss": float(loss.detach())}
     return loss, stats, int(mask_B_T.sum())
 
 

@@ -87,10 +87,10 @@ def test_a_killed_run_resumes_from_the_last_complete_shard(workdir, monkeypatch)
     ]
 
     computed: list[int] = []
-    real = cache_teacher._teacher_rows
+    real = cache_teacher.teacher_rows
     monkeypatch.setattr(cache_teacher, "_after_shard", lambda index: None)
     monkeypatch.setattr(
-        cache_teacher, "_teacher_rows", lambda *a, **k: computed.append(1) or real(*a, **k)
+        cache_teacher, "teacher_rows", lambda *a, **k: computed.append(1) or real(*a, **k)
     )
     manifest = cache_teacher.run(cfg, out_dir=out)
     assert len(computed) == manifest.metrics["shards"] - 2  # only the missing shard ran

@@ -124,6 +124,61 @@ def test_full_vocab_cache_gives_the_same_kl_as_the_online_teacher(workdir) -> No
     assert cached.metrics["ce_start"] == pytest.approx(online.metrics["ce_start"], rel=1e-6)
 
 
+@pytest.mark.parametrize("teacher", ["cached", "online"])
+def test_head_on_trained_rows_and_chunked_loss_equal_the_full_logits_loss(workdir, teacher) -> None:  # noqa: F811
+    """micro_batch_loss (head at trained positions only, 1 or 3-row chunks under checkpointing)
+    gives the loss and LoRA gradients of `losses.distill_loss` on the full `[B, T, V]` logits."""
+    from retroloop import teacher_cache as tc
+    from retroloop.losses import distill_loss
+    from retroloop.sequences import pad_batch, training_sequences
+
+    cfg = tiny(**{"distill.teacher": teacher})
+    tok = load_tokenizer(STUDENT)
+    seqs = training_sequences(
+        tok,
+        pl.read_parquet("data/prepare/datasets/instruct_train.parquet"),
+        pl.read_parquet("data/prepare/datasets/domain_train.parquet"),
+        cfg.prepare.max_seq_len,
+    )[:3]
+    paths = {"teacher_cache": Path("data/cache_teacher"), "student": STUDENT}
+    cache = tc.TeacherCache(paths["teacher_cache"])
+    rows = [cache.rows(i) for i in range(3)] if teacher == "cached" else None
+    teacher_model = load_model("data/prepare/model") if teacher == "online" else None
+    model = distill.load_student(STUDENT, cfg, torch.device("cpu"))
+    cpu, d = torch.device("cpu"), cfg.distill
+
+    def run(chunk: int | None):
+        model.zero_grad()
+        torch.manual_seed(0)  # the looped student draws s_0 in train mode
+        if chunk is None:  # reference: full logits, distill_loss on [B, T, V]
+            ids, mask, labels = pad_batch(seqs, tok.pad_token_id)
+            logits = model(input_ids=ids, attention_mask=mask, num_recurrence=2, bptt_k=2).logits
+            targets = labels[:, 1:]
+            if teacher == "cached":
+                logp, topk = tc.scatter_rows(rows, targets != -100)
+                kw = {"teacher_topk_logprobs_B_T_K": logp, "teacher_topk_ids_B_T_K": topk}
+            else:
+                with torch.no_grad():
+                    t = teacher_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                kw = {"teacher_logits_B_T_V": t}
+            loss, _ = distill_loss(logits[:, :-1], targets, alpha=d.alpha, temperature=d.temperature,
+                                   kind=d.divergence, beta=d.jsd_beta, **kw)  # fmt: skip
+        else:
+            dd = d.model_copy(update={"loss_chunk_rows": chunk})
+            loss, _, _ = distill.micro_batch_loss(model, seqs, tok.pad_token_id, dd, 2, 2, cpu, teacher_model, rows)  # fmt: skip
+        loss.backward()
+        return loss.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+
+    ref_loss, ref_grads = run(None)
+    for chunk in (0, 3):
+        loss, grads = run(chunk)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_student_with_another_chat_template_is_refused(workdir) -> None:  # noqa: F811
     tok = load_tokenizer(STUDENT)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
