@@ -23,7 +23,7 @@ Layout of the artifact directory:
     shards/shard_00000.safetensors   the rows of `shard_sequences` consecutive sequences
     index.parquet                    seq, sequence_id, tokens_sha256, shard, offset, length, shard_sha256
     cache.json                       format, k, temperature, vocab, ids dtype, tokenizer fingerprint
-Every shard is re-hashed when first read; a corrupted or truncated one raises `ArtifactError`
+Every shard is hashed once, when first opened (memory-mapped); a corrupted or truncated one raises `ArtifactError`
 naming the file.
 """
 
@@ -38,6 +38,7 @@ from typing import Any
 
 import polars as pl
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from transformers import PreTrainedTokenizerBase
@@ -198,20 +199,23 @@ def write_shard(path: Path, rows: TeacherRows, meta: dict[str, str] | None = Non
 
 
 def read_shard(path: Path, expected_sha256: str) -> TeacherRows:
-    """Read a shard, checking its sha256 first (a flipped byte or a truncation is named)."""
-    path = Path(path)
+    """Read a whole shard, checking its sha256 first (a flipped byte or a truncation is named)."""
+    _check_shard(Path(path), expected_sha256)
+    tensors = st_load(Path(path).read_bytes())
+    return TeacherRows(tensors["logprobs"], tensors.get("ids"), tensors.get("lse"))
+
+
+def _check_shard(path: Path, expected_sha256: str) -> None:
+    """ArtifactError naming `path` when it is missing or its sha256 is not the index's."""
     if not path.is_file():
         raise ArtifactError(
             f"{path}: teacher-cache shard is missing; rerun `retroloop stage cache_teacher`"
         )
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != expected_sha256:
+    if sha256_file(path) != expected_sha256:
         raise ArtifactError(
             f"{path}: teacher-cache shard is corrupted or truncated (sha256 differs from index.parquet); "
             "rerun `retroloop stage cache_teacher`"
         )
-    tensors = st_load(blob)
-    return TeacherRows(tensors["logprobs"], tensors.get("ids"), tensors.get("lse"))
 
 
 # --------------------------------------------------------------------------- reader
@@ -258,9 +262,10 @@ class TeacherCache:
             )
         self.index = pl.read_parquet(self.root / INDEX).sort("seq")
         self._by_seq = {row["seq"]: row for row in self.index.iter_rows(named=True)}
-        self._loaded: tuple[str, TeacherRows] | None = (
-            None  # the last shard read (rows come in order)
-        )
+        # Shards are memory-mapped once they pass their hash check, and `rows` copies out only
+        # the requested slice: distill reads sequences in a shuffled order, so keeping "the
+        # current shard" in memory would re-read (and re-hash) a shard per sequence.
+        self._open: dict[str, Any] = {}
 
     @property
     def k(self) -> int:
@@ -296,26 +301,26 @@ class TeacherCache:
                 )
 
     def rows(self, seq: int) -> TeacherRows:
+        """The cached rows of training sequence `seq` (its trained positions, in order)."""
         row = self._by_seq[seq]
-        if self._loaded is None or self._loaded[0] != row["shard"]:
-            self._loaded = (row["shard"], read_shard(self.root / row["shard"], row["shard_sha256"]))
-        return self._loaded[1].slice(row["offset"], row["offset"] + row["length"])
+        shard = self._shard(row["shard"], row["shard_sha256"])
+        start, stop = row["offset"], row["offset"] + row["length"]
+        part = {n: shard.get_slice(n)[start:stop] for n in ("logprobs", "ids", "lse") if n in shard.keys()}  # fmt: skip
+        return TeacherRows(part["logprobs"], part.get("ids"), part.get("lse"))
 
     def verify_all(self) -> None:
-        """Re-hash every shard up front (a long run should not die at its first bad shard)."""
+        """Hash every shard up front (a long run should not die at its first bad shard)."""
         for shard, sha in (
             self.index.select("shard", "shard_sha256").unique().sort("shard").iter_rows()
         ):
+            self._shard(shard, sha)
+
+    def _shard(self, shard: str, sha256: str) -> Any:
+        if shard not in self._open:
             path = self.root / shard
-            if not path.is_file() or sha256_file(path) != sha:
-                state = (
-                    "missing"
-                    if not path.is_file()
-                    else "corrupted or truncated (sha256 differs from index.parquet)"
-                )
-                raise ArtifactError(
-                    f"{path}: teacher-cache shard is {state}; rerun `retroloop stage cache_teacher`"
-                )
+            _check_shard(path, sha256)
+            self._open[shard] = safe_open(path, framework="pt")
+        return self._open[shard]
 
 
 def tail_mass(rows: TeacherRows) -> torch.Tensor:
