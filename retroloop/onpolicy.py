@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from retroloop.config import OpdParams
@@ -30,8 +31,9 @@ from retroloop.losses import (
     opd_pg_loss,
     sampled_reverse_kl,
 )
+from retroloop.models.head import logits_at
 from retroloop.models.loading import tokenizer_fingerprint
-from retroloop.rollout import PackedRollouts, RolloutBatch, TransformersEngine, token_logprobs
+from retroloop.rollout import PackedRollouts, RolloutBatch, TransformersEngine
 
 LOOPED_MODEL_TYPE = "retroloop_recurrent"
 
@@ -80,10 +82,24 @@ def fixed_initial_state(model: torch.nn.Module) -> Iterator[None]:
             config.state_init_std = std
 
 
-def _logits(model: torch.nn.Module, pk: PackedRollouts, kwargs: dict | None) -> torch.Tensor:
-    return model(
-        input_ids=pk.tokens_B_T, attention_mask=pk.attention_mask_B_T, **(kwargs or {})
-    ).logits
+def _score(
+    model: torch.nn.Module, pk: PackedRollouts, kwargs: dict | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits `[N, V]` at the N positions that predict a generated token, and
+    log p(y_t | y_<t) placed at the generated columns `[B, T]` (0 elsewhere).
+
+    The LM head runs on those N positions only (`models.head.logits_at`): prompt positions
+    (most of a short rollout) never reach the `[·, V]` head. Row n of the logits predicts the
+    n-th True entry of `pk.mask_B_T` in row-major order (position t predicts token t + 1).
+    """
+    predicts_B_T = F.pad(pk.mask_B_T[:, 1:], (0, 1), value=False)
+    logits_N_V = logits_at(model, predicts_B_T, pk.tokens_B_T, pk.attention_mask_B_T, **(kwargs or {}))  # fmt: skip
+    z_N_V = logits_N_V.float()
+    targets_N = pk.tokens_B_T[pk.mask_B_T]
+    logp_N = z_N_V.gather(-1, targets_N[:, None]).squeeze(-1) - torch.logsumexp(z_N_V, -1)
+    logp_B_T = logp_N.new_zeros(pk.mask_B_T.shape)
+    logp_B_T[pk.mask_B_T] = logp_N
+    return logits_N_V, logp_B_T
 
 
 def opd_step(
@@ -115,19 +131,15 @@ def opd_step(
         mask_B_T, n_mb = pk.mask_B_T, int(pk.mask_B_T.sum())
         tic = time.perf_counter()
         with torch.no_grad():  # the teacher scores the student's ids in one forward pass
-            t_logits_B_T_V = _logits(teacher, pk, teacher_kwargs)
+            t_N_V, teacher_logp_B_T = _score(teacher, pk, teacher_kwargs)
         sums["teacher_s"] += time.perf_counter() - tic
-        s_logits_B_T_V = _logits(student, pk, student_kwargs)
-        if s_logits_B_T_V.shape[-1] != t_logits_B_T_V.shape[-1]:
+        s_N_V, learner_logp_B_T = _score(student, pk, student_kwargs)
+        if s_N_V.shape[-1] != t_N_V.shape[-1]:
             raise MismatchError(
-                f"opd: student vocabulary {s_logits_B_T_V.shape[-1]} != teacher {t_logits_B_T_V.shape[-1]}"
+                f"opd: student vocabulary {s_N_V.shape[-1]} != teacher {t_N_V.shape[-1]}"
             )
-        teacher_logp_B_T = token_logprobs(t_logits_B_T_V, pk.tokens_B_T)
-        learner_logp_B_T = token_logprobs(s_logits_B_T_V, pk.tokens_B_T)
-
-        # Logits at t−1 predict token t: these N rows are the generated positions.
-        s_N_V = s_logits_B_T_V[:, :-1][mask_B_T[:, 1:]].detach()
-        kl_N = exact_reverse_kl_topk(s_N_V, t_logits_B_T_V[:, :-1][mask_B_T[:, 1:]], p.vopd_top_k)
+        s_N_V = s_N_V.detach()  # the gradient flows through learner_logp_B_T only
+        kl_N = exact_reverse_kl_topk(s_N_V, t_N_V, p.vopd_top_k)
         baseline_B_T = None
         if p.vopd_baseline:  # same row-major order as mask_B_T (column 0 is never generated)
             baseline_B_T = torch.zeros_like(teacher_logp_B_T)
@@ -201,11 +213,8 @@ def heldout_reverse_kl(
     for first in range(0, len(batch), batch_size):
         rows = list(range(first, min(first + batch_size, len(batch))))
         pk = batch.select(rows).pack(tokenizer.pad_token_id, next(student.parameters()).device)
-        pred_B_Tm1 = pk.mask_B_T[:, 1:]
-        s_N_V = _logits(student, pk, student_kwargs)[:, :-1][pred_B_Tm1]
-        kl_N = exact_reverse_kl_topk(
-            s_N_V, _logits(teacher, pk, teacher_kwargs)[:, :-1][pred_B_Tm1], top_k
-        )
+        s_N_V, _ = _score(student, pk, student_kwargs)
+        kl_N = exact_reverse_kl_topk(s_N_V, _score(teacher, pk, teacher_kwargs)[0], top_k)
         total, count = total + float(kl_N.sum()), count + kl_N.numel()
     return total / max(count, 1)
 
