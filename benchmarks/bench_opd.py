@@ -62,8 +62,8 @@ from retroloop import datasets
 from retroloop.config import Params, load_params
 from retroloop.models.loading import load_model, load_source_model, load_tokenizer
 from retroloop.models.lora import lora_config_for
-from retroloop.onpolicy import heldout_reverse_kl, opd_step
-from retroloop.rollout import RolloutBatch, TransformersEngine, encode_prompts, token_logprobs
+from retroloop.onpolicy import heldout_reverse_kl, opd_step, score_rollouts
+from retroloop.rollout import RolloutBatch, TransformersEngine, encode_prompts
 from retroloop.training import seed_for
 
 log = logging.getLogger(__name__)
@@ -252,15 +252,13 @@ def _rl_step(student, teacher, batch: RolloutBatch, opt, p, pad_id: int) -> floa
     tic, rewards = time.perf_counter(), []
     with torch.no_grad():
         for pk in packed:
-            t_logits = teacher(input_ids=pk.tokens_B_T, attention_mask=pk.attention_mask_B_T).logits
-            t_logp_B_T = token_logprobs(t_logits, pk.tokens_B_T)
+            t_logp_B_T = score_rollouts(teacher, pk, None)[1]
             rewards += (-((pk.sampler_logp_B_T - t_logp_B_T) * pk.mask_B_T).sum(-1)).tolist()
     teacher_s = time.perf_counter() - tic
     r_B, idx_B = torch.tensor(rewards), torch.tensor(batch.prompt_index)
     adv_B = r_B - torch.stack([r_B[idx_B == i].mean() for i in batch.prompt_index])
     for rows, pk in zip(chunks, packed, strict=True):
-        logits = student(input_ids=pk.tokens_B_T, attention_mask=pk.attention_mask_B_T).logits
-        logp_B_T = token_logprobs(logits, pk.tokens_B_T)
+        logp_B_T = score_rollouts(student, pk, None)[1]
         mean_logp_B = (logp_B_T * pk.mask_B_T).sum(-1) / pk.mask_B_T.sum(-1).clamp_min(1)
         (-(adv_B[rows].to(device) * mean_logp_B).sum() / len(batch)).backward()
     torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], p.max_grad_norm)

@@ -82,7 +82,7 @@ def fixed_initial_state(model: torch.nn.Module) -> Iterator[None]:
             config.state_init_std = std
 
 
-def _score(
+def score_rollouts(
     model: torch.nn.Module, pk: PackedRollouts, kwargs: dict | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits `[N, V]` at the N positions that predict a generated token, and
@@ -131,9 +131,9 @@ def opd_step(
         mask_B_T, n_mb = pk.mask_B_T, int(pk.mask_B_T.sum())
         tic = time.perf_counter()
         with torch.no_grad():  # the teacher scores the student's ids in one forward pass
-            t_N_V, teacher_logp_B_T = _score(teacher, pk, teacher_kwargs)
+            t_N_V, teacher_logp_B_T = score_rollouts(teacher, pk, teacher_kwargs)
         sums["teacher_s"] += time.perf_counter() - tic
-        s_N_V, learner_logp_B_T = _score(student, pk, student_kwargs)
+        s_N_V, learner_logp_B_T = score_rollouts(student, pk, student_kwargs)
         if s_N_V.shape[-1] != t_N_V.shape[-1]:
             raise MismatchError(
                 f"opd: student vocabulary {s_N_V.shape[-1]} != teacher {t_N_V.shape[-1]}"
@@ -213,8 +213,8 @@ def heldout_reverse_kl(
     for first in range(0, len(batch), batch_size):
         rows = list(range(first, min(first + batch_size, len(batch))))
         pk = batch.select(rows).pack(tokenizer.pad_token_id, next(student.parameters()).device)
-        s_N_V, _ = _score(student, pk, student_kwargs)
-        kl_N = exact_reverse_kl_topk(s_N_V, _score(teacher, pk, teacher_kwargs)[0], top_k)
+        s_N_V, _ = score_rollouts(student, pk, student_kwargs)
+        kl_N = exact_reverse_kl_topk(s_N_V, score_rollouts(teacher, pk, teacher_kwargs)[0], top_k)
         total, count = total + float(kl_N.sum()), count + kl_N.numel()
     return total / max(count, 1)
 

@@ -67,6 +67,15 @@ def test_sampler_logprobs_equal_teacher_forced_logprobs(tiny):
     learner, sampler = teacher_forced(model, batch, tok.pad_token_id)
     assert learner.numel() == batch.num_completion_tokens > 0
     torch.testing.assert_close(sampler, learner, atol=1e-4, rtol=0)
+    # OPD's scorer (LM head on the generated positions only) gives the same log-probs.
+    from retroloop.onpolicy import score_rollouts
+
+    pk = batch.pack(tok.pad_token_id)
+    with torch.no_grad():
+        logits_N_V, scored_B_T = score_rollouts(model, pk, None)
+    assert logits_N_V.shape[0] == learner.numel()
+    torch.testing.assert_close(scored_B_T[pk.mask_B_T], learner, atol=1e-5, rtol=0)
+    assert not scored_B_T[~pk.mask_B_T].any()
 
 
 def test_sampler_logprobs_under_temperature_and_top_p_are_the_processed_distribution(tiny):
