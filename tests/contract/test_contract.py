@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 from pathlib import Path
@@ -40,6 +41,54 @@ def test_deps_include_the_stage_code_and_params_name_its_section() -> None:
         for dep in stage["deps"]:
             if not dep.startswith("data/"):
                 assert (REPO / dep).exists(), f"{name}: dep {dep} does not exist"
+
+
+# Error-message text does not change any output; everything else a stage imports can.
+_NOT_OUTPUT_CODE = {"retroloop/errors.py"}
+
+
+def _module_file(name: str) -> Path | None:
+    for path in (
+        REPO / (name.replace(".", "/") + ".py"),
+        REPO / name.replace(".", "/") / "__init__.py",
+    ):
+        if path.is_file():
+            return path
+    return None
+
+
+def _retroloop_imports(path: Path) -> set[str]:
+    """`retroloop.*` modules imported anywhere in the file (top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retroloop"):
+            found.add(node.module)
+            found |= {
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if _module_file(f"{node.module}.{a.name}")
+            }
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("retroloop")}
+    return found
+
+
+def test_deps_list_every_module_the_stage_code_imports() -> None:
+    """dvc reruns a stage when its code changes only if that code is in its deps."""
+    for name, stage in DVC.items():
+        seen, todo = set(), [f"retroloop.stages.{name}"]
+        while todo:
+            module = todo.pop()
+            if module not in seen and (path := _module_file(module)) is not None:
+                seen.add(module)
+                todo += _retroloop_imports(path)
+        files = {_module_file(m).relative_to(REPO).as_posix() for m in seen}
+        files = {f for f in files if not f.endswith("__init__.py")} - _NOT_OUTPUT_CODE
+        deps = set(stage["deps"])
+        missing = sorted(
+            f for f in files if f not in deps and not any(f.startswith(d + "/") for d in deps)
+        )
+        assert not missing, f"dvc.yaml stage {name}: add {missing} to its deps"
 
 
 def test_outputs_live_under_the_stage_folder_with_a_manifest() -> None:
