@@ -31,6 +31,9 @@ Measurements (ratios come from ONE run, interleaved rounds, `benchmarks.common`)
 - topk_kl_rel_error[k] = |Σ D_topk+tail − Σ D_exact| / Σ D_exact over the trained positions
   (teacher = source, student = converted model before training, distill's R): rows encoded
   by `teacher_cache.encode` for each k, both values from `losses.distill_loss` stats.
+  `topk_kl_by_data` splits it: teacher-written chat responses (`instruct`) vs domain
+  documents (`domain`), each with its exact KL per token and the teacher's mean mass outside
+  its top 64 (the bucketed tail under-counts by exactly tail mass × KL inside the tail).
 - mfu = step FLOPs / t_cached,median / matmul peak. Peak = best of several fp32 2048² `mm`
   (2·n³ FLOPs), measured before and after the steps, max taken. Step FLOPs are counted by
   forward hooks on every nn.Linear of a probe pass (same R, bptt_k, LoRA), per token:
@@ -126,7 +129,8 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
 
         log.info("top-k vs exact KL, before any training")
         student = distill.load_student(paths["student"], cfg, torch.device("cpu"))
-        kl_err, tail = _topk_kl_error(teacher, student, seqs, tokenizer.pad_token_id, d, R)
+        instruct_ids = set(pl.read_parquet(paths["train_instruct"])["id"].to_list())
+        kl_err = _topk_kl_error(teacher, student, seqs, tokenizer.pad_token_id, d, R, instruct_ids)
 
         # Distill steps, cached vs online, side by side on the same shared student.
         cache = distill.open_cache(paths, tokenizer, seqs, d.temperature)
@@ -172,7 +176,8 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         "cached_vs_online_peak_mem_ratio": round(rss["cached"] / rss["online"], 3),
         "cache_bytes_per_token": round(m["file_bytes_per_token"], 2),
         "cache_build_vs_forward_ratio": round(med(bt["forward"], bt["build"]), 3),
-        "topk_kl_rel_error": {str(k_): round(e, 5) for k_, e in kl_err.items()},
+        "topk_kl_rel_error": kl_err["all"]["rel_error"],
+        "topk_kl_by_data": kl_err,
         "mfu": round(mfu, 4),
         "goals": {"tokens_per_s_ratio": ">= 1.5", "peak_mem_ratio": "<= 0.6", "bytes_per_token": f"<= {4 * k + 16}",
                   "build_vs_forward": ">= 0.9", "topk_kl_rel_error_64": "<= 0.02", "mfu": ">= 0.35"},  # fmt: skip
@@ -181,7 +186,6 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         "peak_rss_mib": {n: round(v, 1) for n, v in rss.items()},
         "cache_payload_bytes_per_token": round(m["bytes_per_token"], 2),
         "cache_k": k,
-        "tail_mass_mean_k64": round(tail, 5),
         "mfu_online": round(mfu_on, 4),
         "matmul_peak_gflops": round(peak / 1e9, 2),
         "step_gflops_per_token": {"student": round(per_tok_s["linear"] / 1e9, 4), "teacher": round(per_tok_t["linear"] / 1e9, 4)},
@@ -203,29 +207,44 @@ def _step(model, opt, seqs, pad_id, d, R, bptt_k, mb, teacher, cache) -> None:
 
 
 @torch.no_grad()
-def _topk_kl_error(teacher, student, seqs, pad_id, d, R) -> tuple[dict[int, float], float]:
-    exact, topk, tail, n = 0.0, dict.fromkeys(KS, 0.0), 0.0, 0
+def _topk_kl_error(teacher, student, seqs, pad_id, d, R, instruct_ids: set[str]) -> dict:
+    """Relative error of the top-k + tail D against the exact D, summed over trained positions:
+    over all sequences, and separately over the teacher-written chat responses ("instruct") and
+    the domain documents ("domain"), with the mean teacher mass outside its top 64 for each."""
     kw = dict(alpha=0.0, temperature=d.temperature, kind=d.divergence, beta=d.jsd_beta)
+    sums = {g: {"exact": 0.0, "tail64": 0.0, "n": 0, **dict.fromkeys(KS, 0.0)} for g in ("instruct", "domain")}  # fmt: skip
     student.eval()
-    for s in range(0, len(seqs), d.batch_size):
-        ids, mask, labels = pad_batch(seqs[s : s + d.batch_size], pad_id)
-        t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-        s_logits = student(
-            input_ids=ids, attention_mask=mask, use_cache=False, num_recurrence=R
-        ).logits[:, :-1]
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        m = int(keep.sum())
-        exact += distill_loss(s_logits, targets, teacher_logits_B_T_V=t_logits, **kw)[1]["kl"] * m
-        for k in KS:
-            rows = [tc.encode(t_logits[b][keep[b]], temperature=d.temperature, k=k, full_vocab=False) for b in range(len(ids))]  # fmt: skip
-            logp, topk_ids = tc.scatter_rows(rows, keep)
-            topk[k] += distill_loss(s_logits, targets, teacher_topk_logprobs_B_T_K=logp, teacher_topk_ids_B_T_K=topk_ids, **kw)[1]["kl"] * m  # fmt: skip
-            if k == 64:
-                tail += float(sum(tc.tail_mass(r).sum() for r in rows))
-        n += m
+    for group in sums:
+        part = [s for s in seqs if (s.id in instruct_ids) == (group == "instruct")]
+        acc = sums[group]
+        for s in range(0, len(part), d.batch_size):
+            ids, mask, labels = pad_batch(part[s : s + d.batch_size], pad_id)
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            s_logits = student(
+                input_ids=ids, attention_mask=mask, use_cache=False, num_recurrence=R
+            ).logits[:, :-1]
+            targets = labels[:, 1:]
+            keep = targets != IGNORE
+            m = int(keep.sum())
+            acc["exact"] += distill_loss(s_logits, targets, teacher_logits_B_T_V=t_logits, **kw)[1]["kl"] * m  # fmt: skip
+            for k in KS:
+                rows = [tc.encode(t_logits[b][keep[b]], temperature=d.temperature, k=k, full_vocab=False) for b in range(len(ids))]  # fmt: skip
+                logp, topk_ids = tc.scatter_rows(rows, keep)
+                acc[k] += distill_loss(s_logits, targets, teacher_topk_logprobs_B_T_K=logp, teacher_topk_ids_B_T_K=topk_ids, **kw)[1]["kl"] * m  # fmt: skip
+                if k == 64:
+                    acc["tail64"] += float(sum(tc.tail_mass(r).sum() for r in rows))
+            acc["n"] += m
     student.train()
-    return {k: abs(v - exact) / exact for k, v in topk.items()}, tail / max(n, 1)
+    sums["all"] = {key: sums["instruct"][key] + sums["domain"][key] for key in sums["domain"]}
+
+    def summary(acc: dict) -> dict:
+        if not acc["n"]:
+            return {"positions": 0}
+        err = {str(k): round(abs(acc[k] - acc["exact"]) / acc["exact"], 5) for k in KS}
+        return {"rel_error": err, "exact_kl_per_token": round(acc["exact"] / acc["n"], 4),
+                "tail_mass_mean_k64": round(acc["tail64"] / acc["n"], 5), "positions": acc["n"]}  # fmt: skip
+
+    return {group: summary(acc) for group, acc in sums.items()}
 
 
 def _flops_per_token(model, R, bptt_k, *, grad: bool) -> dict[str, float]:

@@ -39,7 +39,7 @@ Threads: `threads` from the params, else 1 (two threads oversubscribe the 2 shar
    sampled entropy (mean −log π_sampler(y_t)): when all samples of a group coincide, the GRPO
    advantage is 0 and the RL arm stops learning (its KL then only drifts on Adam's momentum).
    The comparison runs on the profile's model when its measured step time fits
-   COMPARE_BUDGET_S, else on the tiny random Llama of profiles/tiny.yaml with this profile's
+   COMPARE_BUDGET_S (env RETROLOOP_OPD_COMPARE_BUDGET_S, default 360), else on the tiny random Llama of profiles/tiny.yaml with this profile's
    opd.lora / opd.lr / rollout batch (`compare_setup` says which and why). A random tiny Llama
    is near-uniform (entropy ≈ ln 512 ≈ 6.2 nats: every KL ≈ 0), so its final-norm gain is
    multiplied by TINY_TEACHER_GAIN (the teacher at temperature 1/16: ≈ 3.4 nats/token).
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -74,7 +75,9 @@ FRACTIONS, HEADLINE = (0.25, 0.5, 0.75), 0.5  # targets: fractions of OPD's held
 TINY_TEACHER_GAIN = 16.0
 GOALS = {"engine_vs_generate": ">= 1.0", "teacher_scoring_share": "<= 0.25",
          "rl_to_opd_steps_ratio": "7-10 (published)"}  # fmt: skip
-COMPARE_BUDGET_S = 360.0  # estimated seconds the OPD-vs-RL comparison may take
+# Estimated seconds the OPD-vs-RL comparison may take on the profile's model before it falls back
+# to the tiny one; RETROLOOP_OPD_COMPARE_BUDGET_S raises it (e.g. 3600 for SmolLM2 on this CPU).
+COMPARE_BUDGET_S = float(os.environ.get("RETROLOOP_OPD_COMPARE_BUDGET_S", "360"))
 # speed: rows = prompts × samples; phase_steps include 1 warm-up; compare: rows per step, caps.
 FULL = dict(speed_prompts=4, speed_samples=1, speed_tokens=16, repeats=3, phase_steps=3,
             phase_prompts=2, prompts=4, samples=2, new_tokens=16, opd_steps=15, rl_cap=45,
