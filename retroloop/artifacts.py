@@ -183,6 +183,16 @@ def now_iso() -> str:
 # --------------------------------------------------------------------------- atomic output
 
 
+_run_started_at: str | None = None
+
+
+def mark_run_started() -> None:
+    """Record now as the start of the current stage run (`stages.common.setup_run` calls it),
+    so a manifest's `started_at` covers the stage's work, not only the writing at its end."""
+    global _run_started_at
+    _run_started_at = now_iso()
+
+
 class ArtifactWriter:
     """Collects what a stage needs to write its manifest; created by `atomic_artifact`."""
 
@@ -191,7 +201,7 @@ class ArtifactWriter:
         self.final_dir = final_dir
         self.stage = stage
         self.kind = kind
-        self.started_at = now_iso()
+        self.started_at = _run_started_at or now_iso()
         self.inputs: list[InputRef] = []
         self.outputs: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
@@ -244,6 +254,7 @@ def atomic_artifact(out_dir: str | Path, *, stage: str, kind: str) -> Iterator[A
     """
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -261,6 +272,25 @@ def atomic_artifact(out_dir: str | Path, *, stage: str, kind: str) -> Iterator[A
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_orphans(final: Path) -> None:
+    """Remove `.<name>.tmp-<pid>` / `.old-<pid>` leftovers of killed writers (pid not running)."""
+    for leftover in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = leftover.name.rpartition("-")
+        if not pid.isdigit() or not kind.endswith((".tmp", ".old")) or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

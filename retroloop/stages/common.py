@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retroloop.artifacts import mark_run_started
 from retroloop.config import Params
 from retroloop.models.loading import resolve_device
 
@@ -42,7 +43,9 @@ def dataset_path(name: str, split: str, root: Path = DATASETS) -> Path:
 
 
 def setup_run(cfg: Params) -> torch.device:
-    """Seed every RNG, set torch threads, pick the device. Call first in every stage."""
+    """Seed every RNG, set torch threads, pick the device, mark the run's start time (the
+    manifest's `started_at`). Call first in every stage."""
+    mark_run_started()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

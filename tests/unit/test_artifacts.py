@@ -41,6 +41,35 @@ def test_failed_stage_leaves_nothing_and_keeps_the_old_artifact(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
 
 
+def test_leftovers_of_killed_writers_are_removed_but_a_live_writers_are_kept(
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "0"])
+    child.wait()
+    (tmp_path / f".a.tmp-{child.pid}").mkdir()  # a SIGKILLed stage's half-written output
+    (tmp_path / f".a.tmp-{os.getpid()}-x").mkdir()  # not ours to judge: name does not parse
+    live = tmp_path / f".a.tmp-{os.getppid()}"  # a writer that is still running
+    live.mkdir()
+    _write(tmp_path / "a", "prepare", "model", {}, "new")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert f".a.tmp-{child.pid}" not in names and live.name in names and "a" in names
+
+
+def test_started_at_is_the_stage_runs_start_not_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retroloop import artifacts
+
+    artifacts.mark_run_started()
+    assert artifacts._run_started_at is not None
+    monkeypatch.setattr(artifacts, "_run_started_at", "2026-01-01T00:00:00+00:00")  # long ago
+    m = _write(tmp_path / "a", "prepare", "model", {}, "x")
+    assert m.started_at == "2026-01-01T00:00:00+00:00" < m.ended_at
+
+
 def test_verify_finds_tampering(tmp_path: Path) -> None:
     _write(tmp_path / "a", "prepare", "model", {}, "data")
     assert verify(tmp_path / "a") == []
