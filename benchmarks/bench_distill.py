@@ -24,13 +24,16 @@ Measurements (ratios come from ONE run, interleaved rounds, `benchmarks.common`)
   process's peak, which Linux carries across fork + exec). `peak_rss_mib.baseline` is a
   child that only imports and tokenizes (the floor, included in both peaks).
 - cache_bytes_per_token = on-disk bytes of shards + index.parquet / cached positions, of a
-  cache built by `cache_teacher.run` in a temp dir (payload alone: 4k + 4).
+  cache built by `cache_teacher.run` in a temp dir (payload alone: 4(k + tail_samples) + 4).
 - cache_build_vs_forward_ratio = median_r t_forward,r / t_build,r over the same sequences:
-  build = `teacher_rows` (forward, log-softmax, top-k, fp16) + `write_shard`; forward = the
+  build = `teacher_rows` (forward, log-softmax, top-k, tail samples, fp16) + `write_shard`; forward = the
   bare no-grad teacher forward on the same padded batches.
 - topk_kl_rel_error[k] = |Σ D_topk+tail − Σ D_exact| / Σ D_exact over the trained positions
   (teacher = source, student = converted model before training, distill's R): rows encoded
-  by `teacher_cache.encode` for each k, both values from `losses.distill_loss` stats.
+  by `teacher_cache.encode` for each k, both values from `losses.distill_loss_sums`.
+  `topk_sampled_tail_kl_rel_error[k]`: the same with the cache's `tail_samples` teacher draws
+  from outside its top k (forward KL: the unbiased estimate distill trains on; 4k + 16 bytes
+  per token at k + 3).
   `topk_kl_by_data` splits it: teacher-written chat responses (`instruct`) vs domain
   documents (`domain`), each with its exact KL per token and the teacher's mean mass outside
   its top 64 (the bucketed tail under-counts by exactly tail mass × KL inside the tail).
@@ -71,7 +74,7 @@ from retroloop import datasets, training
 from retroloop import teacher_cache as tc
 from retroloop.analysis import Split, choose_split
 from retroloop.config import Params, load_params
-from retroloop.losses import distill_loss
+from retroloop.losses import distill_loss_sums
 from retroloop.models.loading import load_model, load_source_model, load_tokenizer
 from retroloop.models.recurrent import convert_from_source
 from retroloop.sequences import IGNORE, pad_batch, training_sequences
@@ -112,9 +115,8 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         k = vocab if c.full_vocab else min(c.top_k, vocab)
 
         def build() -> None:
-            rows = cache_teacher.teacher_rows(
-                teacher, tokenizer, chunk, "cpu", Bc, c.temperature, k, c.full_vocab
-            )
+            gen = torch.Generator().manual_seed(cfg.seed)
+            rows = cache_teacher.teacher_rows(teacher, tokenizer, chunk, "cpu", c, k, gen)
             tc.write_shard(tmp / "bench_shard.safetensors", tc.concat(rows))
 
         @torch.no_grad()
@@ -130,10 +132,13 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         log.info("top-k vs exact KL, before any training")
         student = distill.load_student(paths["student"], cfg, torch.device("cpu"))
         instruct_ids = set(pl.read_parquet(paths["train_instruct"])["id"].to_list())
-        kl_err = _topk_kl_error(teacher, student, seqs, tokenizer.pad_token_id, d, R, instruct_ids)
+        S = cfg.cache_teacher.tail_samples
+        kl_err = _topk_kl_error(
+            teacher, student, seqs, tokenizer.pad_token_id, d, R, instruct_ids, S
+        )
 
         # Distill steps, cached vs online, side by side on the same shared student.
-        cache = distill.open_cache(paths, tokenizer, seqs, d.temperature)
+        cache = distill.open_cache(paths, tokenizer, seqs, d.temperature, d.divergence)
         opt = training.make_optimizer(student, d.lr, d.weight_decay)
         order = distill.DataOrder(len(seqs), cfg.seed)
         n_b = z["warmup"] + z["repeats"]
@@ -177,6 +182,7 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         "cache_bytes_per_token": round(m["file_bytes_per_token"], 2),
         "cache_build_vs_forward_ratio": round(med(bt["forward"], bt["build"]), 3),
         "topk_kl_rel_error": kl_err["all"]["rel_error"],
+        "topk_sampled_tail_kl_rel_error": kl_err["all"].get(f"rel_error_sampled_tail_{S}"),
         "topk_kl_by_data": kl_err,
         "mfu": round(mfu, 4),
         "goals": {"tokens_per_s_ratio": ">= 1.5", "peak_mem_ratio": "<= 0.6", "bytes_per_token": f"<= {4 * k + 16}",
@@ -206,43 +212,56 @@ def _step(model, opt, seqs, pad_id, d, R, bptt_k, mb, teacher, cache) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-@torch.no_grad()
-def _topk_kl_error(teacher, student, seqs, pad_id, d, R, instruct_ids: set[str]) -> dict:
-    """Relative error of the top-k + tail D against the exact D, summed over trained positions:
-    over all sequences, and separately over the teacher-written chat responses ("instruct") and
-    the domain documents ("domain"), with the mean teacher mass outside its top 64 for each."""
+def _topk_kl_error(teacher, student, seqs, pad_id, d, R, instruct_ids: set[str], S: int) -> dict:
+    """Relative error of the cached D against the exact D, summed over trained positions, per k:
+    top-k + tail bucket ("bucket"), and top-k + S teacher draws from its tail ("sampled", the
+    cache's default representation, forward KL only). Over all sequences, and separately over
+    the teacher-written chat responses ("instruct") and the domain documents ("domain"), with
+    the exact KL per token and the mean teacher mass outside its top 64."""
     kw = dict(alpha=0.0, temperature=d.temperature, kind=d.divergence, beta=d.jsd_beta)
-    sums = {g: {"exact": 0.0, "tail64": 0.0, "n": 0, **dict.fromkeys(KS, 0.0)} for g in ("instruct", "domain")}  # fmt: skip
+    keys = ["exact", "tail64", "n"] + [f"{v}{k}" for v in ("bucket", "sampled") for k in KS]
+    sums = {g: dict.fromkeys(keys, 0.0) for g in ("instruct", "domain")}
+    gen = torch.Generator().manual_seed(0)
     student.eval()
     for group in sums:
         part = [s for s in seqs if (s.id in instruct_ids) == (group == "instruct")]
         acc = sums[group]
         for s in range(0, len(part), d.batch_size):
             ids, mask, labels = pad_batch(part[s : s + d.batch_size], pad_id)
-            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-            s_logits = student(
-                input_ids=ids, attention_mask=mask, use_cache=False, num_recurrence=R
-            ).logits[:, :-1]
-            targets = labels[:, 1:]
-            keep = targets != IGNORE
-            m = int(keep.sum())
-            acc["exact"] += distill_loss(s_logits, targets, teacher_logits_B_T_V=t_logits, **kw)[1]["kl"] * m  # fmt: skip
-            for k in KS:
-                rows = [tc.encode(t_logits[b][keep[b]], temperature=d.temperature, k=k, full_vocab=False) for b in range(len(ids))]  # fmt: skip
-                logp, topk_ids = tc.scatter_rows(rows, keep)
-                acc[k] += distill_loss(s_logits, targets, teacher_topk_logprobs_B_T_K=logp, teacher_topk_ids_B_T_K=topk_ids, **kw)[1]["kl"] * m  # fmt: skip
-                if k == 64:
-                    acc["tail64"] += float(sum(tc.tail_mass(r).sum() for r in rows))
-            acc["n"] += m
+            keep = labels[:, 1:] != IGNORE
+            targets = labels[:, 1:][keep]
+            with torch.no_grad():
+                t_N_V = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][
+                    keep
+                ]
+                s_N_V = student(input_ids=ids, attention_mask=mask, use_cache=False, num_recurrence=R).logits[:, :-1][keep]  # fmt: skip
+                acc["exact"] += float(distill_loss_sums(s_N_V, targets, teacher_logits_N_V=t_N_V, **kw)[2])  # fmt: skip
+                for k in KS:
+                    rows = tc.encode(t_N_V, temperature=d.temperature, k=k, full_vocab=False, tail_samples=S, generator=gen)  # fmt: skip
+                    got = tc.batch_rows([rows], torch.ones(1, len(rows), dtype=torch.bool))
+                    bucket = {n: t for n, t in got.items() if "tail" not in n}
+                    acc[f"bucket{k}"] += float(distill_loss_sums(s_N_V, targets, **bucket, **kw)[2])
+                    if S and d.divergence == "forward_kl":
+                        acc[f"sampled{k}"] += float(
+                            distill_loss_sums(s_N_V, targets, **got, **kw)[2]
+                        )
+                    if k == 64:
+                        acc["tail64"] += float(tc.tail_mass(rows).sum())
+            acc["n"] += len(targets)
     student.train()
-    sums["all"] = {key: sums["instruct"][key] + sums["domain"][key] for key in sums["domain"]}
+    sums["all"] = {key: sums["instruct"][key] + sums["domain"][key] for key in keys}
 
     def summary(acc: dict) -> dict:
         if not acc["n"]:
             return {"positions": 0}
-        err = {str(k): round(abs(acc[k] - acc["exact"]) / acc["exact"], 5) for k in KS}
-        return {"rel_error": err, "exact_kl_per_token": round(acc["exact"] / acc["n"], 4),
-                "tail_mass_mean_k64": round(acc["tail64"] / acc["n"], 5), "positions": acc["n"]}  # fmt: skip
+        err = lambda v: {
+            str(k): round(abs(acc[f"{v}{k}"] - acc["exact"]) / acc["exact"], 5) for k in KS
+        }  # noqa: E731
+        out = {"rel_error": err("bucket"), "exact_kl_per_token": round(acc["exact"] / acc["n"], 4),
+               "tail_mass_mean_k64": round(acc["tail64"] / acc["n"], 5), "positions": int(acc["n"])}  # fmt: skip
+        if S and d.divergence == "forward_kl":
+            out[f"rel_error_sampled_tail_{S}"] = err("sampled")
+        return out
 
     return {group: summary(acc) for group, acc in sums.items()}
 
@@ -315,7 +334,11 @@ def _child(job: dict) -> dict:
     if job["variant"] != "baseline":
         d, cpu = cfg.distill, torch.device("cpu")
         online = job["variant"] == "online"
-        cache = None if online else distill.open_cache(paths, tokenizer, seqs, d.temperature)
+        cache = (
+            None
+            if online
+            else distill.open_cache(paths, tokenizer, seqs, d.temperature, d.divergence)
+        )
         teacher = load_model(paths["teacher"], "float32", cpu) if online else None
         model = distill.load_student(paths["student"], cfg, cpu)
         opt = training.make_optimizer(model, d.lr, d.weight_decay)

@@ -91,9 +91,35 @@ def topk_tail_logprobs(
     log p_k = z_k/T − logsumexp(z/T); tail = log(1 − Σ_k p_k) = log1mexp(logsumexp_k log p_k).
     Only the log-normaliser touches all V logits, so no `[N, V]` log-softmax is kept.
     """
+    return _append_tail(gather_logprobs(logits_N_V, topk_ids_N_K, temperature))
+
+
+def gather_logprobs(logits_N_V: Tensor, ids_N_J: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits/T) at the given ids → `[N, J]` fp32, without an `[N, V]` log-softmax."""
     z_N_V = logits_N_V.float() / temperature
-    logp_N_K = z_N_V.gather(-1, topk_ids_N_K.long()) - torch.logsumexp(z_N_V, -1, keepdim=True)
-    return _append_tail(logp_N_K)
+    return z_N_V.gather(-1, ids_N_J.long()) - torch.logsumexp(z_N_V, -1, keepdim=True)
+
+
+def forward_kl_sampled_tail(
+    teacher_N_C: Tensor,
+    student_N_C: Tensor,
+    teacher_tail_logp_N_S: Tensor,
+    student_tail_logp_N_S: Tensor,
+) -> Tensor:
+    """KL(P_T‖P_S) with the top-k terms exact and the tail term estimated from S teacher samples.
+
+    KL = Σ_{k ∈ top} p_T,k log(p_T,k / p_S,k) + m_T · E_{i ~ p_T(·|tail)}[log p_T,i − log p_S,i],
+    m_T the teacher's tail mass; the expectation is the mean over the S cached draws, so the
+    value and its gradient (−m_T · mean_j ∇log p_S,i_j) are unbiased, where the tail bucket
+    m_T·log(m_T/m_S) is a lower bound (log-sum inequality) whose gradient keeps the student's
+    own tail shape. `*_N_C`: top-k + bucket log-probs as from `teacher_topk_tail` /
+    `topk_tail_logprobs` (the bucket column is read for m_T only).
+    """
+    t_top, s_top = teacher_N_C[:, :-1].clamp_min(_FLOOR), student_N_C[:, :-1].clamp_min(_FLOOR)
+    top_N = _kl(t_top, s_top)
+    m_T_N = teacher_N_C[:, -1].exp()
+    diff_N_S = teacher_tail_logp_N_S.float().clamp_min(_FLOOR) - student_tail_logp_N_S.clamp_min(_FLOOR)  # fmt: skip
+    return top_N + m_T_N * diff_N_S.mean(-1)
 
 
 def teacher_topk_tail(topk_logprobs_N_K: Tensor) -> Tensor:
@@ -116,13 +142,18 @@ def distill_loss_sums(
     teacher_logits_N_V: Tensor | None = None,
     teacher_topk_logprobs_N_K: Tensor | None = None,
     teacher_topk_ids_N_K: Tensor | None = None,
+    teacher_tail_logprobs_N_S: Tensor | None = None,
+    teacher_tail_ids_N_S: Tensor | None = None,
     distillation: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Σ over N trained rows of (α·CE + (1−α)·T²·D, CE, D) → three scalars (sums, not means).
 
     The row-level core of `distill_loss`: every row is a trained position (already selected),
     so callers can compute it chunk by chunk and divide by the total count once. Teacher modes
-    and conventions as in `distill_loss`.
+    and conventions as in `distill_loss`. Cached mode with tail samples
+    (`teacher_tail_logprobs_N_S` + `teacher_tail_ids_N_S`, see `teacher_cache`): `forward_kl`
+    uses them (`forward_kl_sampled_tail`, unbiased); the other divergences have no unbiased
+    estimate from teacher samples here and use the tail bucket.
     """
     student_N_V = student_logits_N_V.float()
     ce = F.cross_entropy(student_N_V, targets_N, reduction="sum")
@@ -143,6 +174,13 @@ def distill_loss_sums(
         assert teacher_topk_ids_N_K.shape == teacher_topk_logprobs_N_K.shape
         teacher_N_C = teacher_topk_tail(teacher_topk_logprobs_N_K.detach())
         student_N_C = topk_tail_logprobs(student_N_V, teacher_topk_ids_N_K, temperature)
+        if teacher_tail_ids_N_S is not None and kind == "forward_kl":
+            assert teacher_tail_logprobs_N_S is not None
+            student_tail_N_S = gather_logprobs(student_N_V, teacher_tail_ids_N_S, temperature)
+            kl = forward_kl_sampled_tail(
+                teacher_N_C, student_N_C, teacher_tail_logprobs_N_S.detach(), student_tail_N_S
+            ).sum()
+            return alpha * ce + (1.0 - alpha) * temperature**2 * kl, ce, kl
     else:
         assert teacher_logits_N_V is not None
         teacher_N_C = F.log_softmax(teacher_logits_N_V.detach().float() / temperature, dim=-1)

@@ -9,7 +9,14 @@ outcomes. Per stored position this module keeps
 - `lse` fp32 `[N]`: log Σ_k p_k, the log of the top-k mass, computed in fp32 before rounding,
   so the tail mass 1 − exp(lse) is exact to fp32 even though each log p_k is fp16.
 
-That is 4·k + 4 bytes per position. `full_vocab: true` instead stores the exact fp32
+- optionally (`tail_samples` = S > 0) `tail_ids` `[N, S]` and `tail_logprobs` fp16 `[N, S]`:
+  S ids drawn with replacement from the teacher's distribution restricted to its tail (every
+  id outside the top k, probabilities renormalised by the tail mass m = 1 − Σ_k p_k), and
+  their log p. They make the forward KL's tail term an unbiased estimate instead of the
+  bucket's lower bound (`losses.distill_loss_sums`; the "sparse logit sampling" argument of
+  Anshumann et al. 2025, arXiv:2503.16870: top-k alone biases both value and gradient).
+
+That is 4·k + 4 (+ 4·S) bytes per position. `full_vocab: true` instead stores the exact fp32
 log-softmax over the whole vocabulary (`logprobs` `[N, V]`, no ids / lse): 4·V bytes, for
 small vocabularies and tests.
 
@@ -55,17 +62,29 @@ SHARDS = "shards"
 _UINT16_MAX_VOCAB = 65_536
 
 
+_FIELDS = {  # safetensors name → TeacherRows attribute
+    "logprobs": "logprobs_N_K",
+    "ids": "ids_N_K",
+    "lse": "lse_N",
+    "tail_ids": "tail_ids_N_S",
+    "tail_logprobs": "tail_logprobs_N_S",
+}
+
+
 @dataclass(frozen=True)
 class TeacherRows:
     """Cached teacher rows for consecutive positions (one sequence or a whole shard).
 
-    Top-k mode: `logprobs_N_K` fp16, `ids_N_K` uint16/int32, `lse_N` fp32.
-    Full-vocabulary mode: `logprobs_N_K` fp32 with K = V, `ids_N_K` and `lse_N` None.
+    Top-k mode: `logprobs_N_K` fp16, `ids_N_K` uint16/int32, `lse_N` fp32, and with tail
+    samples `tail_ids_N_S` (ids dtype) + `tail_logprobs_N_S` fp16.
+    Full-vocabulary mode: `logprobs_N_K` fp32 with K = V, every other field None.
     """
 
     logprobs_N_K: torch.Tensor
     ids_N_K: torch.Tensor | None = None
     lse_N: torch.Tensor | None = None
+    tail_ids_N_S: torch.Tensor | None = None
+    tail_logprobs_N_S: torch.Tensor | None = None
 
     @property
     def full_vocab(self) -> bool:
@@ -75,14 +94,17 @@ class TeacherRows:
         return self.logprobs_N_K.shape[0]
 
     def slice(self, start: int, stop: int) -> TeacherRows:
-        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
-        return TeacherRows(self.logprobs_N_K[start:stop], cut(self.ids_N_K), cut(self.lse_N))
+        return TeacherRows(**{a: None if t is None else t[start:stop] for a, t in self._fields()})
+
+    def _fields(self) -> list[tuple[str, torch.Tensor | None]]:
+        return [(attr, getattr(self, attr)) for attr in _FIELDS.values()]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"logprobs": self.logprobs_N_K.contiguous()}
-        if not self.full_vocab:
-            out |= {"ids": self.ids_N_K.contiguous(), "lse": self.lse_N.contiguous()}
-        return out
+        return {n: getattr(self, a).contiguous() for n, a in _FIELDS.items() if getattr(self, a) is not None}  # fmt: skip
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> TeacherRows:
+        return cls(**{a: tensors.get(n) for n, a in _FIELDS.items()})
 
     def payload_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -105,11 +127,12 @@ def ids_dtype(vocab_size: int) -> torch.dtype:
     return torch.uint16 if vocab_size <= _UINT16_MAX_VOCAB else torch.int32
 
 
-def bytes_per_position(k: int, vocab_size: int, full_vocab: bool) -> int:
-    """Payload bytes per cached position: 2k (fp16) + 2k or 4k (ids) + 4 (fp32 lse), or 4V."""
+def bytes_per_position(k: int, vocab_size: int, full_vocab: bool, tail_samples: int = 0) -> int:
+    """Payload bytes per cached position: (2 + id bytes)·(k + S) + 4 (fp32 lse), or 4V."""
     if full_vocab:
         return 4 * vocab_size
-    return 2 * k + torch.empty((), dtype=ids_dtype(vocab_size)).element_size() * k + 4
+    id_bytes = torch.empty((), dtype=ids_dtype(vocab_size)).element_size()
+    return (2 + id_bytes) * (k + tail_samples) + 4
 
 
 def target_mask(labels_T: torch.Tensor | list[int]) -> torch.Tensor:
@@ -118,63 +141,87 @@ def target_mask(labels_T: torch.Tensor | list[int]) -> torch.Tensor:
 
 
 def encode(
-    logits_N_V: torch.Tensor, *, temperature: float, k: int, full_vocab: bool
+    logits_N_V: torch.Tensor,
+    *,
+    temperature: float,
+    k: int,
+    full_vocab: bool,
+    tail_samples: int = 0,
+    generator: torch.Generator | None = None,
 ) -> TeacherRows:
     """Teacher logits (any device) → cached rows on the CPU (see the module docstring).
 
     The log-softmax, top-k and log-sum-exp run in fp32 where the logits are; only the k
     values are rounded to fp16, after the top-k mass has been taken from them in fp32.
+    Tail samples are drawn with `generator` (on the logits' device) from p restricted to
+    the ids outside the top k; a row whose tail mass is 0 in fp32 draws uniformly (its tail
+    term is then multiplied by m = 0).
     """
     logp_N_V = torch.log_softmax(logits_N_V.float() / temperature, dim=-1)
     if full_vocab:
         return TeacherRows(logp_N_V.cpu().contiguous())
-    k = min(k, logp_N_V.shape[-1])
+    V = logp_N_V.shape[-1]
+    k = min(k, V)
     top = logp_N_V.topk(k, dim=-1)  # sorted, descending
     lse_N = torch.logsumexp(top.values, dim=-1)
-    ids_N_K = top.indices.cpu().to(ids_dtype(logp_N_V.shape[-1]))
-    return TeacherRows(top.values.half().cpu(), ids_N_K, lse_N.cpu())
+    dtype = ids_dtype(V)
+    rows = {"logprobs_N_K": top.values.half().cpu(), "ids_N_K": top.indices.cpu().to(dtype),
+            "lse_N": lse_N.cpu()}  # fmt: skip
+    if tail_samples > 0 and k < V and len(logp_N_V):
+        weights_N_V = logp_N_V.exp().scatter(-1, top.indices, 0.0)
+        empty_N = weights_N_V.sum(-1) <= 0
+        if empty_N.any():
+            weights_N_V[empty_N] = 1.0
+            weights_N_V[empty_N] = weights_N_V[empty_N].scatter(-1, top.indices[empty_N], 0.0)
+        tail_ids_N_S = torch.multinomial(weights_N_V, tail_samples, replacement=True, generator=generator)  # fmt: skip
+        rows["tail_ids_N_S"] = tail_ids_N_S.cpu().to(dtype)
+        rows["tail_logprobs_N_S"] = logp_N_V.gather(-1, tail_ids_N_S).half().cpu()
+    return TeacherRows(**rows)
 
 
 def concat(rows: list[TeacherRows]) -> TeacherRows:
-    if rows[0].full_vocab:
-        return TeacherRows(torch.cat([r.logprobs_N_K for r in rows]))
-    return TeacherRows(
-        torch.cat([r.logprobs_N_K for r in rows]),
-        torch.cat([r.ids_N_K for r in rows]),
-        torch.cat([r.lse_N for r in rows]),
-    )
+    fields = [a for a, t in rows[0]._fields() if t is not None]
+    return TeacherRows(**{a: torch.cat([getattr(r, a) for r in rows]) for a in fields})
 
 
-def batch_rows(
-    rows: list[TeacherRows], mask_B_T: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def batch_rows(rows: list[TeacherRows], mask_B_T: torch.Tensor) -> dict[str, torch.Tensor]:
     """A batch's cached rows in the row-major order of the True entries of `mask_B_T`.
 
     `mask_B_T` is `labels[:, 1:] != -100` of the padded batch (pre-shifted convention), so row
-    n here is the position `logits[:, :-1][mask_B_T][n]` predicts from. Returns fp32 log-probs
-    `[N, K]` (`TeacherRows.teacher_logprobs`) and int64 ids `[N, K]` (None in full-vocabulary
-    mode, where K = V and the ids are implicit).
+    n here is the position `logits[:, :-1][mask_B_T][n]` predicts from. Returns the keyword
+    arguments of `losses.distill_loss_sums`: `teacher_logits_N_V` (full-vocabulary cache: the
+    exact log-probs, which log_softmax leaves unchanged at T = 1 — the caller scales by T), or
+    `teacher_topk_logprobs_N_K` fp32 (`TeacherRows.teacher_logprobs`) + int64
+    `teacher_topk_ids_N_K` [+ `teacher_tail_logprobs_N_S` fp32, `teacher_tail_ids_N_S` int64].
     """
     assert len(rows) == mask_B_T.shape[0]
     for b, r in enumerate(rows):
         n = int(mask_B_T[b].sum())
         assert len(r) == n, f"sequence {b}: {len(r)} cached rows but {n} trainable positions"
     flat = concat(rows)
-    return flat.teacher_logprobs(), None if flat.full_vocab else flat.ids_N_K.long()
+    if flat.full_vocab:
+        return {"teacher_logits_N_V": flat.teacher_logprobs()}
+    out = {"teacher_topk_logprobs_N_K": flat.teacher_logprobs(), "teacher_topk_ids_N_K": flat.ids_N_K.long()}  # fmt: skip
+    if flat.tail_ids_N_S is not None:
+        out["teacher_tail_logprobs_N_S"] = flat.tail_logprobs_N_S.float()
+        out["teacher_tail_ids_N_S"] = flat.tail_ids_N_S.long()
+    return out
 
 
 def scatter_rows(
     rows: list[TeacherRows], mask_B_T: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`batch_rows` placed back at the True entries of `mask_B_T`: `[B, T, K]` (0 elsewhere)."""
-    logp_N_K, ids_N_K = batch_rows(rows, mask_B_T)
+    """Top-k log-probs `[B, T, K]` and ids `[B, T, K]` (None for a full-vocabulary cache) at
+    the True entries of `mask_B_T`, 0 elsewhere: `batch_rows` in `losses.distill_loss` layout."""
+    got = batch_rows(rows, mask_B_T)
+    logp_N_K = got.get("teacher_topk_logprobs_N_K", got.get("teacher_logits_N_V"))
     B, T = mask_B_T.shape
     logp_B_T_K = logp_N_K.new_zeros(B, T, logp_N_K.shape[-1])
     logp_B_T_K[mask_B_T] = logp_N_K
-    if ids_N_K is None:
+    if "teacher_topk_ids_N_K" not in got:
         return logp_B_T_K, None
     ids_B_T_K = torch.zeros(B, T, logp_N_K.shape[-1], dtype=torch.long)
-    ids_B_T_K[mask_B_T] = ids_N_K
+    ids_B_T_K[mask_B_T] = got["teacher_topk_ids_N_K"]
     return logp_B_T_K, ids_B_T_K
 
 
@@ -201,8 +248,7 @@ def write_shard(path: Path, rows: TeacherRows, meta: dict[str, str] | None = Non
 def read_shard(path: Path, expected_sha256: str) -> TeacherRows:
     """Read a whole shard, checking its sha256 first (a flipped byte or a truncation is named)."""
     _check_shard(Path(path), expected_sha256)
-    tensors = st_load(Path(path).read_bytes())
-    return TeacherRows(tensors["logprobs"], tensors.get("ids"), tensors.get("lse"))
+    return TeacherRows.from_tensors(st_load(Path(path).read_bytes()))
 
 
 def _check_shard(path: Path, expected_sha256: str) -> None:
@@ -279,6 +325,10 @@ class TeacherCache:
     def full_vocab(self) -> bool:
         return bool(self.meta["full_vocab"])
 
+    @property
+    def tail_samples(self) -> int:
+        return int(self.meta.get("tail_samples", 0))
+
     def __len__(self) -> int:
         return self.index.height
 
@@ -305,8 +355,7 @@ class TeacherCache:
         row = self._by_seq[seq]
         shard = self._shard(row["shard"], row["shard_sha256"])
         start, stop = row["offset"], row["offset"] + row["length"]
-        part = {n: shard.get_slice(n)[start:stop] for n in ("logprobs", "ids", "lse") if n in shard.keys()}  # fmt: skip
-        return TeacherRows(part["logprobs"], part.get("ids"), part.get("lse"))
+        return TeacherRows.from_tensors({n: shard.get_slice(n)[start:stop] for n in shard.keys()})
 
     def verify_all(self) -> None:
         """Hash every shard up front (a long run should not die at its first bad shard)."""

@@ -24,14 +24,17 @@ from pathlib import Path
 
 import polars as pl
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from retroloop import teacher_cache as tc
 from retroloop.artifacts import Manifest, atomic_artifact, input_ref, sha256_file, write_json_atomic
 from retroloop.config import Params
+from retroloop.models.head import logits_at
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.sequences import IGNORE, pad_batch, training_sequences
 from retroloop.stages.common import BASE_MODEL, DATA, PATHS, dataset_path, resolve_inputs, setup_run
+from retroloop.training import seed_for
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def run(
     log.info(
         "teacher cache: %d sequences, %d shards of %d, k=%d, T=%g, %d B/position, side dir %s",
         len(seqs), n_shards, c.shard_sequences, k, c.temperature,
-        tc.bytes_per_position(k, vocab, c.full_vocab), side,
+        tc.bytes_per_position(k, vocab, c.full_vocab, c.tail_samples), side,
     )  # fmt: skip
 
     index_rows: list[dict] = []
@@ -110,9 +113,8 @@ def run(
         ):
             log.debug("reusing %s", side / name)
         else:
-            rows = teacher_rows(
-                model, tokenizer, chunk, device, c.batch_size, c.temperature, k, c.full_vocab
-            )
+            gen = torch.Generator(device).manual_seed(seed_for(cfg.seed, "tail-samples", s))
+            rows = teacher_rows(model, tokenizer, chunk, device, c, k, gen)
             sha = tc.write_shard(side / name, tc.concat(rows), {"first_sequence": str(first)})
             done = {
                 "sha256": sha,
@@ -157,6 +159,7 @@ def run(
             "format": tc.FORMAT,
             "k": k,
             "full_vocab": c.full_vocab,
+            "tail_samples": 0 if c.full_vocab or k >= vocab else c.tail_samples,
             "temperature": c.temperature,
             "vocab_size": vocab,
             "ids_dtype": None if c.full_vocab else str(tc.ids_dtype(vocab)).removeprefix("torch."),
@@ -181,6 +184,7 @@ def run(
             "shards": n_shards,
             "k": k,
             "full_vocab": c.full_vocab,
+            "tail_samples": meta["tail_samples"],
             "temperature": c.temperature,
             "bytes_per_token": payload / max(positions, 1),
             "file_bytes_per_token": file_bytes / max(positions, 1),
@@ -205,18 +209,20 @@ def run(
 
 @torch.no_grad()
 def teacher_rows(
-    model, tokenizer, chunk, device, batch_size, temperature, k, full_vocab
+    model, tokenizer, chunk, device, c, k: int, generator: torch.Generator | None = None
 ) -> list[tc.TeacherRows]:
-    """One `TeacherRows` per sequence: the teacher's rows at the positions distill trains on."""
+    """One `TeacherRows` per sequence: the teacher's rows at the positions distill trains on
+    (the LM head runs on those positions only). `c`: the `cache_teacher` params."""
     out: list[tc.TeacherRows] = []
-    for start in range(0, len(chunk), batch_size):
-        batch = chunk[start : start + batch_size]
+    for start in range(0, len(chunk), c.batch_size):
+        batch = chunk[start : start + c.batch_size]
         ids_B_T, mask_B_T, labels_B_T = pad_batch(batch, tokenizer.pad_token_id)
-        logits_B_T_V = model(
-            input_ids=ids_B_T.to(device), attention_mask=mask_B_T.to(device), use_cache=False
-        ).logits
-        keep_B_T = labels_B_T[:, 1:] != IGNORE  # logits at t predict labels[t+1]
-        for b in range(len(batch)):
-            logits_N_V = logits_B_T_V[b, :-1][keep_B_T[b].to(logits_B_T_V.device)]
-            out.append(tc.encode(logits_N_V, temperature=temperature, k=k, full_vocab=full_vocab))
+        keep_B_T = F.pad(labels_B_T[:, 1:] != IGNORE, (0, 1), value=False)  # t predicts t+1
+        logits_N_V = logits_at(model, keep_B_T.to(device), ids_B_T.to(device), mask_B_T.to(device))
+        counts = keep_B_T.sum(-1).tolist()
+        for logits_n_V in logits_N_V.split(counts):
+            out.append(
+                tc.encode(logits_n_V, temperature=c.temperature, k=k, full_vocab=c.full_vocab,
+                          tail_samples=c.tail_samples, generator=generator)
+            )  # fmt: skip
     return out

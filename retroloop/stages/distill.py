@@ -111,7 +111,7 @@ def run(
         raise DataError(
             f"{paths['train_instruct']}, {paths['train_domain']}: no training sequence with a trainable token"
         )
-    cache = open_cache(paths, tokenizer, seqs, d.temperature) if cached else None
+    cache = open_cache(paths, tokenizer, seqs, d.temperature, d.divergence) if cached else None
     teacher = None
     if online:
         teacher_fp = {"tokenizer": tokenizer_fingerprint(load_tokenizer(paths["teacher"]))}
@@ -254,7 +254,9 @@ class DataOrder:
         return self.perms[epoch][i]
 
 
-def open_cache(paths: dict, tokenizer, seqs: list[Sequence], temperature: float) -> tc.TeacherCache:
+def open_cache(
+    paths: dict, tokenizer, seqs: list[Sequence], temperature: float, divergence: str
+) -> tc.TeacherCache:
     """Open the teacher cache and check it fits this student and these sequences."""
     cache = tc.TeacherCache(paths["teacher_cache"])
     cache.check_tokenizer(tokenizer)
@@ -265,6 +267,13 @@ def open_cache(paths: dict, tokenizer, seqs: list[Sequence], temperature: float)
         )
     cache.check_sequences(seqs)
     cache.verify_all()
+    if cache.tail_samples and divergence != "forward_kl":
+        log.warning(
+            "the teacher cache has %d tail samples per position; only forward_kl uses them, "
+            "distill.divergence=%s compares on the top-k + tail bucket",
+            cache.tail_samples,
+            divergence,
+        )
     _warn_if_other_teacher(paths["student"], paths["teacher_cache"])
     return cache
 
@@ -318,12 +327,9 @@ def micro_batch_loss(
         with torch.no_grad():
             teacher_N["teacher_logits_N_V"] = logits_at(teacher, select_B_T, ids_B_T, mask_B_T)
     elif rows is not None:
-        logp_N_K, topk_N_K = tc.batch_rows(rows, trained_B_Tm1)
-        if topk_N_K is None:  # full-vocabulary cache: exact D, since log_softmax(T·logp / T) = logp
-            teacher_N["teacher_logits_N_V"] = (logp_N_K * d.temperature).to(device)
-        else:
-            teacher_N["teacher_topk_logprobs_N_K"] = logp_N_K.to(device)
-            teacher_N["teacher_topk_ids_N_K"] = topk_N_K.to(device)
+        teacher_N = {k: v.to(device) for k, v in tc.batch_rows(rows, trained_B_Tm1).items()}
+        if "teacher_logits_N_V" in teacher_N:  # full-vocabulary cache: exact D, since
+            teacher_N["teacher_logits_N_V"] *= d.temperature  # log_softmax(T·logp / T) = logp
     head = output_head(model)
     kw = dict(alpha=d.alpha, temperature=d.temperature, kind=d.divergence, beta=d.jsd_beta,
               distillation=d.distillation)  # fmt: skip

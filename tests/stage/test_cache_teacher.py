@@ -30,8 +30,8 @@ def test_manifest_records_teacher_tokenizer_k_and_size(workdir) -> None:  # noqa
         k: m[k] for k in ("vocab_size", "tokenizer_sha256", "chat_template_sha256")
     } == tokenizer_fingerprint(teacher)
     assert m["teacher_sha256"] == manifest.input("teacher").content_sha256
-    assert m["k"] == 16 and m["temperature"] == 1.0
-    assert m["bytes_per_token"] == 4 * 16 + 4 <= m["bytes_per_token_goal"]
+    assert m["k"] == 16 and m["temperature"] == 1.0 and m["tail_samples"] == 3
+    assert m["bytes_per_token"] == 4 * (16 + 3) + 4 <= m["bytes_per_token_goal"]
     index = pl.read_parquet(CACHE / tc.INDEX)
     assert set(index.columns) >= {"seq", "sequence_id", "shard", "offset", "length", "shard_sha256"}
     assert index["length"].sum() == m["tokens"]
@@ -66,6 +66,11 @@ def test_cached_rows_are_the_teachers_topk_at_the_trained_positions(workdir) -> 
         torch.testing.assert_close(rows.teacher_logprobs(), top.values, atol=5e-3, rtol=0)
         at_ids = fresh_N_V.gather(-1, rows.ids_N_K.long())
         torch.testing.assert_close(rows.teacher_logprobs(), at_ids, atol=5e-3, rtol=0)
+        # Tail draws: outside the top k, with the teacher's own log-probs.
+        tail_ids = rows.tail_ids_N_S.long()
+        assert not (tail_ids[:, :, None] == rows.ids_N_K.long()[:, None, :]).any()
+        at_tail = fresh_N_V.gather(-1, tail_ids)
+        torch.testing.assert_close(rows.tail_logprobs_N_S.float(), at_tail, atol=2e-2, rtol=0)
 
 
 def test_a_killed_run_resumes_from_the_last_complete_shard(workdir, monkeypatch) -> None:  # noqa: F811

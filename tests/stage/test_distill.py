@@ -126,10 +126,10 @@ def test_full_vocab_cache_gives_the_same_kl_as_the_online_teacher(workdir) -> No
 
 @pytest.mark.parametrize("teacher", ["cached", "online"])
 def test_head_on_trained_rows_and_chunked_loss_equal_the_full_logits_loss(workdir, teacher) -> None:  # noqa: F811
-    """micro_batch_loss (head at trained positions only, 1 or 3-row chunks under checkpointing)
-    gives the loss and LoRA gradients of `losses.distill_loss` on the full `[B, T, V]` logits."""
+    """micro_batch_loss (head at trained positions only, one or 3-row chunks under checkpointing)
+    gives the loss and LoRA gradients of the loss on the full `[B, T, V]` logits' trained rows."""
     from retroloop import teacher_cache as tc
-    from retroloop.losses import distill_loss
+    from retroloop.losses import distill_loss_sums
     from retroloop.sequences import pad_batch, training_sequences
 
     cfg = tiny(**{"distill.teacher": teacher})
@@ -154,15 +154,16 @@ def test_head_on_trained_rows_and_chunked_loss_equal_the_full_logits_loss(workdi
             ids, mask, labels = pad_batch(seqs, tok.pad_token_id)
             logits = model(input_ids=ids, attention_mask=mask, num_recurrence=2, bptt_k=2).logits
             targets = labels[:, 1:]
-            if teacher == "cached":
-                logp, topk = tc.scatter_rows(rows, targets != -100)
-                kw = {"teacher_topk_logprobs_B_T_K": logp, "teacher_topk_ids_B_T_K": topk}
+            keep = targets != -100
+            if teacher == "cached":  # top-k + tail samples of the cache, at the kept rows
+                kw = tc.batch_rows(rows, keep)
+                assert "teacher_tail_ids_N_S" in kw
             else:
                 with torch.no_grad():
                     t = teacher_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                kw = {"teacher_logits_B_T_V": t}
-            loss, _ = distill_loss(logits[:, :-1], targets, alpha=d.alpha, temperature=d.temperature,
-                                   kind=d.divergence, beta=d.jsd_beta, **kw)  # fmt: skip
+                kw = {"teacher_logits_N_V": t[keep]}
+            loss = distill_loss_sums(logits[:, :-1][keep], targets[keep], alpha=d.alpha, temperature=d.temperature,
+                                     kind=d.divergence, beta=d.jsd_beta, **kw)[0] / int(keep.sum())  # fmt: skip
         else:
             dd = d.model_copy(update={"loss_chunk_rows": chunk})
             loss, _, _ = distill.micro_batch_loss(model, seqs, tok.pad_token_id, dd, 2, 2, cpu, teacher_model, rows)  # fmt: skip

@@ -37,6 +37,7 @@ def test_ids_dtype_widens_past_65536() -> None:
     assert tc.bytes_per_position(64, 49_152, False) == 4 * 64 + 4
     assert tc.bytes_per_position(64, 100_000, False) == 6 * 64 + 4
     assert tc.bytes_per_position(64, 512, True) == 4 * 512
+    assert tc.bytes_per_position(64, 49_152, False, tail_samples=3) == 4 * 64 + 16  # the goal
 
 
 def test_shard_round_trip_is_identical_and_bytes_per_token_is_4k_plus_4(tmp_path) -> None:
@@ -49,6 +50,62 @@ def test_shard_round_trip_is_identical_and_bytes_per_token_is_4k_plus_4(tmp_path
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert back.ids_N_K.dtype == torch.uint16
     assert rows.payload_bytes() / len(rows) == 4 * 16 + 4 == tc.bytes_per_position(16, 50, False)
+
+
+def test_tail_samples_come_from_outside_the_topk_with_their_teacher_logprobs(tmp_path) -> None:
+    logits = _logits(n=40, V=60, scale=1.0)
+    gen = torch.Generator().manual_seed(7)
+    rows = tc.encode(logits, temperature=1.0, k=8, full_vocab=False, tail_samples=5, generator=gen)
+    assert rows.tail_ids_N_S.shape == (40, 5) and rows.tail_ids_N_S.dtype == torch.uint16
+    assert rows.tail_logprobs_N_S.dtype == torch.float16
+    tail_ids = rows.tail_ids_N_S.long()
+    assert not (tail_ids[:, :, None] == rows.ids_N_K.long()[:, None, :]).any()  # never a top-k id
+    logp = F.log_softmax(logits, -1)
+    torch.testing.assert_close(rows.tail_logprobs_N_S.float(), logp.gather(-1, tail_ids), atol=1e-2, rtol=0)  # fmt: skip
+    assert rows.payload_bytes() / len(rows) == tc.bytes_per_position(8, 60, False, 5)
+    sha = tc.write_shard(tmp_path / "s.safetensors", rows)
+    back = tc.read_shard(tmp_path / "s.safetensors", sha)
+    assert torch.equal(back.tail_ids_N_S, rows.tail_ids_N_S)
+    assert torch.equal(back.slice(3, 9).tail_logprobs_N_S, rows.tail_logprobs_N_S[3:9])
+    # Same generator seed, same draws (a recomputed shard is bit-identical).
+    again = tc.encode(logits, temperature=1.0, k=8, full_vocab=False, tail_samples=5,
+                      generator=torch.Generator().manual_seed(7))  # fmt: skip
+    assert torch.equal(again.tail_ids_N_S, rows.tail_ids_N_S)
+
+
+def test_sampled_tail_forward_kl_is_unbiased_in_value_and_gradient() -> None:
+    """Averaged over many independent draws, top-k + sampled-tail forward KL and its gradient
+    match the exact ones, where the top-k + bucket value stays below (a lower bound)."""
+    from retroloop.losses import distill_loss_sums
+
+    N, V, k, S, draws = 6, 40, 4, 8, 400
+    teacher = _logits(n=N, V=V, seed=1, scale=1.0)
+    student = _logits(n=N, V=V, seed=2, scale=1.0).requires_grad_(True)
+    targets = torch.zeros(N, dtype=torch.long)
+    kw = dict(alpha=0.0, temperature=1.0, kind="forward_kl")
+
+    def value_and_grad(**teacher_kw) -> tuple[float, torch.Tensor]:
+        student.grad = None
+        loss, _, kl = distill_loss_sums(student, targets, **kw, **teacher_kw)
+        loss.backward()
+        return float(kl), student.grad.clone()
+
+    exact, g_exact = value_and_grad(teacher_logits_N_V=teacher)
+    gen = torch.Generator().manual_seed(0)
+    values, grads = [], []
+    for _ in range(draws):
+        r = tc.encode(
+            teacher, temperature=1.0, k=k, full_vocab=False, tail_samples=S, generator=gen
+        )
+        got = tc.batch_rows([r], torch.ones(1, N, dtype=torch.bool))
+        v, g = value_and_grad(**got)
+        values.append(v)
+        grads.append(g)
+    bucket, _ = value_and_grad(**{n: t for n, t in got.items() if "tail" not in n})
+    mean_value, mean_grad = sum(values) / draws, torch.stack(grads).mean(0)
+    assert bucket < 0.9 * exact  # the bucket alone is far below at k = 4
+    assert mean_value == pytest.approx(exact, rel=0.02)
+    torch.testing.assert_close(mean_grad, g_exact, atol=0.01, rtol=0)
 
 
 def test_full_vocab_round_trip(tmp_path) -> None:
