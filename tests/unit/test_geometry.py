@@ -18,15 +18,7 @@ from retroloop.geometry import (
     subspace_overlap,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, 2 threads spin against other jobs and tiny
-    matmuls get ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_peft(r: int, seed: int = 0):
