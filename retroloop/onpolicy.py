@@ -33,9 +33,10 @@ from retroloop.losses import (
 )
 from retroloop.models.head import logits_at
 from retroloop.models.loading import tokenizer_fingerprint
+from retroloop.models.recurrent import RecurrentConfig
 from retroloop.rollout import PackedRollouts, RolloutBatch, TransformersEngine
 
-LOOPED_MODEL_TYPE = "retroloop_recurrent"
+LOOPED_MODEL_TYPE = RecurrentConfig.model_type
 
 
 def check_same_tokenizer(

@@ -28,6 +28,7 @@ tokenised without extra specials: the same ids the teacher later scores.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,8 +41,9 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from retroloop.config import RolloutParams
-from retroloop.errors import MissingExtraError
+from retroloop.errors import ConfigError, MissingExtraError
 from retroloop.eval.generation import encode_chat_prompts, eos_token_ids
+from retroloop.models.recurrent import RecurrentConfig
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +305,15 @@ class VllmEngine:
         seed: int = 0,
         **llm_kwargs: Any,
     ) -> None:
+        assert model_dir is not None, "the vllm backend needs the student's model directory"
+        config = Path(model_dir) / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        if model_type == RecurrentConfig.model_type:
+            raise ConfigError(
+                f"opd.rollout.backend: vllm has no implementation of the looped model ({model_dir}, "
+                f"model_type {model_type}); use backend: transformers for it (vllm serves plain "
+                "Hugging Face architectures, e.g. a cycle on a non-looped base model)"
+            )
         try:
             import vllm
             from vllm.lora.request import LoRARequest
@@ -310,7 +321,6 @@ class VllmEngine:
             raise MissingExtraError(
                 "opd.rollout.backend: vllm is not installed; pip install 'retroloop[vllm]' on a CUDA worker"
             ) from None
-        assert model_dir is not None, "the vllm backend needs the student's model directory"
         self._vllm, self._lora_cls = vllm, LoRARequest
         self.llm = vllm.LLM(
             model=str(model_dir),

@@ -182,3 +182,12 @@ def test_vllm_backend_without_vllm_is_one_line_error_naming_the_extra():
         make_engine(RolloutParams(backend="vllm"), None, None, model_dir="data/convert/model")
     msg = str(err.value)
     assert "\n" not in msg and "retroloop[vllm]" in msg and "opd.rollout.backend" in msg
+
+
+def test_vllm_backend_refuses_the_looped_model_before_importing_vllm(tmp_path):
+    from retroloop.errors import ConfigError
+
+    (tmp_path / "config.json").write_text('{"model_type": "retroloop_recurrent"}')
+    with pytest.raises(ConfigError, match="backend: transformers") as err:
+        make_engine(RolloutParams(backend="vllm"), None, None, model_dir=tmp_path)
+    assert "\n" not in str(err.value)
