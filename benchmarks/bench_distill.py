@@ -32,8 +32,8 @@ Measurements (ratios come from ONE run, interleaved rounds, `benchmarks.common`)
   (teacher = source, student = converted model before training, distill's R): rows encoded
   by `teacher_cache.encode` for each k, both values from `losses.distill_loss_sums`.
   `topk_sampled_tail_kl_rel_error[k]`: the same with the cache's `tail_samples` teacher draws
-  from outside its top k (forward KL: the unbiased estimate distill trains on; 4k + 16 bytes
-  per token at k + 3).
+  from outside its top k (forward KL: the unbiased estimate distill trains on; payload
+  4k + 12 bytes per token at 2 samples, files ≤ 4k + 16).
   `topk_kl_by_data` splits it: teacher-written chat responses (`instruct`) vs domain
   documents (`domain`), each with its exact KL per token and the teacher's mean mass outside
   its top 64 (the bucketed tail under-counts by exactly tail mass × KL inside the tail).

@@ -225,7 +225,7 @@ class CacheTeacherParams(Strict):
     top_k: int = Field(64, gt=0)
     full_vocab: bool = Field(False, description="store the exact full distribution (small vocabs)")
     tail_samples: int = Field(
-        3, ge=0, description="teacher draws from its tail per position (unbiased forward KL)"
+        2, ge=0, description="teacher draws from its tail per position (unbiased forward KL)"
     )
     temperature: float = Field(1.0, gt=0.0)
     batch_size: int = Field(4, gt=0)

@@ -30,8 +30,8 @@ def test_manifest_records_teacher_tokenizer_k_and_size(workdir) -> None:  # noqa
         k: m[k] for k in ("vocab_size", "tokenizer_sha256", "chat_template_sha256")
     } == tokenizer_fingerprint(teacher)
     assert m["teacher_sha256"] == manifest.input("teacher").content_sha256
-    assert m["k"] == 16 and m["temperature"] == 1.0 and m["tail_samples"] == 3
-    assert m["bytes_per_token"] == 4 * (16 + 3) + 4 <= m["bytes_per_token_goal"]
+    assert m["k"] == 16 and m["temperature"] == 1.0 and m["tail_samples"] == 2
+    assert m["bytes_per_token"] == 4 * (16 + 2) + 4 <= m["bytes_per_token_goal"]
     index = pl.read_parquet(CACHE / tc.INDEX)
     assert set(index.columns) >= {"seq", "sequence_id", "shard", "offset", "length", "shard_sha256"}
     assert index["length"].sum() == m["tokens"]
