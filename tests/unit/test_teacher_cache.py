@@ -88,7 +88,7 @@ def test_sampled_tail_forward_kl_is_unbiased_in_value_and_gradient() -> None:
         student.grad = None
         loss, _, kl = distill_loss_sums(student, targets, **kw, **teacher_kw)
         loss.backward()
-        return float(kl), student.grad.clone()
+        return float(kl.detach()), student.grad.clone()
 
     exact, g_exact = value_and_grad(teacher_logits_N_V=teacher)
     gen = torch.Generator().manual_seed(0)
