@@ -18,6 +18,8 @@ Measurements (ratios come from ONE run, interleaved rounds, `benchmarks.common`)
   both variants train the same batch (the stage's seeded data order). Cached reads its rows
   from the cache (shard read + sha256 included); online runs the teacher forward.
   tokens/s = non-padding input tokens / step seconds (as distill's steps.csv).
+- `checkpointed`: both ratios again with `distill.activation_checkpointing: true` for the
+  cached student (a third interleaved variant on the same student, and a third child).
 - cached_vs_online_peak_mem_ratio = peak RSS(cached child) / peak RSS(online child): each
   variant runs a few steps in its own fresh `python -c` process (online: teacher + student;
   cached: student + cache) and reports its own VmHWM (its ru_maxrss would include this
@@ -144,10 +146,24 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         n_b = z["warmup"] + z["repeats"]
         batches = [order.take(j * d.batch_size, d.batch_size) for j in range(n_b)]
         step = partial(_step, student, opt, seqs, tokenizer.pad_token_id, d, R, bptt_k)
-        calls = {"cached": iter(batches), "online": iter(batches)}  # call i trains batch i
+        calls = {
+            v: iter(batches) for v in ("cached", "online", "cached_checkpointed")
+        }  # call i trains batch i
+        base = student.get_base_model() if hasattr(student, "get_base_model") else student
+
+        def checkpointed_step() -> None:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            try:
+                step(next(calls["cached_checkpointed"]), None, cache)
+            finally:
+                base.gradient_checkpointing_disable()
+
         variants = {
             "cached": lambda: step(next(calls["cached"]), None, cache),
             "online": lambda: step(next(calls["online"]), teacher, None),
+            "cached_checkpointed": checkpointed_step,
         }
 
         log.info("distill steps: cached vs online, R=%d, bptt_k=%d", R, bptt_k)
@@ -173,12 +189,16 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         log.info("peak memory: one fresh process per variant")
         job = {"params": str(Path(params_path).resolve()), "paths": {r: str(p.resolve()) for r, p in paths.items()},
                "batches": batches[: z["mem_steps"]], "R": R, "bptt_k": bptt_k}  # fmt: skip
-        rss = _children_rss(job, ("online", "cached", "baseline"))
+        rss = _children_rss(job, ("online", "cached", "cached_checkpointed", "baseline"))
 
     m = man.metrics
     return {
         "cached_vs_online_tokens_per_s_ratio": round(ratio, 3),
         "cached_vs_online_peak_mem_ratio": round(rss["cached"] / rss["online"], 3),
+        "checkpointed": {  # distill.activation_checkpointing: true, against the same online run
+            "cached_vs_online_tokens_per_s_ratio": round(med(st["online"], st["cached_checkpointed"]), 3),
+            "cached_vs_online_peak_mem_ratio": round(rss["cached_checkpointed"] / rss["online"], 3),
+        },
         "cache_bytes_per_token": round(m["file_bytes_per_token"], 2),
         "cache_build_vs_forward_ratio": round(med(bt["forward"], bt["build"]), 3),
         "topk_kl_rel_error": kl_err["all"]["rel_error"],
@@ -254,9 +274,10 @@ def _topk_kl_error(teacher, student, seqs, pad_id, d, R, instruct_ids: set[str],
     def summary(acc: dict) -> dict:
         if not acc["n"]:
             return {"positions": 0}
-        err = lambda v: {
-            str(k): round(abs(acc[f"{v}{k}"] - acc["exact"]) / acc["exact"], 5) for k in KS
-        }  # noqa: E731
+
+        def err(v: str) -> dict[str, float]:
+            return {str(k): round(abs(acc[f"{v}{k}"] - acc["exact"]) / acc["exact"], 5) for k in KS}
+
         out = {"rel_error": err("bucket"), "exact_kl_per_token": round(acc["exact"] / acc["n"], 4),
                "tail_mass_mean_k64": round(acc["tail64"] / acc["n"], 5), "positions": int(acc["n"])}  # fmt: skip
         if S and d.divergence == "forward_kl":
@@ -340,6 +361,10 @@ def _child(job: dict) -> dict:
             else distill.open_cache(paths, tokenizer, seqs, d.temperature, d.divergence)
         )
         teacher = load_model(paths["teacher"], "float32", cpu) if online else None
+        if job["variant"] == "cached_checkpointed":
+            cfg = cfg.model_copy(
+                update={"distill": d.model_copy(update={"activation_checkpointing": True})}
+            )
         model = distill.load_student(paths["student"], cfg, cpu)
         opt = training.make_optimizer(model, d.lr, d.weight_decay)
         step = partial(_step, model, opt, seqs, tokenizer.pad_token_id, d, job["R"], job["bptt_k"])

@@ -256,6 +256,10 @@ class DistillParams(Strict):
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
     distillation: bool = Field(True, description="off = CE only (the reference design's 4 modes)")
     teacher: Literal["cached", "online"] = "cached"
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder-layer call in the backward: less memory, more compute",
+    )
     loss_chunk_rows: int = Field(
         0, ge=0, description="LM head + loss in chunks of this many positions (0 = one chunk)"
     )

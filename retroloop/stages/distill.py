@@ -279,8 +279,15 @@ def open_cache(
 
 
 def load_student(path: Path, cfg: Params, device: torch.device) -> torch.nn.Module:
-    """The student in train mode: wrapped with LoRA (PEFT), or fully trainable (LoRA off)."""
+    """The student in train mode: wrapped with LoRA (PEFT), or fully trainable (LoRA off).
+
+    `distill.activation_checkpointing`: transformers' decoder layers are
+    `GradientCheckpointingLayer`s, so enabling it makes every layer call (each recurrence
+    iteration of the looped block included) keep only its input and recompute in the backward.
+    """
     model = load_model(path, cfg.dtype, device)
+    if cfg.distill.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lc = cfg.distill.lora
     if lc.enabled:
         from peft import get_peft_model

@@ -173,11 +173,44 @@ def test_head_on_trained_rows_and_chunked_loss_equal_the_full_logits_loss(workdi
         }
 
     ref_loss, ref_grads = run(None)
-    for chunk in (0, 3):
+    for chunk, checkpointed in ((0, False), (3, False), (0, True)):
+        if checkpointed:  # activation checkpointing of every decoder-layer call: same numbers
+            model.get_base_model().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            assert all(layer.gradient_checkpointing for layer in model.get_base_model().model.block)
         loss, grads = run(chunk)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         for name, g in ref_grads.items():
             torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_keeps_fewer_activations(workdir) -> None:  # noqa: F811
+    """distill.activation_checkpointing: every decoder-layer call keeps only its input."""
+    from retroloop.sequences import Sequence, pad_batch
+
+    tok, cpu = load_tokenizer(STUDENT), torch.device("cpu")
+    ids, mask, _ = pad_batch(
+        [Sequence("a", list(range(5, 69)), list(range(5, 69)))], tok.pad_token_id
+    )
+
+    def saved_bytes(flag: bool) -> int:
+        model = distill.load_student(
+            STUDENT, tiny(**{"distill.activation_checkpointing": flag}), cpu
+        )
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, attention_mask=mask, num_recurrence=3).logits.sum()
+        return total
+
+    plain, checkpointed = saved_bytes(False), saved_bytes(True)
+    assert checkpointed < 0.5 * plain
 
 
 def test_a_student_with_another_chat_template_is_refused(workdir) -> None:  # noqa: F811
