@@ -1,24 +1,55 @@
 # The two README commands:  make run   (dvc repro on the real default model)
 #                           make test  (the test suite)
-# Both set up the virtualenv on first use (idempotent: reinstalls only when pyproject.toml changes).
+# Both set up the virtualenv on first use from requirements.lock (exact versions + hashes);
+# `make lock` re-resolves on purpose, `make test-latest` tries the newest releases the ranges allow.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+LOCK    = requirements.lock
+# Where the CPU build of torch lies (this machine's pip.conf also points there); elsewhere,
+# e.g. make lock TORCH_WHEELS=https://download.pytorch.org/whl/cpu/torch/
+TORCH_WHEELS ?= /opt/wheels
+UV_VERSION = 0.13.9
 export DVC_NO_ANALYTICS = 1
 export DO_NOT_TRACK = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 180
 
-.PHONY: setup run test test-slow lint bench ui clean
+.PHONY: setup lock run test test-latest test-slow lint bench ui clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Install exactly the lock (no resolver: --no-deps, every file checked against its hash),
+# remove what an older lock left behind, then retroloop itself without build isolation.
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) retroloop/envlock.py check
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	@extra=$$($(BIN)/python retroloop/envlock.py unlocked); \
+	  if [ -n "$$extra" ]; then $(BIN)/pip uninstall --quiet -y $$extra; fi
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $(STAMP)
+
+# Re-resolve pyproject.toml's ranges to the newest releases, with hashes. Run it on purpose
+# (a new dependency, a range change, a wanted upgrade), then `make test` and commit the lock.
+lock:
+	test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv==$(UV_VERSION))
+	printf 'setuptools>=68\nwheel\n' | .venv-lock/bin/uv pip compile pyproject.toml - --extra dev \
+	  --generate-hashes --find-links $(TORCH_WHEELS) --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --no-header --quiet -o $(LOCK)
+	$(PYTHON) retroloop/envlock.py stamp
+	@echo "wrote $(LOCK): review the diff, run make test, commit it with pyproject.toml"
+
+# The drift lane: a separate virtualenv with the newest releases pyproject.toml allows,
+# running the unit and stage tiers, so a breaking release is seen here before a user sees it.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --upgrade -e '.[dev]'
+	.venv-latest/bin/python retroloop/envlock.py differs
+	PATH="$(CURDIR)/.venv-latest/bin:$$PATH" .venv-latest/bin/pytest tests/unit tests/stage
 
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from retroloop.envlock import environment
 from retroloop.errors import ArtifactError
 
 MANIFEST = "manifest.json"
@@ -53,6 +54,10 @@ class Manifest(BaseModel):
     seed: int | None = None
     code_version: str = "unknown"
     library_versions: dict[str, str] = Field(default_factory=dict)
+    environment: dict[str, Any] = Field(
+        default_factory=dict,
+        description="requirements.lock's sha256 and installed packages that differ from it",
+    )
     device: str = "cpu"
     started_at: str = ""
     ended_at: str = ""
@@ -230,6 +235,7 @@ class ArtifactWriter:
             seed=seed,
             code_version=code_version(),
             library_versions=library_versions(),
+            environment=environment(),
             device=device,
             started_at=self.started_at,
             ended_at=now_iso(),
@@ -385,6 +391,7 @@ def audit(root: str | Path = "data") -> list[dict[str, Any]]:
                         None,
                     ),
                     "code_version": manifest.code_version,
+                    "lock_sha256": manifest.environment.get("lock_sha256"),
                     "created": manifest.ended_at,
                 }
             )

@@ -135,7 +135,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"adapters under {args.root}")
-    for col in ("adapter", "stage", "teacher", "teacher sha256", "created"):
+    for col in ("adapter", "stage", "teacher", "teacher sha256", "lock sha256", "created"):
         table.add_column(col)
     for row in rows:
         teacher = row["teacher"] or {}
@@ -144,6 +144,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             row["stage"],
             teacher.get("path", "-"),
             (teacher.get("content_sha256") or "-")[:12],
+            (row["lock_sha256"] or "-")[:12],
             row["created"],
         )
     Console().print(table)

@@ -30,3 +30,8 @@ class MismatchError(ArtifactError):
 
 class MissingExtraError(RetroloopError):
     """An optional dependency (an extra) is needed for the chosen setting."""
+
+
+class GuardError(RetroloopError):
+    """A run-time self-check failed: the installed libraries compute something other than what
+    the method needs (e.g. generation that silently drops the KV cache)."""

@@ -43,7 +43,7 @@ from transformers import PreTrainedTokenizerBase
 from retroloop.config import RolloutParams
 from retroloop.errors import ConfigError, MissingExtraError
 from retroloop.eval.generation import encode_chat_prompts, eos_token_ids
-from retroloop.models.recurrent import RecurrentConfig
+from retroloop.models.recurrent import CACHE_KWARG, RecurrentConfig
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +274,8 @@ class TransformersEngine:
                 input_ids=next_B[:, None],
                 attention_mask=attn_B_T,
                 position_ids=pos_B_T,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **{CACHE_KWARG: out[CACHE_KWARG]},
                 logits_to_keep=1,
                 **self.generate_kwargs,
             )

@@ -23,6 +23,7 @@ only (truncated BPTT).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import torch
@@ -39,6 +40,13 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from retroloop.errors import ConfigError, ModelError
 
 SUPPORTED_SOURCES = ("llama", "qwen2")
+# transformers 5.24 renamed the KV cache argument `past_key_values` to `cache` everywhere
+# (model and decoder-layer kwargs, create_causal_mask, model outputs); 5.23 knows only the old
+# name. Everything here passes the cache under the name this version uses, so generate() hands
+# the looped model its cache on both, and no call goes through the deprecated alias.
+CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+)
 # Fields mirrored from the source config, for generation and Hugging Face utilities.
 _MIRRORED = (
     "vocab_size hidden_size num_attention_heads num_key_value_heads head_dim max_position_embeddings "
@@ -53,7 +61,7 @@ class RecurrentConfig(PretrainedConfig):
     """
 
     model_type = "retroloop_recurrent"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_KWARG]
 
     source_config: dict | None = None  # the source model's config.to_dict()
     source_model_type: str = "llama"
@@ -142,7 +150,7 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KWARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -166,7 +174,7 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -176,11 +184,16 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """One forward pass with R = `num_recurrence` (default `config.recurrence`) iterations:
-        `final_hidden_states`, then the head on the `logits_to_keep` positions."""
+        `final_hidden_states`, then the head on the `logits_to_keep` positions.
+
+        The KV cache arrives as `cache` (transformers >= 5.24's generate) or `past_key_values`
+        (older generate) and is returned under the name this version's outputs use."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        hidden, past_key_values = self.final_hidden_states(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+        hidden, cache = self.final_hidden_states(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds,
             use_cache=use_cache, num_recurrence=num_recurrence, bptt_k=bptt_k,
         )  # fmt: skip
         logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
@@ -190,7 +203,7 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None
+            loss=loss, logits=logits, **{CACHE_KWARG: cache if use_cache else None}
         )
 
     def final_hidden_states(
@@ -198,7 +211,7 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         *,
         use_cache: bool = False,
@@ -228,21 +241,21 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = m.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        if use_cache and cache is None:
+            cache = DynamicCache()
         P, B, C = len(m.prelude), len(m.block), len(m.coda)
-        if past_key_values is not None:
-            _reserve_slots(past_key_values, P + C + R * B)
+        if cache is not None:
+            _reserve_slots(cache, P + C + R * B)
         T = inputs_embeds.shape[1]
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0)
         mask = create_causal_mask(
             config=m.layer_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_KWARG: cache},
         )
         rope = m.rotary_emb(inputs_embeds, position_ids=position_ids)
 
@@ -253,8 +266,8 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
                     hidden,
                     attention_mask=mask,
                     position_ids=position_ids,
-                    past_key_values=past_key_values,
-                    use_cache=past_key_values is not None,
+                    use_cache=cache is not None,
+                    **{CACHE_KWARG: cache},
                     position_embeddings=rope,
                 )
             return hidden
@@ -270,18 +283,18 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
                 s = run(m.block, m.adapter(torch.cat([s, e], dim=-1)), P + C + k * B)
             if probe and k < R - 1:
                 h_last = run(m.coda, s, P)[:, -1:]
-                if past_key_values is not None:
+                if cache is not None:
                     for j in range(C):
-                        past_key_values.layers[P + j].crop(-T)
+                        cache.layers[P + j].crop(-T)
                 logp = F.log_softmax(self.lm_head(m.norm(h_last)).float(), dim=-1)
                 if prev_logp is not None:
                     kl = F.kl_div(prev_logp, logp, log_target=True, reduction="none").sum(-1)
                     if kl.max().item() < cfg.early_exit_kl:
-                        if past_key_values is not None:
-                            _fill_skipped(past_key_values, P + C, B, k, R, T)
+                        if cache is not None:
+                            _fill_skipped(cache, P + C, B, k, R, T)
                         break
                 prev_logp = logp
-        return m.norm(run(m.coda, s, P)), past_key_values
+        return m.norm(run(m.coda, s, P)), cache
 
     def initial_state(self, e_B_T_H: torch.Tensor) -> torch.Tensor:
         """s_0 ~ TruncNormal(0, σ²) clipped at ±3σ (Huginn §3), from the global torch RNG.

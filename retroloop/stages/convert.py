@@ -21,6 +21,7 @@ import polars as pl
 
 from retroloop.artifacts import Manifest, atomic_artifact, input_ref
 from retroloop.config import Params
+from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.models.recurrent import convert_from_source, drop_layers, equivalence_max_abs_diff
 from retroloop.sequences import pad_batch, text_sequence
@@ -72,6 +73,15 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
     log.info(
         "equivalence at R=1: max |Δlogit| = %.3g over %d tokens", max_diff, int(mask_B_T.sum())
     )
+    # Generation with the KV cache must match cache-free decoding (retroloop.guards), before
+    # anything is written: OPD and evaluate generate with this model.
+    guard = check_cached_generate(
+        looped.eval(),
+        [seq.input_ids[:16] for seq in seqs[:GUARD_PROMPTS]],
+        what=f"the converted model at R={c.recurrence}",
+        pad_id=tokenizer.pad_token_id,
+        forward_kwargs={"num_recurrence": c.recurrence},
+    )
 
     with atomic_artifact(out_dir, stage="convert", kind="model") as w:
         w.inputs.append(base_ref)
@@ -92,6 +102,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
             "block_layers": len(split["block"]),
             "coda_layers": len(split["coda"]),
             "recurrence": c.recurrence,
+            "guard_cached_generate": guard,
             **tokenizer_fingerprint(tokenizer),
         }
         return w.finish(

@@ -37,6 +37,8 @@ import torch
 from retroloop.artifacts import Manifest, atomic_artifact, input_ref
 from retroloop.config import Params
 from retroloop.errors import ArtifactError, MismatchError
+from retroloop.guards import GUARD_PROMPTS, check_cached_generate
+from retroloop.eval.generation import encode_chat_prompts
 from retroloop.eval.report import recovery_table, write_report
 from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
@@ -182,11 +184,18 @@ def evaluate_models(
     fingerprint = tokenizer_fingerprint(tokenizer)
     models: dict[str, dict[str, Any]] = {}
     curves: dict[str, dict[str, dict[str, Any]]] = {}
+    guard_prompts = (data.kl_prompts or [item.prompt for item in data.ifeval])[:GUARD_PROMPTS]
+    guard_ids = encode_chat_prompts(tokenizer, guard_prompts) if guard_prompts else []
     for name, spec in specs.items():
         _check_tokenizer(name, spec, fingerprint, teacher_spec)
         model = teacher_model if name == teacher else load_spec(spec, cfg.dtype, device)
         R = spec.recurrence or default_recurrence(model)
         forward_kwargs = {"num_recurrence": R} if R is not None else {}
+        # Before this model generates anything: cached decoding must match cache-free decoding.
+        guard = check_cached_generate(
+            model, guard_ids, what=f"'{name}'", pad_id=tokenizer.pad_token_id,
+            forward_kwargs=forward_kwargs,
+        )  # fmt: skip
         metrics = evaluate_model(
             name,
             model,
@@ -201,6 +210,7 @@ def evaluate_models(
         )
         if R is not None:
             metrics["recurrence"] = R
+        metrics["guard_cached_generate_max_abs_logp_diff"] = guard["max_abs_logp_diff"]
         models[name] = metrics
         if name in scaling:
             if R is None:

@@ -42,6 +42,7 @@ from retroloop.artifacts import Manifest, atomic_artifact
 from retroloop.config import OpdParams, Params
 from retroloop.errors import ConfigError, DataError
 from retroloop.geometry import GeometryTracker, plot_geometry
+from retroloop.guards import GUARD_PROMPTS, check_rollouts
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.onpolicy import (
     check_same_tokenizer,
@@ -148,6 +149,13 @@ def train_opd(
     rng, order, step_rows, rollouts = np.random.default_rng(seed), [], [], []
     teacher_base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
     with fixed_initial_state(base), fixed_initial_state(teacher_base):  # a looped teacher too
+        # Before any sampling counts: the sampler's cached decoding and the teacher's scoring
+        # must agree with plain cache-free forwards (retroloop.guards).
+        guard = check_rollouts(
+            engine, student, teacher, (heldout_prompts or [r["prompt"] for r in rows])[:GUARD_PROMPTS],
+            pad_id=tokenizer.pad_token_id, seed=seed_for(seed, "opd-guard", 0),
+            student_kwargs=s_kwargs, teacher_kwargs=teacher_kwargs,
+        )  # fmt: skip
         kl_before = (
             heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)
             if heldout_prompts
@@ -220,6 +228,7 @@ def train_opd(
         "trainable_parameters": n_trainable,
         "geometry_effective_rank": final["effective_rank"].mean(),
         "geometry_overlap_top_r": final["overlap_top_r"].mean(),
+        "guard_rollouts": guard,
     }
 
 

@@ -16,6 +16,7 @@ from transformers import (
 
 from retroloop.errors import ConfigError, ModelError
 from retroloop.models.recurrent import (
+    CACHE_KWARG,
     RecurrentConfig,
     RecurrentForCausalLM,
     convert_from_source,
@@ -180,11 +181,11 @@ def test_cache_holds_one_entry_per_iteration_and_layer():
     ids_B_T, mask_B_T = batch(left_pad=0)
     with torch.no_grad():
         out = looped(input_ids=ids_B_T, attention_mask=mask_B_T, use_cache=True, num_recurrence=3)
-    cache = out.past_key_values
+    cache = out[CACHE_KWARG]
     assert len(cache.layers) == 1 + 1 + 3 * 2
     assert {layer.get_seq_length() for layer in cache.layers} == {8}
     with pytest.raises(ValueError, match="num_recurrence"):
-        looped(input_ids=ids_B_T[:, :1], past_key_values=cache, use_cache=True, num_recurrence=4)
+        looped(input_ids=ids_B_T[:, :1], cache=cache, use_cache=True, num_recurrence=4)
 
 
 def test_recurrence_changes_the_output_once_the_adapter_mixes_state():
@@ -274,10 +275,10 @@ def test_early_exit_stops_when_successive_distributions_agree():
         step = looped(
             input_ids=ids_B_T[:, :1],
             attention_mask=torch.cat([mask_B_T, mask_B_T[:, :1]], 1),
-            past_key_values=out.past_key_values,
+            cache=out[CACHE_KWARG],
             use_cache=True,
         )
-    assert {layer.get_seq_length() for layer in step.past_key_values.layers} == {9}
+    assert {layer.get_seq_length() for layer in step[CACHE_KWARG].layers} == {9}
 
 
 # --------------------------------------------------------------------------- recurrence sampling
