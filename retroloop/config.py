@@ -209,6 +209,11 @@ class RecurrenceSchedule(Strict):
 
 
 class ConvertParams(Strict):
+    init: Literal["pass_input", "repeat_block"] = Field(
+        "pass_input",
+        description="adapter init: pass_input = [0 | I], s_0 ~ noise (R inert until A learns); "
+        "repeat_block = [I | 0], s_0 = e (R = k repeats the block k times)",
+    )
     recurrence: int = Field(2, ge=1, description="default R stored in the model config")
     state_init_std: float = Field(
         0.0087, gt=0.0, description="sigma of s_0 ~ TruncNormal(0, sigma)"
@@ -355,6 +360,18 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     cycle: CycleParams = CycleParams()
 
+    @model_validator(mode="after")
+    def _recurrence_not_inert(self) -> Params:
+        """Pass-input's state half starts at zero and only training moves it (DESIGN.md §5)."""
+        lora = self.distill.lora
+        if self.convert.init == "pass_input" and lora.enabled and not lora.train_adapter:
+            raise ValueError(
+                "convert.init: pass_input with distill.lora.train_adapter: false leaves recurrence "
+                "inert (the adapter's state half stays zero, every R gives the same output); set "
+                "distill.lora.train_adapter: true or convert.init: repeat_block"
+            )
+        return self
+
     def section(self, name: str) -> dict[str, Any]:
         """The resolved parameters a stage depends on (recorded in its manifest)."""
         return {"seed": self.seed, "dtype": self.dtype, name: getattr(self, name).model_dump()}
@@ -373,6 +390,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     got = first.get("input")
     got_s = "" if isinstance(got, dict) or first["type"] == "extra_forbidden" else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    if not first["loc"]:  # a cross-section rule: its message names the keys itself
+        return f"{source}: {msg}{more}"
     return f"{source}: {path}: {msg}{got_s}{more}"
 
 

@@ -173,8 +173,7 @@ def render_markdown(metrics: Mapping[str, Any], *, title: str = "retroloop evalu
             "ifeval_skipped",
             "gsm8k_questions",
             "recurrence",
-            "seconds",
-        )
+        )  # wall-clock seconds stay out of the report: it is hashed content (run.json has them)
         if any(c in v for v in models.values())
     ]
     rows = [{"model": name, **values} for name, values in models.items()]

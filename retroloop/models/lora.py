@@ -8,7 +8,8 @@ model's input adapter, which is a full trainable module instead.
 
 For a `RecurrentForCausalLM`, the recurrence input adapter A (Linear 2h → h) goes in
 `modules_to_save` when `train_adapter` is set, so it is trained in full and saved with the
-LoRA weights; otherwise it stays frozen at its pass-through initialisation `[0 | I]`.
+LoRA weights; otherwise it stays frozen at its initialisation (`[I | 0]` for repeat-block; for
+pass-input `[0 | I]` that would make recurrence inert, which `retroloop.config` rejects).
 """
 
 from __future__ import annotations

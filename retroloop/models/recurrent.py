@@ -7,9 +7,14 @@ The model (McLeish et al. 2025, "retrofitted recurrence", §3; Geiping et al. 20
     s_{k+1} = B(A([s_k ; e]))   for k < R        A: bias-free Linear(2h → h); B: the recurrent block
     logits  = head(norm(C(s_R)))                 coda: the kept last layers
 
-A is initialised to `[0 | I]` (it passes e through and multiplies s_k by zero), so at R = 1
-the converted model computes exactly the source with the dropped layers removed; a random
-frozen adapter is a known defect of the reference code (DESIGN.md §5).
+Two initialisations of A (`adapter_init`, DESIGN.md §5), both reproducing the source with the
+dropped layers removed at R = 1 (a random frozen adapter, the reference code's default, does not):
+
+- `pass_input`: A = `[0 | I]`, s_0 ~ TruncNormal. A passes e through and multiplies s_k by zero,
+  so every R gives the same output until the state half of A learns.
+- `repeat_block`: A = `[I | 0]`, s_0 = e. A passes the state through, so R = k is exactly the
+  block applied k times (layer repetition; the reference code's embed-init / skip-adapter modes).
+  In training mode s_0 = e + TruncNormal noise, as pass-input's s_0 is noise around 0.
 
 KV cache: one entry per (iteration, layer). Cache slot of prelude layer i is i, of coda layer
 j is P + j, of block layer j at iteration k is P + C + k·B + j, so any R works with one
@@ -40,6 +45,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from retroloop.errors import ConfigError, ModelError
 
 SUPPORTED_SOURCES = ("llama", "qwen2")
+ADAPTER_INITS = ("pass_input", "repeat_block")
 # transformers 5.24 renamed the KV cache argument `past_key_values` to `cache` everywhere
 # (model and decoder-layer kwargs, create_causal_mask, model outputs); 5.23 knows only the old
 # name. Everything here passes the cache under the name this version uses, so generate() hands
@@ -72,6 +78,9 @@ class RecurrentConfig(PretrainedConfig):
     coda_layers: list[int] | None = None
     recurrence: int = 2  # default R when forward() gets no num_recurrence
     state_init_std: float = 0.0087  # σ of s_0
+    adapter_init: str = (
+        "pass_input"  # pass_input: A = [0 | I], s_0 ~ noise; repeat_block: [I | 0], s_0 = e
+    )
     early_exit_kl: float | None = None  # inference only; see RecurrentForCausalLM.forward
     vocab_size: int | None = None
     hidden_size: int | None = None
@@ -135,7 +144,7 @@ class RecurrentModel(nn.Module):
         # Layers keep their source index at construction (Qwen2 reads its layer type from it);
         # the cache slot is set per call in `forward`.
         self.prelude = nn.ModuleList(layer_cls(lc, i) for i in config.prelude_layers)
-        self.adapter = nn.Linear(2 * h, h, bias=False)  # A([s ; e]), initialised to [0 | I]
+        self.adapter = nn.Linear(2 * h, h, bias=False)  # A([s ; e]); init: see adapter_weight
         self.block = nn.ModuleList(layer_cls(lc, i) for i in config.block_layers)
         self.coda = nn.ModuleList(layer_cls(lc, i) for i in config.coda_layers)
         self.norm = norm_cls(h, eps=lc.rms_norm_eps)
@@ -164,10 +173,13 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if module is self.model.adapter:
-            h = module.out_features
-            init.copy_(
-                module.weight, pass_through_weight(h, module.weight.dtype, module.weight.device)
+            weight = adapter_weight(
+                self.config.adapter_init,
+                module.out_features,
+                module.weight.dtype,
+                module.weight.device,
             )
+            init.copy_(module.weight, weight)
 
     def forward(
         self,
@@ -297,16 +309,23 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         return m.norm(run(m.coda, s, P)), cache
 
     def initial_state(self, e_B_T_H: torch.Tensor) -> torch.Tensor:
-        """s_0 ~ TruncNormal(0, σ²) clipped at ±3σ (Huginn §3), from the global torch RNG.
+        """s_0 = c + TruncNormal(0, σ²) clipped at ±3σ (Huginn §3), from the global torch RNG,
+        with c = 0 (`pass_input`) or c = e (`repeat_block`, so s_1 = block(e) as in the source).
 
-        In eval mode s_0 is its mean, 0: inference is then a deterministic function, so a
+        In eval mode s_0 is its mean, c: inference is then a deterministic function, so a
         sampler's and a learner's log-probs (OPD's importance ratio) and repeated evaluations
         agree exactly. Training keeps the random draw, which regularises the adapter.
         """
-        s = torch.zeros_like(e_B_T_H)
+        match self.config.adapter_init:
+            case "repeat_block":
+                s = e_B_T_H.clone()
+            case _:
+                s = torch.zeros_like(e_B_T_H)
         std = self.config.state_init_std
         if std > 0 and self.training:
-            nn.init.trunc_normal_(s, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            noise = torch.empty_like(s)
+            nn.init.trunc_normal_(noise, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            s = s + noise
         return s
 
 
@@ -314,6 +333,23 @@ def pass_through_weight(hidden: int, dtype: torch.dtype | None = None, device=No
     """`[0 | I]` of shape (h, 2h): A([s ; e]) = e."""
     zeros = torch.zeros(hidden, hidden, dtype=dtype, device=device)
     return torch.cat([zeros, torch.eye(hidden, dtype=dtype, device=device)], dim=1)
+
+
+def repeat_block_weight(hidden: int, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    """`[I | 0]` of shape (h, 2h): A([s ; e]) = s, so the loop is the block repeated."""
+    return pass_through_weight(hidden, dtype, device).roll(hidden, dims=1)
+
+
+def adapter_weight(init_name: str, hidden: int, dtype=None, device=None) -> torch.Tensor:
+    """The adapter's initial weight for `convert.init` (see the module docstring)."""
+    match init_name:
+        case "pass_input":
+            return pass_through_weight(hidden, dtype, device)
+        case "repeat_block":
+            return repeat_block_weight(hidden, dtype, device)
+    raise ConfigError(
+        f"convert.init: unknown adapter init {init_name!r}; use one of {', '.join(ADAPTER_INITS)}"
+    )
 
 
 def _reserve_slots(cache: Cache, n_slots: int) -> None:
@@ -378,14 +414,20 @@ def convert_from_source(
     recurrence: int = 2,
     state_init_std: float = 0.0087,
     early_exit_kl: float | None = None,
+    adapter_init: str = "pass_input",
     source_path: str = "",
     source_sha256: str = "",
 ) -> RecurrentForCausalLM:
     """Build the looped model from a Llama / Qwen2 causal LM, copying (not sharing) its weights.
 
     `prelude`, `block`, `coda` are source layer indices; they must be increasing, disjoint and
-    ordered prelude < block < coda; layers in none of them are dropped.
+    ordered prelude < block < coda; layers in none of them are dropped. `adapter_init`:
+    `pass_input` or `repeat_block` (module docstring); both equal the layer-dropped source at R = 1.
     """
+    if adapter_init not in ADAPTER_INITS:
+        raise ConfigError(
+            f"convert.init: unknown adapter init {adapter_init!r}; use one of {', '.join(ADAPTER_INITS)}"
+        )
     src_cfg = _check_source(source_model)
     n = src_cfg.num_hidden_layers
     parts = {
@@ -424,6 +466,7 @@ def convert_from_source(
         recurrence=recurrence,
         state_init_std=state_init_std,
         early_exit_kl=early_exit_kl,
+        adapter_init=adapter_init,
         tie_word_embeddings=bool(getattr(src_cfg, "tie_word_embeddings", False)),
         attn_implementation=src_cfg._attn_implementation,
     )

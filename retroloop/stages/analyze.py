@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from retroloop.analysis import RedundancyAccumulator, choose_split
-from retroloop.artifacts import Manifest, atomic_artifact
+from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
 from retroloop.config import Params
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.sequences import pad_batch, training_sequences
@@ -41,6 +41,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
             "calibration_domain": dataset_path("domain", "train"),
         },
     )
+    verify_inputs(paths)  # before anything is read: a tampered input is refused, not consumed
     model = load_model(paths["base_model"], cfg.dtype, device)
     tokenizer = load_tokenizer(paths["base_model"])
     layers = model.model.layers

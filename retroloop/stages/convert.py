@@ -6,8 +6,9 @@ Writes: data/convert/model/  (a RecurrentForCausalLM save_pretrained dir; loads 
         AutoModelForCausalLM once `retroloop.models.recurrent` is imported)
 Run:    retroloop stage convert
 
-The input adapter is initialised to pass the prelude output through ([0 | I]), so at R = 1
-the converted model equals the source with the dropped layers removed; the manifest's
+The input adapter is initialised by `convert.init`: `pass_input` ([0 | I], s_0 ≈ 0) or
+`repeat_block` ([I | 0], s_0 = e: R = k applies the block k times). Either way, at R = 1 the
+converted model equals the source with the dropped layers removed; the manifest's
 `equivalence_max_abs_diff` measures exactly that on held-out tokens.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import polars as pl
 
-from retroloop.artifacts import Manifest, atomic_artifact, input_ref
+from retroloop.artifacts import Manifest, atomic_artifact, input_ref, verify_inputs
 from retroloop.config import Params
 from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
@@ -41,6 +42,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
             "heldout": dataset_path("domain", "eval"),
         },
     )
+    verify_inputs(paths)  # before anything is read: a tampered input is refused, not consumed
     split = json.loads(Path(paths["split"]).read_text())
     source = load_model(paths["base_model"], "float32", "cpu")
     tokenizer = load_tokenizer(paths["base_model"])
@@ -53,6 +55,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
         recurrence=c.recurrence,
         state_init_std=c.state_init_std,
         early_exit_kl=c.early_exit_kl,
+        adapter_init=c.init,
         source_path=base_ref.path,
         source_sha256=base_ref.content_sha256,
     )
@@ -102,6 +105,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
             "block_layers": len(split["block"]),
             "coda_layers": len(split["coda"]),
             "recurrence": c.recurrence,
+            "adapter_init": c.init,
             "guard_cached_generate": guard,
             **tokenizer_fingerprint(tokenizer),
         }

@@ -34,7 +34,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from retroloop.artifacts import Manifest, atomic_artifact, input_ref
+from retroloop.artifacts import Manifest, atomic_artifact, input_ref, verify_inputs
 from retroloop.config import Params
 from retroloop.errors import ArtifactError, MismatchError
 from retroloop.guards import GUARD_PROMPTS, check_cached_generate
@@ -99,6 +99,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evalu
             stage = PRODUCER.get(role)
             hint = f"run `retroloop stage {stage}` first" if stage else "pass an existing path"
             raise ArtifactError(f"{path}: evaluate input '{role}' does not exist; {hint}")
+    verify_inputs(paths)  # before anything is read: a tampered input is refused, not consumed
     specs = {
         "teacher": ModelSpec(paths["teacher"], model_role="teacher"),
         "converted": ModelSpec(paths["converted"], model_role="converted"),

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from retroloop.artifacts import Manifest, atomic_artifact
+from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
 from retroloop.config import OpdParams, Params
 from retroloop.errors import ConfigError, DataError
 from retroloop.geometry import GeometryTracker, plot_geometry
@@ -303,6 +303,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["opd"]
         "heldout": dataset_path("instruct", "eval"),
     }
     paths = resolve_inputs(inputs, defaults)
+    verify_inputs(paths, optional=("parent_adapter", "heldout"))  # refuse tampered inputs first
     tokenizer = load_tokenizer(paths["student"])
     teacher_tokenizer = load_tokenizer(paths["teacher"])
     check_same_tokenizer(tokenizer, teacher_tokenizer)

@@ -21,16 +21,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from retroloop import cli, datasets
-from retroloop.artifacts import MANIFEST, hash_tree, lineage, read_manifest, verify
+from retroloop.artifacts import MANIFEST, hash_tree, read_manifest
 from retroloop.config import load_params
 from retroloop.errors import ConfigError, DataError, ModelError
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.models.recurrent import (
     RecurrentForCausalLM,
+    adapter_weight,
     drop_layers,
     equivalence_max_abs_diff,
-    pass_through_weight,
 )
+from retroloop.provenance import lineage, verify
 from retroloop.stages import analyze, convert, prepare
 from tests.conftest import TINY_PROFILE
 
@@ -217,9 +218,9 @@ def test_converted_model_loads_and_is_equivalent_at_r1(workdir: Path) -> None:
     assert manifest.metrics["equivalence_max_abs_diff"] <= 1e-5
     assert manifest.metrics["equivalence_tokens"] > 0
     h = cfg.hidden_size
-    assert torch.equal(
-        looped.model.adapter.weight, pass_through_weight(h)
-    )  # [0 | I] survives saving
+    init = load_params(TINY_PROFILE).convert.init
+    assert cfg.adapter_init == init == manifest.metrics["adapter_init"]
+    assert torch.equal(looped.model.adapter.weight, adapter_weight(init, h))  # survives saving
 
     # The reloaded model, too, equals the source with the dropped layers removed.
     source = load_model("data/prepare/model")

@@ -57,6 +57,14 @@ def test_default_profile_is_smollm2_from_the_wheel() -> None:
         ),
         ({"distil": {"steps": 3}}, "distil: unknown key"),
         ({"convert": {"recurrence": 0}}, "convert.recurrence"),
+        (
+            {"convert": {"init": "zero"}},
+            "convert.init: Input should be 'pass_input' or 'repeat_block'",
+        ),
+        (
+            {"convert": {"init": "pass_input"}, "distill": {"lora": {"train_adapter": False}}},
+            "convert.init: pass_input with distill.lora.train_adapter: false leaves recurrence inert",
+        ),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, expect: str) -> None:
@@ -64,6 +72,13 @@ def test_bad_values_name_the_key(raw: dict, expect: str) -> None:
         parse_params(raw)
     assert expect in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_frozen_adapter_is_fine_when_the_init_already_loops() -> None:
+    cfg = parse_params(
+        {"convert": {"init": "repeat_block"}, "distill": {"lora": {"train_adapter": False}}}
+    )
+    assert cfg.convert.init == "repeat_block" and not cfg.distill.lora.train_adapter
 
 
 def test_overrides_apply_dotted_keys(tmp_path: Path) -> None:

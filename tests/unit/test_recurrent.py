@@ -19,11 +19,13 @@ from retroloop.models.recurrent import (
     CACHE_KWARG,
     RecurrentConfig,
     RecurrentForCausalLM,
+    adapter_weight,
     convert_from_source,
     drop_layers,
     equivalence_max_abs_diff,
     pass_through_weight,
     recurrence_mean_at,
+    repeat_block_weight,
     sample_recurrence,
 )
 
@@ -82,10 +84,13 @@ def logits(model, ids_B_T, mask_B_T, **kw) -> torch.Tensor:
 # --------------------------------------------------------------------------- equivalence
 
 
+@pytest.mark.parametrize("init", ["pass_input", "repeat_block"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_full_split_at_r1_equals_source(arch):
+def test_full_split_at_r1_equals_source(arch, init):
     source = tiny_source(arch)
-    looped = convert_from_source(source, prelude=[0, 1], block=[2, 3], coda=[4, 5], recurrence=1)
+    looped = convert_from_source(
+        source, prelude=[0, 1], block=[2, 3], coda=[4, 5], recurrence=1, adapter_init=init
+    )
     ids_B_T, mask_B_T = batch()
     keep_B_T = mask_B_T.bool()
     got_B_T_V = logits(looped, ids_B_T, mask_B_T)
@@ -93,11 +98,14 @@ def test_full_split_at_r1_equals_source(arch):
     assert (got_B_T_V - want_B_T_V).abs()[keep_B_T].max() <= 1e-5
 
 
+@pytest.mark.parametrize("init", ["pass_input", "repeat_block"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_dropped_layers_at_r1_equal_drop_layers(arch):
+def test_dropped_layers_at_r1_equal_drop_layers(arch, init):
     source = tiny_source(arch)
     prelude, block, coda = [0], [2, 3], [5]
-    looped = convert_from_source(source, prelude=prelude, block=block, coda=coda, recurrence=4)
+    looped = convert_from_source(
+        source, prelude=prelude, block=block, coda=coda, recurrence=4, adapter_init=init
+    )
     reference = drop_layers(source, prelude + block + coda)
     ids_B_T, mask_B_T = batch()
     assert equivalence_max_abs_diff(looped, reference, ids_B_T, mask_B_T) <= 1e-5
@@ -105,6 +113,77 @@ def test_dropped_layers_at_r1_equal_drop_layers(arch):
     assert equivalence_max_abs_diff(looped, source, ids_B_T, mask_B_T) > 1e-3
     assert len(reference.model.layers) == reference.config.num_hidden_layers == 4
     assert len(source.model.layers) == 6  # the source is untouched
+
+
+def repeated_layers(source, prelude: list[int], block: list[int], coda: list[int], k: int):
+    """A plain source model whose decoder runs prelude, the block's layers k times, then coda."""
+    model = drop_layers(source, prelude + block + coda)
+    layers = list(model.model.layers)
+    P, B = len(prelude), len(block)
+    order = list(range(P)) + list(range(P, P + B)) * k + list(range(P + B, len(layers)))
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in order)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in order]
+    model.config.num_hidden_layers = len(order)
+    return model
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_repeat_block_at_r_k_equals_the_block_layers_repeated_k_times(arch, k):
+    source = tiny_source(arch)
+    prelude, block, coda = [0], [2, 3], [5]
+    looped = convert_from_source(
+        source, prelude=prelude, block=block, coda=coda, adapter_init="repeat_block"
+    )
+    ids_B_T, mask_B_T = batch()
+    keep_B_T = mask_B_T.bool()
+    got_B_T_V = logits(looped, ids_B_T, mask_B_T, num_recurrence=k)
+    want_B_T_V = logits(repeated_layers(source, prelude, block, coda, k), ids_B_T, mask_B_T)
+    assert (got_B_T_V - want_B_T_V).abs()[keep_B_T].max() <= 1e-5
+    if k > 1:  # the check can fail: pass-input at R = k is the block applied once
+        inert = convert_from_source(source, prelude=prelude, block=block, coda=coda)
+        other_B_T_V = logits(inert, ids_B_T, mask_B_T, num_recurrence=k)
+        assert (other_B_T_V - want_B_T_V).abs()[keep_B_T].max() > 1e-3
+
+
+def test_pass_input_ignores_r_before_training_and_repeat_block_does_not():
+    source = tiny_source()
+    ids_B_T, mask_B_T = batch()
+    outputs = {}
+    for init in ("pass_input", "repeat_block"):
+        looped = convert_from_source(source, prelude=[0], block=[2, 3], coda=[5], adapter_init=init)
+        outputs[init] = [logits(looped, ids_B_T, mask_B_T, num_recurrence=r) for r in (1, 2, 4)]
+    assert all(torch.equal(outputs["pass_input"][0], o) for o in outputs["pass_input"][1:])
+    assert all(
+        (outputs["repeat_block"][0] - o).abs().max() > 1e-3 for o in outputs["repeat_block"][1:]
+    )
+
+
+def test_adapter_init_weights_and_unknown_init_is_one_line_config_error():
+    assert torch.equal(adapter_weight("pass_input", 3), pass_through_weight(3))
+    eye, zeros = torch.eye(3), torch.zeros(3, 3)
+    assert torch.equal(repeat_block_weight(3), torch.cat([eye, zeros], 1))
+    with pytest.raises(ConfigError, match=r"^convert\.init: unknown adapter init 'zero'") as err:
+        convert_from_source(tiny_source(), prelude=[0], block=[1], coda=[5], adapter_init="zero")
+    assert "\n" not in str(err.value)
+
+
+def test_repeat_block_init_survives_save_and_load(tmp_path):
+    looped = convert_from_source(
+        tiny_source(), prelude=[0], block=[1, 2], coda=[5], adapter_init="repeat_block"
+    )
+    looped.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.adapter_init == "repeat_block"
+    assert torch.equal(loaded.model.adapter.weight, repeat_block_weight(HIDDEN))
+    ids_B_T, mask_B_T = batch()
+    torch.testing.assert_close(
+        logits(loaded, ids_B_T, mask_B_T, num_recurrence=3),
+        logits(looped, ids_B_T, mask_B_T, num_recurrence=3),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_conversion_copies_weights_ties_head_and_passes_e_through():
