@@ -11,10 +11,10 @@ measured agreement goes into the manifest.
   for every generated step the next-token log-probs of one cache-free forward over prompt +
   generated tokens. Equal argmax at every step means cache-free greedy decoding would produce
   the same tokens; `max_abs_logp_diff` is the largest |Δ log p(y_t)| of the generated tokens.
-- `check_rollouts`: the same for a `RolloutEngine` (OPD's sampler, its own cached loop): the
-  sampler's log-probs against the learner's cache-free scoring (`onpolicy.score_rollouts`); and
-  the teacher's scoring of those tokens (LM head on generated positions only) against a plain
-  teacher-forced forward over the whole sequence.
+- `onpolicy.check_rollouts`: the same for a `RolloutEngine` (OPD's sampler, its own cached
+  loop): the sampler's log-probs against the learner's cache-free scoring; and the teacher's
+  scoring of those tokens (LM head on generated positions only) against a plain teacher-forced
+  forward over the whole sequence.
 
 Tolerances are on log-probs and depend on the dtype: fp32 kernels with and without a cache
 agree to ~1e-5 here, bf16/fp16 to ~1e-2; a dropped cache moves them by nats.
@@ -49,7 +49,7 @@ def tolerance_for(model: torch.nn.Module) -> float:
     return TOLERANCE.get(next(model.parameters()).dtype, 0.1)
 
 
-def _fail(check: str, what: str, detail: str) -> GuardError:
+def guard_error(check: str, what: str, detail: str) -> GuardError:
     return GuardError(
         f"guard {check} failed for {what}: {detail} ({library_line()}); this environment "
         "computes something other than the tested one: reinstall the locked versions (make setup)"
@@ -102,70 +102,10 @@ def check_cached_generate(
     result = {"max_abs_logp_diff": worst, "token_agreement": agree / max(steps, 1)}
     result |= {"steps": steps, "prompts": len(prompts_ids), "tolerance": tol}
     if worst > tol or agree < steps:
-        raise _fail(
+        raise guard_error(
             "cached_generate",
             what,
             f"cached vs cache-free greedy log-probs differ by up to {worst:.3g} (tolerance {tol:g}), "
             f"{steps - agree} of {steps} greedy tokens differ",
         )
     return result
-
-
-@torch.inference_mode()
-def check_rollouts(
-    engine: Any,
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    prompts: list[str],
-    *,
-    pad_id: int,
-    seed: int,
-    student_kwargs: dict[str, Any] | None = None,
-    teacher_kwargs: dict[str, Any] | None = None,
-    max_new_tokens: int = GUARD_NEW_TOKENS,
-) -> dict[str, Any]:
-    """The sampler's cached log-probs vs the learner's cache-free scoring of the same tokens, and
-    the teacher's generated-positions scoring vs a plain teacher-forced forward."""
-    from retroloop.onpolicy import score_rollouts  # onpolicy imports this module's callers
-    from retroloop.rollout import token_logprobs
-
-    batch = engine.sample(
-        prompts, n=1, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=seed
-    )
-    device = next(student.parameters()).device
-    pk = batch.pack(pad_id, device)
-    if not bool(pk.mask_B_T.any()):
-        return {"sampler_vs_learner_max_abs_logp_diff": 0.0, "tokens": 0}
-    _, learner_B_T = score_rollouts(student, pk, student_kwargs)
-    sampler_diff = float((learner_B_T - pk.sampler_logp_B_T)[pk.mask_B_T].abs().max())
-    tol = tolerance_for(student)
-    if sampler_diff > tol:
-        raise _fail(
-            "sampler_vs_learner",
-            "the student",
-            f"the sampler's cached log-probs differ from a cache-free forward by up to "
-            f"{sampler_diff:.3g} (tolerance {tol:g})",
-        )
-    _, scored_B_T = score_rollouts(teacher, pk, teacher_kwargs)
-    full = teacher(
-        input_ids=pk.tokens_B_T,
-        attention_mask=pk.attention_mask_B_T,
-        use_cache=False,
-        **(teacher_kwargs or {}),
-    )
-    plain_B_T = token_logprobs(full.logits, pk.tokens_B_T)
-    teacher_diff = float((scored_B_T - plain_B_T)[pk.mask_B_T].abs().max())
-    t_tol = tolerance_for(teacher)
-    if teacher_diff > t_tol:
-        raise _fail(
-            "teacher_scoring",
-            "the teacher",
-            f"its scoring of the student's tokens differs from a teacher-forced forward by up to "
-            f"{teacher_diff:.3g} (tolerance {t_tol:g})",
-        )
-    return {
-        "sampler_vs_learner_max_abs_logp_diff": sampler_diff,
-        "teacher_scoring_max_abs_logp_diff": teacher_diff,
-        "tokens": int(pk.mask_B_T.sum()),
-        "tolerance": max(tol, t_tol),
-    }

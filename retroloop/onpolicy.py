@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from retroloop.config import OpdParams
 from retroloop.errors import ConfigError, MismatchError
+from retroloop.guards import GUARD_NEW_TOKENS, guard_error, tolerance_for
 from retroloop.losses import (
     entropy_from_logits,
     exact_reverse_kl_topk,
@@ -34,7 +35,13 @@ from retroloop.losses import (
 from retroloop.models.head import logits_at
 from retroloop.models.loading import tokenizer_fingerprint
 from retroloop.models.recurrent import RecurrentConfig
-from retroloop.rollout import PackedRollouts, RolloutBatch, TransformersEngine
+from retroloop.rollout import (
+    PackedRollouts,
+    RolloutBatch,
+    RolloutEngine,
+    TransformersEngine,
+    token_logprobs,
+)
 
 LOOPED_MODEL_TYPE = RecurrentConfig.model_type
 
@@ -235,3 +242,61 @@ def ifeval_rewards(
         )["strict"]
         out.append(1.0 if strict and all(strict) else 0.0)
     return out
+
+
+@torch.inference_mode()
+def check_rollouts(
+    engine: RolloutEngine,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompts: list[str],
+    *,
+    pad_id: int,
+    seed: int,
+    student_kwargs: dict[str, Any] | None = None,
+    teacher_kwargs: dict[str, Any] | None = None,
+    max_new_tokens: int = GUARD_NEW_TOKENS,
+) -> dict[str, Any]:
+    """Run-time guard (`retroloop.guards`): the sampler's cached log-probs vs the learner's
+    cache-free scoring of the same tokens, and the teacher's generated-positions scoring
+    (`score_rollouts`) vs a plain teacher-forced forward. Raises `GuardError`."""
+    batch = engine.sample(
+        prompts, n=1, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=seed
+    )
+    device = next(student.parameters()).device
+    pk = batch.pack(pad_id, device)
+    if not bool(pk.mask_B_T.any()):
+        return {"sampler_vs_learner_max_abs_logp_diff": 0.0, "tokens": 0}
+    _, learner_B_T = score_rollouts(student, pk, student_kwargs)
+    sampler_diff = float((learner_B_T - pk.sampler_logp_B_T)[pk.mask_B_T].abs().max())
+    tol = tolerance_for(student)
+    if sampler_diff > tol:
+        raise guard_error(
+            "sampler_vs_learner",
+            "the student",
+            f"the sampler's cached log-probs differ from a cache-free forward by up to "
+            f"{sampler_diff:.3g} (tolerance {tol:g})",
+        )
+    _, scored_B_T = score_rollouts(teacher, pk, teacher_kwargs)
+    full = teacher(
+        input_ids=pk.tokens_B_T,
+        attention_mask=pk.attention_mask_B_T,
+        use_cache=False,
+        **(teacher_kwargs or {}),
+    )
+    plain_B_T = token_logprobs(full.logits, pk.tokens_B_T)
+    teacher_diff = float((scored_B_T - plain_B_T)[pk.mask_B_T].abs().max())
+    t_tol = tolerance_for(teacher)
+    if teacher_diff > t_tol:
+        raise guard_error(
+            "teacher_scoring",
+            "the teacher",
+            f"its scoring of the student's tokens differs from a teacher-forced forward by up to "
+            f"{teacher_diff:.3g} (tolerance {t_tol:g})",
+        )
+    return {
+        "sampler_vs_learner_max_abs_logp_diff": sampler_diff,
+        "teacher_scoring_max_abs_logp_diff": teacher_diff,
+        "tokens": int(pk.mask_B_T.sum()),
+        "tolerance": max(tol, t_tol),
+    }

@@ -37,10 +37,10 @@ import torch
 from retroloop.artifacts import Manifest, atomic_artifact, input_ref, verify_inputs
 from retroloop.config import Params
 from retroloop.errors import ArtifactError, MismatchError
-from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.eval.generation import encode_chat_prompts
 from retroloop.eval.report import recovery_table, write_report
 from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
+from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.stages.common import (
     BASE_MODEL,

@@ -42,9 +42,10 @@ from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
 from retroloop.config import OpdParams, Params
 from retroloop.errors import ConfigError, DataError
 from retroloop.geometry import GeometryTracker, plot_geometry
-from retroloop.guards import GUARD_PROMPTS, check_rollouts
+from retroloop.guards import GUARD_PROMPTS
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.onpolicy import (
+    check_rollouts,
     check_same_tokenizer,
     fixed_initial_state,
     heldout_reverse_kl,
@@ -52,7 +53,7 @@ from retroloop.onpolicy import (
     opd_step,
     student_forward_kwargs,
 )
-from retroloop.rollout import RolloutBatch, RolloutEngine, make_engine
+from retroloop.rollout import RolloutBatch, RolloutEngine, make_engine, vllm_lora_rank
 from retroloop.stages.common import (
     BASE_MODEL,
     CONVERTED_MODEL,
@@ -91,6 +92,7 @@ def train_opd(
     teacher_kwargs: dict[str, Any] | None = None,
     heldout_prompts: list[str] | None = None,
     engine: RolloutEngine | None = None,
+    model_dir: Path | None = None,
 ) -> dict[str, Any]:
     """On-policy distillation of a PEFT `student` (trainable LoRA) against `teacher`.
 
@@ -121,9 +123,10 @@ def train_opd(
     student.eval()  # see the module docstring: sampler and learner run the same function
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     s_kwargs = student_forward_kwargs(base, p.recurrence)
-    engine = engine or make_engine(
-        p.rollout, student, tokenizer, generate_kwargs=s_kwargs, seed=seed
-    )
+    engine = engine or make_engine(  # vllm samples from `model_dir` + the student's adapter
+        p.rollout, student, tokenizer, generate_kwargs=s_kwargs, seed=seed,
+        model_dir=model_dir, max_lora_rank=vllm_lora_rank(student),
+    )  # fmt: skip
     optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)  # constant LR
     tracker = GeometryTracker(student, since_start=True)
     n_trainable = sum(q.numel() for q in trainable)

@@ -12,9 +12,10 @@ import torch
 from retroloop import onpolicy
 from retroloop.config import TinyModelSpec
 from retroloop.errors import GuardError
-from retroloop.guards import check_cached_generate, check_rollouts
+from retroloop.guards import check_cached_generate
 from retroloop.models.loading import build_tiny_model, build_tiny_tokenizer
 from retroloop.models.recurrent import RecurrentForCausalLM, convert_from_source
+from retroloop.onpolicy import check_rollouts
 from retroloop.rollout import TransformersEngine
 from tests.unit.test_recurrent import make_iterations_matter, tiny_source
 
