@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -305,7 +306,11 @@ class VllmEngine:
         seed: int = 0,
         **llm_kwargs: Any,
     ) -> None:
-        assert model_dir is not None, "the vllm backend needs the student's model directory"
+        if model_dir is None:
+            raise ConfigError(
+                "opd.rollout.backend: vllm needs the student's model directory (vLLM loads weights "
+                "from disk); pass model_dir, or use backend: transformers"
+            )
         config = Path(model_dir) / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         if model_type == RecurrentConfig.model_type:
@@ -321,6 +326,11 @@ class VllmEngine:
             raise MissingExtraError(
                 "opd.rollout.backend: vllm is not installed; pip install 'retroloop[vllm]' on a CUDA worker"
             ) from None
+        if not torch.cuda.is_available():
+            raise MissingExtraError(
+                "opd.rollout.backend: vllm needs a CUDA device and torch sees none; run on a GPU "
+                "worker or use backend: transformers"
+            )
         self._vllm, self._lora_cls = vllm, LoRARequest
         self.llm = vllm.LLM(
             model=str(model_dir),
@@ -363,20 +373,43 @@ class VllmEngine:
         )
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         results = self.llm.generate(requests, params, lora_request=self.lora, use_tqdm=False)
-        out = RolloutBatch()
-        for i, result in enumerate(results):
-            for j, completion in enumerate(result.outputs):
-                tokens = list(completion.token_ids)
-                out.prompt_index.append(i)
-                out.sample_index.append(j)
-                out.prompt_ids.append(prompt_ids[i])
-                out.completion_ids.append(tokens)
-                out.sampler_logprobs.append(
-                    [completion.logprobs[t][tok].logprob for t, tok in enumerate(tokens)]
-                )
-                out.finished.append(completion.finish_reason == "stop")
+        out = rollouts_from_vllm(results, prompt_ids)
         out.seconds = time.perf_counter() - start
         return out
+
+
+def rollouts_from_vllm(results: Sequence[Any], prompt_ids: list[list[int]]) -> RolloutBatch:
+    """vLLM `RequestOutput`s (one per prompt, in order) → `RolloutBatch`.
+
+    Each `CompletionOutput` carries `token_ids` and, with `SamplingParams(logprobs=0)`,
+    `logprobs[t]`: a dict {token id: `Logprob`} that always holds the sampled token. A
+    completion stopped by EOS (or a stop string) has `finish_reason == "stop"`; one that ran
+    out of tokens has "length". `prompt_ids` are the ids we sent (vLLM echoes them back).
+    """
+    out = RolloutBatch()
+    for i, result in enumerate(results):
+        echoed = getattr(result, "prompt_token_ids", None)
+        assert echoed is None or list(echoed) == prompt_ids[i], "vLLM outputs out of order"
+        for j, completion in enumerate(result.outputs):
+            tokens = list(completion.token_ids)
+            steps = completion.logprobs or []
+            assert len(steps) == len(tokens), "vLLM returned no log-prob per token (logprobs=0?)"
+            out.prompt_index.append(i)
+            out.sample_index.append(j)
+            out.prompt_ids.append(list(prompt_ids[i]))
+            out.completion_ids.append(tokens)
+            out.sampler_logprobs.append(
+                [float(steps[t][tok].logprob) for t, tok in enumerate(tokens)]
+            )
+            out.finished.append(completion.finish_reason == "stop")
+    return out
+
+
+def vllm_lora_rank(model: torch.nn.Module) -> int:
+    """`max_lora_rank` for vLLM from a PEFT model's rank: vLLM accepts 8, 16, 32, ... only."""
+    config = getattr(model, "peft_config", {}).get("default")
+    r = int(getattr(config, "r", 8))
+    return max(8, 1 << (r - 1).bit_length())
 
 
 def make_engine(

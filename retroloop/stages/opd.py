@@ -101,6 +101,8 @@ def train_opd(
     (the caller's temporary artifact directory) and returns the summary metrics.
     `teacher_tokenizer` (checked against `tokenizer`) and `teacher_kwargs` (e.g. a looped
     teacher's recurrence) let the continual-learning cycle distil from an earlier checkpoint.
+    `model_dir` is the student's base model directory: `backend: vllm` loads it and samples with
+    the student's adapter, saved after every step (ignored by the transformers backend).
     """
     p, out_dir = opd_params, Path(out_dir_tmp)
     out_dir.mkdir(parents=True, exist_ok=True)
