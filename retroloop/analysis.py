@@ -105,9 +105,14 @@ class Split:
 def choose_split(spec: SplitSpec, num_layers: int, table: pl.DataFrame | None) -> Split:
     """Resolve the prelude/block/coda split for a model with `num_layers` decoder layers.
 
-    auto: keep the first P and last C layers; among the B + n middle layers, drop the
-    contiguous window of n = N − P − B − C layers whose angular distance d(ℓ, ℓ+n) is
-    smallest (Gromov et al.'s pruning rule), and use the rest, in order, as the block.
+    auto (contiguous, DESIGN.md §5): keep the first P and last C layers and a contiguous block
+    of B layers starting at b ∈ [P, N − C − B] inside the middle; the n = N − P − B − C dropped
+    layers are the window before the block, [P, b), and the one after it, [b + B, N − C). Each
+    dropped window [ℓ, ℓ + m) is scored by Gromov et al.'s angular distance d(ℓ, ℓ + m) (how far
+    the layers it removes move the hidden state); the block start with the smallest sum of its
+    windows' distances wins, ties going to the block nearest the coda (the reference conversions'
+    placement). A block is never split around a dropped window: a non-contiguous block feeds a
+    late layer's output into an early layer on every iteration, so only a manual split makes one.
     manual: the ranges pinned in params.yaml, validated against the model.
     """
     N = num_layers
@@ -131,30 +136,42 @@ def choose_split(spec: SplitSpec, num_layers: int, table: pl.DataFrame | None) -
     if n_drop < 0:
         raise ConfigError(
             f"analyze.split: prelude_layers + block_layers + coda_layers = {P + B + C} is longer than "
-            f"the model's {N} layers"
+            f"the model's {N} layers, so no contiguous P/B/C split fits; lower one of them"
         )
     prelude, coda = list(range(P)), list(range(N - C, N))
-    middle = list(range(P, N - C))
     if n_drop == 0:
-        return Split(prelude, middle, coda, [], f"P={P}, B={B}, C={C}: all layers kept")
-    assert table is not None, "auto split needs the redundancy table"
-    candidates = table.filter(
-        (pl.col("variant") == spec.variant)
-        & (pl.col("n") == n_drop)
-        & (pl.col("layer") >= P)
-        & (pl.col("layer") + n_drop <= N - C)
-    ).sort(["angular_distance", "layer"])
-    if candidates.is_empty():
-        raise ConfigError(
-            f"analyze.split: no candidate window of {n_drop} layers between prelude and coda"
+        return Split(
+            prelude, list(range(P, N - C)), coda, [], f"P={P}, B={B}, C={C}: all layers kept"
         )
-    start = int(candidates["layer"][0])
-    dist = float(candidates["angular_distance"][0])
-    dropped = list(range(start, start + n_drop))
-    block = [i for i in middle if i not in dropped]
+    assert table is not None, "auto split needs the redundancy table"
+    rows = table.filter(pl.col("variant") == spec.variant)
+    distance = {
+        (int(layer), int(n)): float(d)
+        for layer, n, d in rows.select("layer", "n", "angular_distance").iter_rows()
+    }
+
+    def window(first: int, stop: int) -> float:
+        if stop <= first:
+            return 0.0
+        if (first, stop - first) not in distance:
+            raise ConfigError(
+                f"analyze.split.variant: the redundancy table has no {spec.variant} distance "
+                f"d({first}, {stop}); rerun analyze"
+            )
+        return distance[(first, stop - first)]
+
+    scored = [
+        (window(P, b) + window(b + B, N - C), -b) for b in range(P, N - C - B + 1)
+    ]  # (score, -start): ties go to the later block
+    score, neg_b = min(scored)
+    b = -neg_b
+    block = list(range(b, b + B))
+    dropped = list(range(P, b)) + list(range(b + B, N - C))
+    parts = [f"{lo}..{hi - 1}" for lo, hi in ((P, b), (b + B, N - C)) if hi > lo]
     rule = (
-        f"keep first P={P} and last C={C}; drop the {n_drop} contiguous middle layers "
-        f"{start}..{start + n_drop - 1} with the smallest {spec.variant} angular distance "
-        f"d({start}, {start + n_drop}) = {dist:.4f}; block = remaining B={B} middle layers"
+        f"contiguous_min_angular_distance: keep first P={P} and last C={C}; contiguous block "
+        f"{b}..{b + B - 1} (B={B}); drop {' and '.join(parts)} ({n_drop} layers), the placement "
+        f"whose dropped windows have the smallest summed {spec.variant} angular distance "
+        f"d(ℓ, ℓ+m) = {score:.4f} of {len(scored)} placements"
     )
     return Split(prelude, block, coda, dropped, rule)

@@ -156,9 +156,10 @@ class LayerRange(Strict):
 class SplitSpec(Strict):
     """Prelude / recurrent block / coda.
 
-    `mode: auto` keeps the first `prelude_layers` and last `coda_layers` and drops the
-    window of middle layers with the smallest angular distance (Gromov et al.), keeping
-    `block_layers` as the recurrent block. `mode: manual` pins explicit ranges.
+    `mode: auto` keeps the first `prelude_layers` and last `coda_layers` and a contiguous
+    block of `block_layers` inside the middle, placed so the dropped layers before and after
+    it have the smallest summed angular distance (Gromov et al.; `retroloop.analysis`).
+    `mode: manual` pins explicit ranges.
     """
 
     mode: Literal["auto", "manual"] = "auto"

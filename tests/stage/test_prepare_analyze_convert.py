@@ -176,7 +176,7 @@ def test_layer_scores_cover_both_variants_and_block_sizes(workdir: Path) -> None
     assert Path("data/analyze/redundancy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_split_covers_every_layer_and_drops_the_closest_window(workdir: Path) -> None:
+def test_split_covers_every_layer_with_a_contiguous_block(workdir: Path) -> None:
     cfg = load_params(TINY_PROFILE).analyze.split
     split = json.loads(Path("data/analyze/split.json").read_text())
     N = split["num_layers"]
@@ -186,19 +186,14 @@ def test_split_covers_every_layer_and_drops_the_closest_window(workdir: Path) ->
     )
     assert split["prelude"] == list(range(cfg.prelude_layers))
     assert split["coda"] == list(range(N - cfg.coda_layers, N))
-    assert len(split["block"]) == cfg.block_layers
-    n_drop = N - cfg.prelude_layers - cfg.block_layers - cfg.coda_layers
-    start = split["dropped"][0]
-    assert split["dropped"] == list(range(start, start + n_drop))
-    # Gromov et al.: the dropped window is the one with the smallest d(ℓ, ℓ + n).
-    windows = pl.read_parquet("data/analyze/layer_scores.parquet").filter(
-        (pl.col("variant") == cfg.variant)
-        & (pl.col("n") == n_drop)
-        & (pl.col("layer") >= cfg.prelude_layers)
-        & (pl.col("layer") + n_drop <= N - cfg.coda_layers)
-    )
-    best = windows["angular_distance"].min()
-    assert windows.filter(pl.col("layer") == start)["angular_distance"][0] == best
+    b = split["block"][0]
+    assert split["block"] == list(range(b, b + cfg.block_layers))  # contiguous
+    assert split["rule"].startswith("contiguous_min_angular_distance")
+    assert cfg.variant in split["rule"]
+    assert read_manifest(STAGE_DIRS["analyze"]).metrics["split"]["rule"] == split["rule"]
+    # The dropped layers are the windows before and after the block inside the middle.
+    middle = range(cfg.prelude_layers, N - cfg.coda_layers)
+    assert split["dropped"] == [i for i in middle if i not in split["block"]]
 
 
 # --------------------------------------------------------------------------- convert
