@@ -311,3 +311,29 @@ def test_empty_local_dataset_is_a_data_error(
     with pytest.raises(DataError, match=r"docs\.jsonl \(format 'text'\): the file is empty"):
         prepare.run(cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # nothing written
+
+
+def test_convert_refuses_a_model_whose_generation_drops_its_cache(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run-time guard (retroloop.guards): with the looped model's forward ignoring the cache
+    generate hands it (transformers 5.24's rename before the fix), convert fails with one line
+    naming the check and the library versions, and writes nothing."""
+    import functools
+
+    from retroloop.errors import GuardError
+
+    forward = RecurrentForCausalLM.forward
+
+    @functools.wraps(forward)
+    def forgetful(self, *args, cache=None, **kwargs):
+        kwargs.pop("past_key_values", None)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(RecurrentForCausalLM, "forward", forgetful)
+    out = workdir / "convert-guarded"
+    with pytest.raises(GuardError, match=r"guard cached_generate failed .*transformers") as err:
+        convert.run(load_params(TINY_PROFILE), out_dir=out)
+    assert "\n" not in str(err.value)
+    assert not out.exists() and not list(workdir.glob(".convert-guarded*"))
+    assert read_manifest(STAGE_DIRS["convert"]).metrics["guard_cached_generate"]["steps"] > 0
