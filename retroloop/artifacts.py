@@ -3,7 +3,14 @@
 Every stage writes its outputs into a temporary sibling directory and renames it into
 place only after `manifest.json` is written, so a killed stage never leaves a
 half-written artifact that looks whole. `content_sha256` is the hash of the sorted
-(relative path, file sha256) list of everything in the artifact except the manifest.
+(relative path, file sha256) list of everything in the artifact except the manifest and
+the run-dependent files (`run.json`, `run_*.csv`; see `retroloop.canonical`).
+
+Inputs are verified before they are consumed: `input_ref` / `verify_inputs` re-hash the
+bytes on disk, compare them file by file with the upstream manifest, and refuse a mismatch
+with an `ArtifactError` naming the file and both hashes. The hash recorded for an input is
+the hash of those bytes, never the upstream manifest's word for it. `verify`, `lineage` and
+`audit` live in `retroloop.provenance`.
 """
 
 from __future__ import annotations
@@ -17,12 +24,19 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from retroloop.canonical import (
+    RUN,
+    canonicalize,
+    is_run_file,
+    split_run_columns,
+    split_run_dependent,
+)
 from retroloop.envlock import environment
 from retroloop.errors import ArtifactError
 
@@ -83,17 +97,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def hash_tree(root: Path) -> tuple[str, dict[str, str]]:
-    """(content_sha256, per-file hashes) of a file or directory, manifest excluded."""
+    """(content_sha256, per-file hashes) of a file or directory; manifests and run files
+    (`run.json`, `run_*.csv` at the top) are left out."""
     root = Path(root)
     if root.is_file():
-        return sha256_file(root), {root.name: sha256_file(root)}
-    files = {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+        sha = sha256_file(root)
+        return sha, {root.name: sha}
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and p.name != MANIFEST and not is_run_file(rel):
+            files[rel] = sha256_file(p)
+    return listing_sha256(files), files
+
+
+def listing_sha256(files: Mapping[str, str]) -> str:
+    """The content hash of a {relative path: sha256} listing (stable order)."""
     listing = "".join(f"{rel}\0{sha}\n" for rel, sha in sorted(files.items()))
-    return hashlib.sha256(listing.encode()).hexdigest(), files
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def find_manifest_dir(path: Path) -> Path | None:
@@ -117,31 +138,91 @@ def read_manifest(artifact_dir: Path) -> Manifest:
         raise ArtifactError(f"{path}: not a valid manifest: {str(err).splitlines()[0]}") from None
 
 
-def input_ref(role: str, path: str | Path) -> InputRef:
-    """Reference an upstream artifact. Directories with a manifest use its recorded hash
-    (after checking the artifact is whole); anything else is hashed now."""
+# --------------------------------------------------------------------------- verify before consume
+
+# resolved path -> (stat signature of its files, verified hash): a stage verifies its inputs
+# before loading them and records them at the end; the second look re-hashes only what changed.
+_verified: dict[str, tuple[tuple, str]] = {}
+
+
+def _signature(path: Path) -> tuple:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns, st.st_ino) for p in files)
+
+
+def verify_input(path: str | Path, role: str = "input") -> str:
+    """Re-hash `path` (an artifact, or a file or folder inside one), check every file against
+    the owning manifest's per-file hashes, and return the hash of the bytes read.
+
+    Raises `ArtifactError` naming the file and both hashes on a mismatch, a file missing from
+    disk or from the manifest, or an unreadable manifest. A path outside any artifact (a
+    user's source file) has nothing to check against and is only hashed.
+    """
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: input '{role}' does not exist; run the upstream stage first")
-    if path.is_dir() and (path / MANIFEST).is_file():
-        manifest = read_manifest(path)
-        return InputRef(role=role, path=_display(path), content_sha256=manifest.content_sha256)
+    key, sig = str(path.resolve()), _signature(path)
+    if key in _verified and _verified[key][0] == sig:
+        return _verified[key][1]
+    content, files = hash_tree(path)
     owner = find_manifest_dir(path)
     if owner is not None:
+        manifest = read_manifest(owner)
         rel = path.resolve().relative_to(owner).as_posix()
-        files = read_manifest(owner).files
-        prefix = rel + "/"
-        sub = {k[len(prefix) :]: v for k, v in files.items() if k.startswith(prefix)}
-        if rel in files:
-            return InputRef(role=role, path=_display(path), content_sha256=files[rel])
-        if sub:
-            listing = "".join(f"{k}\0{v}\n" for k, v in sorted(sub.items()))
-            return InputRef(
-                role=role,
-                path=_display(path),
-                content_sha256=hashlib.sha256(listing.encode()).hexdigest(),
+        if path.is_file():
+            actual, recorded = {rel: content}, {rel: manifest.files.get(rel, "")}
+        else:
+            prefix = "" if rel == "." else rel + "/"
+            actual = {prefix + k: v for k, v in files.items()}
+            recorded = {k: v for k, v in manifest.files.items() if k.startswith(prefix)}
+        fix = f"rerun `retroloop stage {manifest.stage}` or `dvc checkout` it"
+        for name in sorted(actual.keys() | recorded.keys()):
+            got, want = actual.get(name, "(missing)"), recorded.get(name) or "(not recorded)"
+            if got != want:
+                raise ArtifactError(
+                    f"{owner / name}: input '{role}' has sha256 {got} but "
+                    f"{owner / MANIFEST} records {want}; {fix}"
+                )
+        if rel == "." and content != manifest.content_sha256:
+            raise ArtifactError(
+                f"{owner / MANIFEST}: content_sha256 {manifest.content_sha256} but the files "
+                f"hash to {content}; the manifest was edited; {fix}"
             )
-    return InputRef(role=role, path=_display(path), content_sha256=hash_tree(path)[0])
+    _verified[key] = (sig, content)
+    return content
+
+
+def input_ref(role: str, path: str | Path) -> InputRef:
+    """Reference an upstream artifact by role, verified now (see `verify_input`)."""
+    return InputRef(role=role, path=_display(Path(path)), content_sha256=verify_input(path, role))
+
+
+def verify_inputs(
+    paths: Mapping[str, str | Path], *, optional: tuple[str, ...] = ()
+) -> dict[str, InputRef]:
+    """`input_ref` for every role, before a stage reads any of them. Roles in `optional`
+    are skipped when their path does not exist (the stage decides what that means)."""
+    return {
+        role: input_ref(role, path)
+        for role, path in paths.items()
+        if role not in optional or Path(path).exists()
+    }
+
+
+def contained(path: str | Path, *roots: str | Path) -> Path:
+    """`path` resolved, if it lies inside one of `roots`; else `ArtifactError`. Paths read
+    from artifacts (index shards, manifest inputs, registry entries) go through this."""
+    resolved = Path(path).resolve()
+    for root in roots:
+        if resolved.is_relative_to(Path(root).resolve()):
+            return resolved
+    where = ", ".join(str(r) for r in roots)
+    raise ArtifactError(f"{path}: resolves to {resolved}, outside {where}; refusing to read it")
+
+
+def repo_root() -> Path:
+    """The repository the artifacts belong to: the working directory (where dvc runs)."""
+    return Path.cwd().resolve()
 
 
 def _display(path: Path) -> str:
@@ -213,6 +294,7 @@ class ArtifactWriter:
         self.manifest: Manifest | None = None
 
     def add_input(self, role: str, path: str | Path) -> InputRef:
+        """Record a verified input (re-hashed unless it was verified unchanged this run)."""
         ref = input_ref(role, path)
         self.inputs.append(ref)
         return ref
@@ -220,8 +302,22 @@ class ArtifactWriter:
     def finish(
         self, *, params: dict[str, Any], params_sha256: str, seed: int | None, device: str
     ) -> Manifest:
-        """Write `metrics.json` (what `dvc metrics show` reads) and `manifest.json`."""
-        write_json_atomic(self.dir / METRICS, self.metrics)
+        """Write `metrics.json` and `run.json` (what `dvc metrics show` reads) and the manifest.
+
+        Run-dependent figures (timings, throughput; `retroloop.canonical`) go to `run.json`
+        and `run_<name>.csv` beside the stage's CSVs, outside the content hash; safetensors
+        headers and adapter configs are put in canonical order before hashing. The manifest
+        keeps every metric (it is not part of the content hash)."""
+        steady, run = split_run_dependent(self.metrics)
+        ended_at = now_iso()
+        write_json_atomic(self.dir / METRICS, steady)
+        write_json_atomic(
+            self.dir / RUN, {"started_at": self.started_at, "ended_at": ended_at, **run}
+        )
+        for csv in sorted(self.dir.glob("*.csv")):
+            if not is_run_file(csv.name):
+                split_run_columns(csv)
+        canonicalize(self.dir)
         content, files = hash_tree(self.dir)
         self.manifest = Manifest(
             kind=self.kind,
@@ -238,7 +334,7 @@ class ArtifactWriter:
             environment=environment(),
             device=device,
             started_at=self.started_at,
-            ended_at=now_iso(),
+            ended_at=ended_at,
             prefect_run_id=os.environ.get("PREFECT__FLOW_RUN_ID") or _prefect_run_id(),
             metrics=self.metrics,
         )
@@ -302,117 +398,5 @@ def _pid_alive(pid: int) -> bool:
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- verify / lineage / audit
-
-
-def verify(artifact_dir: Path) -> list[str]:
-    """Re-hash an artifact; return one line per mismatch (empty = intact)."""
-    artifact_dir = Path(artifact_dir)
-    manifest = read_manifest(artifact_dir)
-    content, files = hash_tree(artifact_dir)
-    problems = []
-    for rel, sha in manifest.files.items():
-        if rel not in files:
-            problems.append(f"{artifact_dir / rel}: missing")
-        elif files[rel] != sha:
-            problems.append(
-                f"{artifact_dir / rel}: sha256 {files[rel][:12]} != manifest {sha[:12]}"
-            )
-    for rel in files.keys() - manifest.files.keys():
-        problems.append(f"{artifact_dir / rel}: not in the manifest")
-    if not problems and content != manifest.content_sha256:
-        problems.append(f"{artifact_dir}: content_sha256 differs from the manifest")
-    return problems
-
-
-def lineage(
-    path: str | Path, *, role: str = "artifact", _seen: set[str] | None = None
-) -> dict[str, Any]:
-    """The provenance tree of an artifact: itself, then each input's tree, recursively."""
-    _seen = set() if _seen is None else _seen
-    path = Path(path)
-    owner = find_manifest_dir(path)
-    node: dict[str, Any] = {"role": role, "path": _display(path)}
-    if owner is None:
-        node.update(kind="external", content_sha256=hash_tree(path)[0] if path.exists() else None)
-        return node
-    manifest = read_manifest(owner)
-    node.update(kind=manifest.kind, stage=manifest.stage, content_sha256=manifest.content_sha256)
-    node["code_version"] = manifest.code_version
-    key = str(owner)
-    if key in _seen:
-        node["inputs"] = "(seen above)"
-        return node
-    _seen.add(key)
-    node["inputs"] = [
-        {**lineage(ref.path, role=ref.role, _seen=_seen), "content_sha256": ref.content_sha256}
-        for ref in manifest.inputs
-    ]
-    return node
-
-
-def find_manifests(root: str | Path = "data") -> list[tuple[Path, Manifest]]:
-    root = Path(root)
-    found = []
-    for path in sorted(root.rglob(MANIFEST)):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue  # temporary or old directories
-        try:
-            found.append((path.parent, read_manifest(path.parent)))
-        except ArtifactError:
-            continue
-    return found
-
-
-def audit(root: str | Path = "data") -> list[dict[str, Any]]:
-    """Every adapter under `root` with the teacher(s) that produced it."""
-    rows = []
-    for directory, manifest in find_manifests(root):
-        adapters = [rel for rel, kind in manifest.outputs.items() if kind == "adapter"]
-        if manifest.kind == "adapter" and not adapters:
-            adapters = ["."]
-        for rel in adapters:
-            teacher = _resolve_teacher(manifest)
-            rows.append(
-                {
-                    "adapter": _display(directory / rel),
-                    "stage": manifest.stage,
-                    "adapter_sha256": manifest.content_sha256,
-                    "teacher": teacher,
-                    "student": next(
-                        (r.model_dump() for r in manifest.inputs if r.role == "student"), None
-                    ),
-                    "parent_adapter": next(
-                        (r.model_dump() for r in manifest.inputs if r.role == "parent_adapter"),
-                        None,
-                    ),
-                    "code_version": manifest.code_version,
-                    "lock_sha256": manifest.environment.get("lock_sha256"),
-                    "created": manifest.ended_at,
-                }
-            )
-    return rows
-
-
-def _resolve_teacher(manifest: Manifest) -> dict[str, Any] | None:
-    """The model that graded this adapter: a direct `teacher` input, or the teacher
-    recorded in the manifest of the `teacher_cache` it was distilled from."""
-    for ref in manifest.inputs:
-        if ref.role == "teacher":
-            return {"path": ref.path, "content_sha256": ref.content_sha256}
-    for ref in manifest.inputs:
-        if ref.role == "teacher_cache":
-            owner = find_manifest_dir(Path(ref.path))
-            if owner is not None:
-                with contextlib.suppress(ArtifactError):
-                    inner = read_manifest(owner).input("teacher")
-                    return {
-                        "path": inner.path,
-                        "content_sha256": inner.content_sha256,
-                        "via": ref.path,
-                    }
-    return None

@@ -50,7 +50,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from transformers import PreTrainedTokenizerBase
 
-from retroloop.artifacts import sha256_file
+from retroloop.artifacts import contained, sha256_file
+from retroloop.canonical import canonical_safetensors_bytes
 from retroloop.errors import ArtifactError, MismatchError
 from retroloop.models.loading import tokenizer_fingerprint
 from retroloop.sequences import IGNORE, Sequence
@@ -235,8 +236,10 @@ def sequence_sha256(seq: Sequence) -> str:
 
 
 def write_shard(path: Path, rows: TeacherRows, meta: dict[str, str] | None = None) -> str:
-    """Write one safetensors shard atomically (temp name, then rename); return its sha256."""
+    """Write one safetensors shard atomically (temp name, then rename); return its sha256.
+    The header is in canonical order: safetensors writes metadata in a per-process order."""
     blob = st_save(rows.tensors(), metadata={"format": FORMAT, **(meta or {})})
+    blob = canonical_safetensors_bytes(blob)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -366,7 +369,8 @@ class TeacherCache:
 
     def _shard(self, shard: str, sha256: str) -> Any:
         if shard not in self._open:
-            path = self.root / shard
+            # index.parquet is data: a shard name like ../../x must not open files elsewhere.
+            path = contained(self.root / shard, self.root)
             _check_shard(path, sha256)
             self._open[shard] = safe_open(path, framework="pt")
         return self._open[shard]

@@ -11,9 +11,10 @@ import torch
 from helpers_distill import tiny, workdir  # noqa: F401  (fixture)
 
 from retroloop import teacher_cache as tc
-from retroloop.artifacts import read_manifest, verify
+from retroloop.artifacts import read_manifest
 from retroloop.errors import ArtifactError
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.provenance import verify
 from retroloop.sequences import pad_batch, training_sequences
 from retroloop.stages import cache_teacher
 

@@ -10,9 +10,10 @@ import polars as pl
 import pytest
 import yaml
 
-from retroloop.artifacts import audit, lineage, read_manifest
+from retroloop.artifacts import read_manifest
 from retroloop.config import load_params
 from retroloop.errors import DataError, ModelError
+from retroloop.provenance import audit, lineage
 from tests.conftest import TINY_PROFILE
 
 

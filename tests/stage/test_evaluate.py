@@ -10,9 +10,10 @@ import polars as pl
 import pytest
 import torch
 
-from retroloop.artifacts import read_manifest, verify
+from retroloop.artifacts import read_manifest
 from retroloop.config import load_params
 from retroloop.errors import ArtifactError
+from retroloop.provenance import verify
 
 TINY = Path(__file__).resolve().parents[2] / "profiles" / "tiny.yaml"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repo

@@ -18,7 +18,6 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from retroloop.artifacts import audit, verify
 from retroloop.config import OpdParams, RolloutParams, load_params
 from retroloop.errors import MismatchError
 from retroloop.models.loading import load_model, load_tokenizer
@@ -29,6 +28,7 @@ from retroloop.onpolicy import (
     heldout_reverse_kl,
     opd_step,
 )
+from retroloop.provenance import audit, verify
 from retroloop.rollout import TransformersEngine, token_logprobs
 from retroloop.stages import opd
 from retroloop.stages.opd import train_opd

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from retroloop.artifacts import atomic_artifact, audit, hash_tree, lineage, read_manifest, verify
+from retroloop.artifacts import atomic_artifact, hash_tree, read_manifest
 from retroloop.errors import ArtifactError
+from retroloop.provenance import audit, lineage, verify
 
 
 def _write(out: Path, stage: str, kind: str, inputs: dict[str, Path], payload: str, outputs=None):
