@@ -102,9 +102,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from retroloop.artifacts import lineage
+    from retroloop.provenance import lineage
 
-    tree = lineage(args.artifact)
+    tree = lineage(args.artifact)  # a missing path is an ArtifactError: one line, exit 2
     if args.json:
         print(json.dumps(tree, indent=2))
         return 0
@@ -125,7 +125,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from retroloop.artifacts import audit
+    from retroloop.provenance import audit
 
     rows = audit(args.root)
     if args.json:
@@ -135,26 +135,41 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"adapters under {args.root}")
-    for col in ("adapter", "stage", "teacher", "teacher sha256", "lock sha256", "created"):
+    for col in (
+        "status",
+        "adapter",
+        "stage",
+        "teacher",
+        "teacher sha256",
+        "lock sha256",
+        "created",
+    ):
         table.add_column(col)
     for row in rows:
         teacher = row["teacher"] or {}
         table.add_row(
+            row["status"],
             row["adapter"],
             row["stage"],
             teacher.get("path", "-"),
             (teacher.get("content_sha256") or "-")[:12],
             (row["lock_sha256"] or "-")[:12],
-            row["created"],
+            row["created"] or (row.get("error") or "-"),
         )
     Console().print(table)
-    return 0
+    return 1 if any(row["status"] != "OK" for row in rows) else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from retroloop.artifacts import find_manifests, verify
+    from retroloop.errors import ArtifactError
+    from retroloop.provenance import find_artifacts, verify
 
-    targets = [Path(args.artifact)] if args.artifact else [d for d, _ in find_manifests(args.root)]
+    if args.artifact and not args.artifact.exists():
+        raise ArtifactError(f"{args.artifact}: no such artifact; give a path under data/")
+    # Every manifest under the root, unreadable ones included (verify reports them as BAD).
+    targets = [args.artifact] if args.artifact else [f.dir for f in find_artifacts(args.root)]
+    if not targets:
+        print(f"no artifacts under {args.root}")
     bad = 0
     for target in targets:
         problems = verify(target)
