@@ -3,7 +3,8 @@
 DVC decides what reruns: before each stage the flow asks `dvc status` whether the
 stage is up to date; if so the task run records a skip. After a stage runs in-process
 the flow commits it (`dvc commit`), so `dvc.lock` stays true and a later `dvc repro`
-skips it too.
+skips it too — but only after checking that the manifest on disk is the one the task
+just wrote (stage tasks have no result cache; this is the second line of defence).
 
     retroloop run                       # temporary local API, no server needed
     prefect server start --host 127.0.0.1 &  # or: watch it in the UI at http://127.0.0.1:4200
@@ -19,7 +20,10 @@ from typing import Any
 import yaml
 from prefect import flow
 
+from retroloop.artifacts import read_manifest
 from retroloop.config import STAGES
+from retroloop.errors import ArtifactError
+from retroloop.stages.common import PATHS
 from tasks.stages import STAGE_TASKS
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,12 @@ def pipeline_flow(params_path: str = "params.yaml", force: bool = False) -> list
         current = track and not force and stage_is_current(name)
         result = STAGE_TASKS[name](params_path=params_path, up_to_date=current)
         if track and not current:
+            on_disk = read_manifest(PATHS[name]).content_sha256
+            if result.get("status") != "ran" or result.get("content_sha256") != on_disk:
+                raise ArtifactError(
+                    f"{PATHS[name]}: task result {result} is not the artifact on disk "
+                    f"({on_disk}); not committing it to dvc.lock"
+                )
             commit_stage(name)
         results.append(result)
     return results

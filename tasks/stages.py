@@ -1,7 +1,13 @@
 """One Prefect task per pipeline stage. No logic: load params, call `run`, publish.
 
 Each task publishes the stage's manifest summary (Markdown) and its scalar metrics
-(table) as Prefect artifacts, keyed `<stage>-manifest` / `<stage>-metrics`.
+(table) as Prefect artifacts, keyed `<stage>-manifest` / `<stage>-metrics`; a stage DVC
+calls current is recorded under its own key, `<stage>-skipped`, so the manifest artifact
+keeps showing the run that produced the outputs.
+
+Stage tasks never use Prefect's result cache: the outputs live in `data/` and DVC decides
+what is current. A cached result would be served for a stage whose params changed (all
+seven tasks once shared one cache key), and the flow would then `dvc commit` stale outputs.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from retroloop.artifacts import Manifest
+from retroloop.artifacts import Manifest, read_manifest
 from retroloop.config import STAGES, load_params
+from retroloop.errors import ArtifactError
+from retroloop.stages.common import PATHS
 
 
 def publish_manifest(manifest: Manifest, key: str) -> None:
@@ -65,14 +74,20 @@ def _run(name: str, params_path: str) -> dict[str, Any]:
 
 
 def _skipped(name: str) -> dict[str, Any]:
+    try:
+        sha: str | None = read_manifest(PATHS[name]).content_sha256
+    except ArtifactError:
+        sha = None
     create_markdown_artifact(
-        key=f"{name.replace('_', '-')}-manifest", markdown=f"### {name}: skipped (DVC: up to date)"
+        key=f"{name.replace('_', '-')}-skipped",
+        markdown=f"### {name}: skipped (DVC: up to date)\n\ncontent_sha256 `{sha}`",
+        description=f"{name} skipped",
     )
-    return {"stage": name, "status": "skipped"}
+    return {"stage": name, "status": "skipped", "content_sha256": sha}
 
 
 def make_stage_task(name: str):
-    @task(name=name, task_run_name=name, retries=0)
+    @task(name=name, task_run_name=name, retries=0, cache_policy=NO_CACHE, persist_result=False)
     def stage_task(params_path: str = "params.yaml", up_to_date: bool = False) -> dict[str, Any]:
         return _skipped(name) if up_to_date else _run(name, params_path)
 

@@ -20,7 +20,15 @@ from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.stages import cache_teacher, distill
 
 STUDENT = Path("data/convert/model")
-STEP_COLUMNS = ["step", "loss", "ce", "kl", "lr", "tokens_per_s", "recurrence", "mu"]
+STEP_COLUMNS = [
+    "step",
+    "loss",
+    "ce",
+    "kl",
+    "lr",
+    "recurrence",
+    "mu",
+]  # + run_steps.csv: tokens_per_s
 
 
 def _steps(out: Path) -> pl.DataFrame:
@@ -38,6 +46,7 @@ def test_lora_distillation_moves_lora_and_recurrence_adapter_but_not_the_base(wo
         assert key in manifest.metrics and manifest.metrics[key] == manifest.metrics[key]  # not NaN
     steps = _steps(out)
     assert steps.columns == STEP_COLUMNS and steps["step"].to_list() == [1, 2, 3, 4]
+    assert pl.read_csv(out / "run_steps.csv").columns == ["step", "tokens_per_s"]
     assert steps["recurrence"].min() >= 1 and steps["recurrence"].max() <= 3
     assert not list(Path("data/checkpoints/distill").glob("step_*"))  # cleaned up once complete
 

@@ -108,3 +108,177 @@ def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
         _write(tmp_path / "a", "analyze", "analysis", {"base_model": tmp_path / "nope"}, "x")
     with pytest.raises(ArtifactError, match="no manifest"):
         read_manifest(tmp_path)
+
+
+# --------------------------------------------------------------------------- issue 11: lineage that cannot lie
+
+
+def _pipeline(root: Path) -> None:
+    """base -> split (a file inside an artifact) -> downstream, as stages write them."""
+    with atomic_artifact(root / "base", stage="prepare", kind="model") as w:
+        (w.dir / "model").mkdir()
+        (w.dir / "model" / "weights.bin").write_bytes(bytes(range(256)))
+        (w.dir / "split.json").write_text('{"block": [2, 5]}\n')
+        w.finish(params={}, params_sha256="h", seed=0, device="cpu")
+
+
+def test_input_ref_rehashes_and_refuses_a_tampered_file_naming_both_hashes(tmp_path: Path) -> None:
+    from retroloop.artifacts import input_ref, sha256_file
+
+    _pipeline(tmp_path)
+    split = tmp_path / "base" / "split.json"
+    recorded = read_manifest(tmp_path / "base").files["split.json"]
+    assert input_ref("split", split).content_sha256 == recorded == sha256_file(split)
+    split.write_text('{"block": [3, 5]}\n')  # the issue's 2 -> 3
+    with pytest.raises(ArtifactError) as err:
+        input_ref("split", split)
+    msg = str(err.value)
+    assert "split.json" in msg and recorded in msg and sha256_file(split) in msg
+    assert "\n" not in msg
+    # The whole artifact and a folder inside it are checked file by file too.
+    weights = tmp_path / "base" / "model" / "weights.bin"
+    split.write_text('{"block": [2, 5]}\n')
+    input_ref("base_model", tmp_path / "base" / "model")
+    weights.write_bytes(bytes(range(255)) + b"\x00")
+    for target in (tmp_path / "base", tmp_path / "base" / "model"):
+        with pytest.raises(ArtifactError, match=r"weights\.bin: input .* has sha256"):
+            input_ref("base_model", target)
+
+
+def test_an_extra_or_missing_file_and_an_edited_manifest_hash_are_refused(tmp_path: Path) -> None:
+    import json
+
+    from retroloop.artifacts import input_ref
+
+    _pipeline(tmp_path)
+    model = tmp_path / "base" / "model"
+    (model / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match=r"extra\.bin.*not recorded"):
+        input_ref("base_model", model)
+    (model / "extra.bin").unlink()
+    manifest = tmp_path / "base" / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    sha = raw["content_sha256"]
+    raw["content_sha256"] = sha[:-1] + ("0" if sha[-1] != "0" else "1")  # one hash character
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match=r"manifest\.json: content_sha256"):
+        input_ref("base_model", tmp_path / "base")
+    assert any("content_sha256" in line for line in verify(tmp_path / "base"))
+
+
+def test_an_invalid_manifest_is_bad_in_verify_audit_and_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from retroloop import cli
+    from retroloop.artifacts import input_ref
+
+    monkeypatch.chdir(tmp_path)
+    _write(Path("data/a"), "distill", "adapter", {}, "lora", outputs={"payload.txt": "adapter"})
+    _write(Path("data/b"), "opd", "adapter", {}, "lora2", outputs={"payload.txt": "adapter"})
+    assert cli.main(["verify"]) == 0
+    Path("data/a/manifest.json").write_text('{"kind": "adapter", ')  # cut short
+    capsys.readouterr()
+    assert cli.main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert "BAD data/a" in out and "manifest.json" in out and "OK  data/b" in out
+    rows = {row["adapter"]: row for row in audit("data")}
+    assert rows["data/a"]["status"] == "BAD" and rows["data/b/payload.txt"]["status"] == "OK"
+    assert cli.main(["audit"]) == 1
+    with pytest.raises(ArtifactError, match="not a valid manifest"):
+        input_ref("parent_adapter", Path("data/a/payload.txt"))
+
+
+def test_verify_reports_an_input_that_no_longer_holds_what_was_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _write(Path("data/distill"), "distill", "adapter", {}, "v1")
+    _write(Path("data/opd"), "opd", "adapter", {"parent_adapter": Path("data/distill")}, "o")
+    assert verify(Path("data/opd")) == []
+    _write(Path("data/distill"), "distill", "adapter", {}, "v2")  # distill reran, opd did not
+    assert any("parent_adapter" in line and "stale" in line for line in verify(Path("data/opd")))
+
+
+def test_lineage_of_a_missing_path_exits_nonzero_and_outside_paths_are_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from retroloop import cli
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    assert cli.main(["lineage", "data/nope"]) == 2
+    assert "data/nope: no such artifact" in capsys.readouterr().err
+    elsewhere = _write(tmp_path / "elsewhere", "prepare", "model", {}, "x")
+    _write(Path("data/a"), "analyze", "analysis", {"base_model": tmp_path / "elsewhere"}, "y")
+    del elsewhere
+    tree = lineage("data/a")
+    assert tree["inputs"][0]["kind"].startswith("outside the repository")
+    assert "inputs" not in tree["inputs"][0]
+    assert cli.main(["lineage", "--json", "data/a"]) == 0
+    assert json.loads(capsys.readouterr().out)["stage"] == "analyze"
+
+
+def test_a_cache_index_cannot_point_outside_the_cache(tmp_path: Path) -> None:
+    import polars as pl
+
+    from retroloop import teacher_cache as tc
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / tc.CACHE_JSON).write_text(f'{{"format": "{tc.FORMAT}"}}')
+    pl.DataFrame({"seq": [0], "shard": ["../../outside.safetensors"], "shard_sha256": ["0"]}).write_parquet(root / tc.INDEX)  # fmt: skip
+    (tmp_path.parent / "outside.safetensors").write_bytes(b"")
+    with pytest.raises(ArtifactError, match=r"outside\.safetensors: resolves to .* outside"):
+        tc.TeacherCache(root).verify_all()
+
+
+def test_run_dependent_figures_leave_the_content_hash(tmp_path: Path) -> None:
+    import json
+
+    def write(out: Path, seconds: float) -> str:
+        with atomic_artifact(out, stage="distill", kind="adapter") as w:
+            (w.dir / "steps.csv").write_text(f"step,loss,tokens_per_s\n1,0.5,{seconds}\n")
+            w.metrics = {"loss": 0.5, "tokens_per_s": seconds, "models": {"a": {"seconds": seconds, "nll": 1.0}}}  # fmt: skip
+            return w.finish(params={}, params_sha256="h", seed=0, device="cpu").content_sha256
+
+    assert write(tmp_path / "a", 10.0) == write(tmp_path / "b", 99.0)
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == {
+        "loss": 0.5,
+        "models": {"a": {"nll": 1.0}},
+    }
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["tokens_per_s"] == 99.0 and run["models"] == {"a": {"seconds": 99.0}}
+    assert (tmp_path / "a" / "steps.csv").read_text() == "step,loss\n1,0.5\n"
+    assert (tmp_path / "b" / "run_steps.csv").read_text() == "step,tokens_per_s\n1,99.0\n"
+    assert verify(tmp_path / "b") == []
+
+
+def test_safetensors_headers_and_adapter_configs_are_written_in_canonical_order(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save
+
+    from retroloop.canonical import canonical_safetensors_bytes, canonicalize
+
+    tensors = {"b": torch.ones(2), "a": torch.zeros(3, dtype=torch.float16)}
+    blobs = set()
+    for meta in ({"x": "1", "format": "pt", "m": "2"}, {"m": "2", "format": "pt", "x": "1"}):
+        blob = save(tensors, metadata=meta)
+        blobs.add(canonical_safetensors_bytes(blob))
+        (tmp_path / "t.safetensors").write_bytes(blob)
+        canonicalize(tmp_path)
+        assert (tmp_path / "t.safetensors").read_bytes() == canonical_safetensors_bytes(blob)
+    assert len(blobs) == 1
+    back = load_file(tmp_path / "t.safetensors")
+    assert torch.equal(back["b"], tensors["b"]) and torch.equal(back["a"], tensors["a"])
+    for order in (["q_proj", "v_proj", "down_proj"], ["down_proj", "q_proj", "v_proj"]):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": order, "r": 2}))
+        canonicalize(tmp_path)
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
