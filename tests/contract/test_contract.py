@@ -95,8 +95,9 @@ def test_outputs_live_under_the_stage_folder_with_a_manifest() -> None:
     for name, stage in DVC.items():
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
         assert f"data/{name}/manifest.json" in outs
-        metrics = [next(iter(m)) for m in stage["metrics"]]
-        assert metrics == [f"data/{name}/metrics.json"]
+        metrics = [m if isinstance(m, str) else next(iter(m)) for m in stage["metrics"]]
+        # metrics.json: inside the content hash; run.json: timings, outside it (issue 11)
+        assert metrics == [f"data/{name}/metrics.json", f"data/{name}/run.json"]
 
 
 def test_upstream_outputs_feed_downstream_deps() -> None:
