@@ -1,137 +1,147 @@
-"""The continual-learning cycle as a Prefect flow, and its cron schedule.
+"""The continual-learning cycle: the recipe, the watch flow that runs it per new file, its schedule.
 
-    retroloop cycle --domain-data notes.jsonl        # one cycle now (temporary local API)
+    retroloop cycle --domain-data notes.jsonl        # one cycle now
     retroloop schedule --cron "0 3 * * *"            # serve: every night, a cycle per new file
                                                      # in cycle.watch_dir (data/incoming)
+    prefect deploy --all && prefect worker start --pool gpu   # the same on GPU workers (README)
 
-Each step of `retroloop.cycle` is a task run; the cycle's phase table is published as a
-Prefect table artifact. A global concurrency limit named "gpu" (create it once with
-`prefect gcl create gpu --limit 1`) keeps two cycles from sharing one GPU worker; without
-the limit on the server the cycle runs unthrottled.
+A cycle, read top to bottom in `cycle_flow`:
+
+ 1. read the domain file and check the pipeline's outputs are there      (writes nothing)
+ 2. claim the registry: its lock and the next cycle number; load the parent (the model the
+    last registered cycle left) and the teacher; check they share a tokenizer
+ 3. evaluate "before" → LoRA mid-training on the domain → evaluate "after_midtrain" (forgetting)
+ 4. OPD with the earlier model as teacher → evaluate "after_opd" (recovery)
+ 5. register: the whole cycle appears as registry/cycles/cycle-NNNN in one rename
+
+Exactly once: two cycles on one Prefect server queue on the "gpu" concurrency slot; two on one
+registry from anywhere else are kept apart by the registry lock (the second refuses with one
+line). A failure or a kill at any step leaves the registry as it was (see `retroloop.registry`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
+from prefect import flow
+from prefect.runtime import flow_run
+from prefect.states import Failed
 
-from retroloop import cycle
+from retroloop import registry
 from retroloop.artifacts import sha256_file
 from retroloop.config import load_params
+from retroloop.errors import DataError
+from retroloop.stages.cycle import summary
+from tasks.cycle import (
+    evaluate,
+    gpu_slot,
+    library_logs_to_prefect,
+    load_models,
+    midtrain,
+    opd_recovery,
+    publish_watch_report,
+    read_inputs,
+    register,
+    sft_baseline,
+)
 
-log = logging.getLogger(__name__)
-GPU_LIMIT = "gpu"
-
-
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest(params_path: str, domain_data: str, fmt: str) -> cycle.CycleState:
-    return cycle.start(load_params(params_path), Path(domain_data), fmt=fmt)
-
-
-@task(name="load-models", cache_policy=NO_CACHE)
-def load_models(state: cycle.CycleState) -> cycle.CycleState:
-    cycle.load_models(state)
-    return state
-
-
-@task(name="evaluate", task_run_name="evaluate-{phase}", cache_policy=NO_CACHE)
-def evaluate(state: cycle.CycleState, phase: str) -> dict[str, Any]:
-    return cycle.evaluate_phase(state, phase)
-
-
-@task(name="midtrain", cache_policy=NO_CACHE)
-def midtrain(state: cycle.CycleState) -> list[float]:
-    return cycle.midtrain(state)
-
-
-@task(name="opd-recovery", cache_policy=NO_CACHE)
-def opd_recovery(state: cycle.CycleState, work_dir: str) -> dict[str, Any]:
-    return cycle.recover_with_opd(state, Path(work_dir))
-
-
-@task(name="sft-self-baseline", cache_policy=NO_CACHE)
-def sft_baseline(state: cycle.CycleState, snapshot: dict) -> dict[str, Any]:
-    return cycle.sft_self_baseline(state, snapshot)
-
-
-@task(name="register", cache_policy=NO_CACHE)
-def register(state: cycle.CycleState, work_dir: str) -> str:
-    out = cycle.register(state, Path(work_dir))
-    rows = [
-        {"phase": phase, **{k: m.get(k) for k in cycle.PHASE_COLUMNS}}
-        for phase, m in state.phases.items()
-    ]
-    create_table_artifact(
-        key=f"cycle-{state.number:04d}-phases",
-        table=rows,
-        description=f"cycle {state.number}: forgetting and recovery",
-    )
-    create_markdown_artifact(
-        key=f"cycle-{state.number:04d}-report", markdown=(out / "report.md").read_text()
-    )
-    return str(out)
+log = logging.getLogger("retroloop.flows.cycle")
 
 
 @flow(name="retroloop-cycle", log_prints=True)
 def cycle_flow(
     domain_data: str, params_path: str = "params.yaml", fmt: str = "text"
 ) -> dict[str, Any]:
-    """Ingest → mid-train → evaluate forgetting → OPD with the earlier model → evaluate → register."""
-    import copy
+    """One cycle: mid-train on `domain_data`, measure forgetting, recover with OPD, register."""
+    os.environ["RETROLOOP_PREFECT_RUN_ID"] = str(flow_run.get_id() or "")
+    with library_logs_to_prefect(), gpu_slot():
+        state = read_inputs(params_path, domain_data, fmt)
+        with (
+            registry.claim_next_cycle(state.cfg.cycle.registry) as claim,
+            tempfile.TemporaryDirectory(prefix="retroloop-cycle-") as work_dir,
+        ):
+            state = load_models(state, claim)
+            evaluate(state, "before")
+            midtrain(state)
+            evaluate(state, "after_midtrain")
+            after_midtrain = _adapter_weights(state) if state.cfg.evaluate.baseline_sft else None
+            opd_recovery(state, work_dir)
+            evaluate(state, "after_opd")
+            if after_midtrain is not None:
+                sft_baseline(state, after_midtrain)
+            out = register(state, claim, work_dir)
+    return summary(Path(out))
 
+
+def _adapter_weights(state) -> dict:
     from peft import get_peft_model_state_dict
 
-    with concurrency(GPU_LIMIT, occupy=1, strict=False):
-        state = ingest(params_path, domain_data, fmt)
-        state = load_models(state)
-        evaluate(state, "before")
-        midtrain(state)
-        evaluate(state, "after_midtrain")
-        snapshot = copy.deepcopy(get_peft_model_state_dict(state.student))
-        with tempfile.TemporaryDirectory(prefix="retroloop-cycle-") as tmp:
-            opd_recovery(state, tmp)
-            evaluate(state, "after_opd")
-            if state.cfg.evaluate.baseline_sft:
-                sft_baseline(state, snapshot)
-            out = register(state, tmp)
-    return cycle.summary(Path(out))
+    return copy.deepcopy(get_peft_model_state_dict(state.student))
 
 
-def new_files(watch_dir: Path, registry: Path) -> list[Path]:
-    """Files in `watch_dir` whose content has not been ingested into the registry yet."""
-    seen = {p.name for p in (registry / "datasets").glob("*") if p.is_dir()}
-    files = sorted(
-        p for p in Path(watch_dir).glob("*") if p.is_file() and not p.name.startswith(".")
-    )
-    return [p for p in files if sha256_file(p)[:12] not in seen]
+# --------------------------------------------------------------------------- watch + schedule
 
 
 @flow(name="retroloop-watch", log_prints=True)
 def watch_flow(
-    params_path: str = "params.yaml", watch_dir: str | None = None, fmt: str = "text"
-) -> list[dict[str, Any]]:
-    """One cycle per new file in the watched folder, oldest name first (what the schedule runs)."""
+    params_path: str = "params.yaml",
+    watch_dir: str | None = None,
+    fmt: str = "text",
+    max_attempts: int = 3,
+):
+    """One cycle per file in the watched folder that no registered cycle has trained on yet,
+    oldest name first (what the schedule runs). A file whose cycle failed or was killed is
+    tried again on the next tick, up to `max_attempts` times; the `cycle-watch` table artifact
+    shows each file's state and last error, and a tick with a failed cycle ends Failed."""
     cfg = load_params(params_path)
-    folder = Path(watch_dir or cfg.cycle.watch_dir)
+    folder, root = Path(watch_dir or cfg.cycle.watch_dir), Path(cfg.cycle.registry)
     if not folder.is_dir():
-        from retroloop.errors import DataError
-
         raise DataError(
             f"cycle.watch_dir: {folder} does not exist; create it and drop domain files into it"
         )
-    results = []
-    for path in new_files(folder, Path(cfg.cycle.registry)):
-        results.append(cycle_flow(domain_data=str(path), params_path=params_path, fmt=fmt))
-    if not results:
-        print(f"no new files in {folder}")
-    return results
+    done = registry.registered_sources(root)
+    rows: list[dict[str, Any]] = []
+    with library_logs_to_prefect():
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name[0] != "."):
+            sha = sha256_file(path)
+            failed = registry.failed_attempts(root, sha)
+            row = {"file": path.name, "sha256": sha[:16], "attempts": len(failed)}
+            if sha in done:
+                rows.append(row | {"status": f"done ({done[sha].name})", "error": None})
+                continue
+            if len(failed) >= max_attempts:
+                error = failed[-1].get("error")
+                log.warning("%s: given up after %d failed cycles: %s", path, len(failed), error)
+                rows.append(row | {"status": "given up", "error": error})
+                continue
+            registry.record_attempt(root, path, sha, "started")
+            try:
+                result = cycle_flow(domain_data=str(path), params_path=params_path, fmt=fmt)
+            except registry.RegistryBusyError as err:  # not the file's fault: retry next tick
+                registry.record_attempt(root, path, sha, "busy", str(err))
+                rows.append(row | {"status": "busy", "error": str(err)})
+                break
+            except Exception as err:
+                error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+                registry.record_attempt(root, path, sha, "failed", error)
+                log.error("%s: cycle failed (attempt %d of %d): %s", path, len(failed) + 1, max_attempts, error)  # fmt: skip
+                rows.append(row | {"status": "failed", "attempts": len(failed) + 1, "error": error})
+                continue
+            registry.record_attempt(root, path, sha, "registered")
+            rows.append(row | {"status": f"registered (cycle {result['cycle']})", "error": None})
+    publish_watch_report(rows)
+    failures = [r for r in rows if r["status"] == "failed"]
+    if failures:
+        names = ", ".join(r["file"] for r in failures)
+        return Failed(message=f"{len(failures)} cycle(s) failed ({names}); retried next tick")
+    if not rows:
+        print(f"no files in {folder}")
+    return rows
 
 
 def build_deployment(
