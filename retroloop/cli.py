@@ -180,6 +180,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from retroloop.export import export
+
+    manifest = export(args.adapter, args.out)
+    print(json.dumps({"export": str(args.out), "content_sha256": manifest.content_sha256}))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -311,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", nargs="?", type=Path)
     p.add_argument("--root", type=Path, default=Path("data"))
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "export", help="merge an adapter into its base: a self-contained model directory"
+    )
+    p.add_argument("adapter", type=Path, help="a PEFT adapter directory, e.g. data/opd/adapter")
+    p.add_argument("--out", required=True, type=Path, help="directory to write (replaced)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate from a model (+ adapter) at any recurrence")
     p.add_argument("--model", required=True, type=Path)
