@@ -8,3 +8,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# The library's log lines (logger "retroloop") go to the run's logs in the UI. Prefect reads
+# this when it sets up logging, so it works where flows/ is imported before Prefect (the CLI);
+# a worker's flow process gets it from prefect.yaml, and the cycle flow adds the handler itself.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "retroloop")
