@@ -282,3 +282,14 @@ def test_safetensors_headers_and_adapter_configs_are_written_in_canonical_order(
         canonicalize(tmp_path)
         config = json.loads((tmp_path / "adapter_config.json").read_text())
         assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+
+
+def test_stage_tasks_never_serve_a_cached_result() -> None:
+    """All seven stage tasks once shared one cache key; a persisted result then stood in for
+    stages that never ran. The e2e test (tests/e2e/test_determinism.py) runs the flow."""
+    from prefect.cache_policies import NO_CACHE
+
+    from tasks.stages import STAGE_TASKS
+
+    for name, stage_task in STAGE_TASKS.items():
+        assert stage_task.cache_policy is NO_CACHE and stage_task.persist_result is False, name
