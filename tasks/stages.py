@@ -70,6 +70,13 @@ def _run(name: str, params_path: str) -> dict[str, Any]:
     cfg = load_params(params_path)
     manifest = importlib.import_module(f"retroloop.stages.{name}").run(cfg)
     publish_manifest(manifest, name)
+    report = PATHS[name] / "report.md"
+    if report.is_file():  # evaluate's tables, readable on the flow run in the UI
+        create_markdown_artifact(
+            key=f"{name.replace('_', '-')}-report",
+            markdown=report.read_text(encoding="utf-8"),
+            description=f"{name} report ({report})",
+        )
     return {"stage": name, "status": "ran", "content_sha256": manifest.content_sha256}
 
 
