@@ -321,6 +321,7 @@ def test_convert_refuses_a_model_whose_generation_drops_its_cache(
     naming the check and the library versions, and writes nothing."""
     import functools
 
+    from retroloop.envlock import lock_sha256
     from retroloop.errors import GuardError
 
     forward = RecurrentForCausalLM.forward
@@ -336,4 +337,6 @@ def test_convert_refuses_a_model_whose_generation_drops_its_cache(
         convert.run(load_params(TINY_PROFILE), out_dir=out)
     assert "\n" not in str(err.value)
     assert not out.exists() and not list(workdir.glob(".convert-guarded*"))
-    assert read_manifest(STAGE_DIRS["convert"]).metrics["guard_cached_generate"]["steps"] > 0
+    manifest = read_manifest(STAGE_DIRS["convert"])  # the unbroken run's: guarded, lock recorded
+    assert manifest.metrics["guard_cached_generate"]["steps"] > 0
+    assert manifest.environment["lock_sha256"] == lock_sha256()
