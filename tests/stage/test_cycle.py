@@ -37,6 +37,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory):
             with open(root / f"domain{i + 1}.jsonl", "w", encoding="utf-8") as fh:
                 for text in chunk:
                     fh.write(json.dumps({"text": text}) + "\n")
+        with open(root / "gsm8k.jsonl", "w", encoding="utf-8") as fh:  # GSM8K's format
+            for a in range(12):
+                q = f"Sam has {a} apples and buys {a + 3} more. How many apples does Sam have?"
+                fh.write(json.dumps({"question": q, "answer": f"{a}+{a + 3}={2 * a + 3}\n#### {2 * a + 3}"}) + "\n")  # fmt: skip
         yield root
 
 
@@ -76,13 +80,13 @@ def test_two_concurrent_cycles_register_two_distinct_chained_cycles(
     results: dict[str, dict] = {}
     errors: list[BaseException] = []
 
-    def run(name: str) -> None:
+    def run(name: str, fmt: str) -> None:
         try:
-            results[name] = cycle_flow(domain_data=f"{name}.jsonl", params_path=params)
+            results[name] = cycle_flow(domain_data=f"{name}.jsonl", params_path=params, fmt=fmt)
         except BaseException as err:  # noqa: BLE001  (reported below)
             errors.append(err)
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in ("domain1", "domain2")]
+    threads = [threading.Thread(target=run, args=a) for a in (("domain1", "text"), ("gsm8k", "gsm8k"))]  # fmt: skip
     for t in threads:
         t.start()
     for t in threads:
@@ -96,8 +100,13 @@ def test_two_concurrent_cycles_register_two_distinct_chained_cycles(
     # Each cycle trained on its own file, and both files are in the registry: nothing lost.
     assert {m1.input("train_data").path, m2.input("train_data").path} == {
         "domain1.jsonl",
-        "domain2.jsonl",
+        "gsm8k.jsonl",
     }
+    # GSM8K domain data: GSM8K accuracy on its held-out problems before and after each phase.
+    gsm, text = (m1, m2) if m1.input("train_data").path == "gsm8k.jsonl" else (m2, m1)
+    for phase in ("before", "after_midtrain", "after_opd"):
+        assert 0.0 <= gsm.metrics["phases"][phase]["gsm8k_accuracy"] <= 1.0
+        assert "gsm8k_accuracy" not in text.metrics["phases"][phase]
     # Cycle 1 is taught back by the base model; cycle 2 by cycle 1's model.
     assert m1.input("teacher").path == "data/prepare/model"
     assert m2.input("teacher").path == str(cycle1 / "adapter")
