@@ -257,7 +257,7 @@ def opd_advantages(
     The sequence reward R_b (e.g. IFEval pass/fail) is added to every generated token.
 
     vOPD (Oh et al. 2026, arXiv:2605.07865): `baseline_B_T` is the detached per-token exact
-    reverse KL KL_t(π_S‖π_T) (≥ 0, e.g. `exact_reverse_kl_topk`). E[r_t | prefix] = −kl_coef·KL_t
+    reverse KL KL_t(π_S‖π_T) (≥ 0, e.g. `reverse_kl_topk_lower_bound`). E[r_t | prefix] = −kl_coef·KL_t
     is the value function, so subtracting it is A_t ← A_t + kl_coef·KL_t. It is added after
     discounting: a baseline must depend only on the prefix of step t, and discounting would
     fold later steps' baselines (which depend on y_t) into A_t and bias the gradient.
@@ -298,7 +298,9 @@ def opd_pg_loss(
     return -(log_ratio_B_T.exp() * adv_B_T).sum() / mask.sum().clamp_min(1)
 
 
-def exact_reverse_kl_topk(student_logits_N_V: Tensor, teacher_logits_N_V: Tensor, k: int) -> Tensor:
+def reverse_kl_topk_lower_bound(
+    student_logits_N_V: Tensor, teacher_logits_N_V: Tensor, k: int
+) -> Tensor:
     """KL(π_S‖π_T) on the student's top-k ids + one tail bucket (both bucketed alike) → `[N]`.
 
     By the data-processing inequality this is ≤ the full-vocabulary KL, equal when k = V.

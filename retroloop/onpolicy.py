@@ -27,9 +27,9 @@ from retroloop.errors import ConfigError, MismatchError
 from retroloop.guards import GUARD_NEW_TOKENS, guard_error, tolerance_for
 from retroloop.losses import (
     entropy_from_logits,
-    exact_reverse_kl_topk,
     opd_advantages,
     opd_pg_loss,
+    reverse_kl_topk_lower_bound,
     sampled_reverse_kl,
 )
 from retroloop.models.head import logits_at
@@ -147,7 +147,7 @@ def opd_step(
                 f"opd: student vocabulary {s_N_V.shape[-1]} != teacher {t_N_V.shape[-1]}"
             )
         s_N_V = s_N_V.detach()  # the gradient flows through learner_logp_B_T only
-        kl_N = exact_reverse_kl_topk(s_N_V, t_N_V, p.vopd_top_k)
+        kl_N = reverse_kl_topk_lower_bound(s_N_V, t_N_V, p.vopd_top_k)
         baseline_B_T = None
         if p.vopd_baseline:  # same row-major order as mask_B_T (column 0 is never generated)
             baseline_B_T = torch.zeros_like(teacher_logp_B_T)
@@ -169,7 +169,7 @@ def opd_step(
         sums["reverse_kl_sampled"] += (
             float(sampled_reverse_kl(pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T)) * n_mb
         )
-        sums["reverse_kl_exact"] += float(kl_N.sum())
+        sums["reverse_kl_topk_lb"] += float(kl_N.sum())
         sums["entropy"] += float(entropy_from_logits(s_N_V).sum())
         sums["sampler_learner_kl"] += float(-log_ratio_N.sum())  # log π_sampler − log π_learner
         sums["advantage_abs"] += float(adv_B_T.abs().sum())
@@ -187,7 +187,7 @@ def opd_step(
         optimizer.zero_grad(set_to_none=True)
     per_token = (
         "reverse_kl_sampled",
-        "reverse_kl_exact",
+        "reverse_kl_topk_lb",
         "entropy",
         "sampler_learner_kl",
         "advantage_abs",
@@ -212,7 +212,7 @@ def heldout_reverse_kl(
     teacher_kwargs: dict[str, Any] | None = None,
     batch_size: int = 8,
 ) -> float:
-    """Exact top-k reverse KL(π_S‖π_T) per generated token on fixed prompts with a fixed seed:
+    """Top-k + tail-bucket reverse KL(π_S‖π_T) (a lower bound of the full one) per generated token on fixed prompts with a fixed seed:
     the before/after measure (per-step values are noisy: fresh prompts, fresh samples)."""
     batch = TransformersEngine(student, tokenizer, batch_size, student_kwargs).sample(
         prompts, n=n, max_new_tokens=max_new_tokens, seed=seed
@@ -222,7 +222,9 @@ def heldout_reverse_kl(
         rows = list(range(first, min(first + batch_size, len(batch))))
         pk = batch.select(rows).pack(tokenizer.pad_token_id, next(student.parameters()).device)
         s_N_V, _ = score_rollouts(student, pk, student_kwargs)
-        kl_N = exact_reverse_kl_topk(s_N_V, score_rollouts(teacher, pk, teacher_kwargs)[0], top_k)
+        kl_N = reverse_kl_topk_lower_bound(
+            s_N_V, score_rollouts(teacher, pk, teacher_kwargs)[0], top_k
+        )
         total, count = total + float(kl_N.sum()), count + kl_N.numel()
     return total / max(count, 1)
 

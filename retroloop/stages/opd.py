@@ -197,7 +197,7 @@ def train_opd(
             if step % p.geometry_every == 0 or step == p.steps:
                 tracker.snapshot(step)
             progress.set_postfix(
-                kl=f"{row['reverse_kl_exact']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}"
+                kl=f"{row['reverse_kl_topk_lb']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}"
             )
         kl_after = (
             heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)
@@ -213,15 +213,17 @@ def train_opd(
     student.save_pretrained(out_dir / "adapter")
     shutil.rmtree(out_dir / ".rollout_adapter", ignore_errors=True)
 
-    edge = max(1, round(0.1 * p.steps))  # reverse_kl_start / _end: means over the first / last 10%
+    edge = max(
+        1, round(0.1 * p.steps)
+    )  # reverse_kl_topk_lb_start / _end: means over the first / last 10%
     total_s, tokens = steps_df["step_s"].sum(), steps_df["tokens"].sum()
     final = geometry.filter(pl.col("step") == p.steps).fill_nan(None)
     return {
         "steps": p.steps,
-        "reverse_kl_start": steps_df["reverse_kl_exact"].head(edge).mean(),
-        "reverse_kl_end": steps_df["reverse_kl_exact"].tail(edge).mean(),
-        "heldout_reverse_kl_before": kl_before,
-        "heldout_reverse_kl_after": kl_after,
+        "reverse_kl_topk_lb_start": steps_df["reverse_kl_topk_lb"].head(edge).mean(),
+        "reverse_kl_topk_lb_end": steps_df["reverse_kl_topk_lb"].tail(edge).mean(),
+        "heldout_reverse_kl_topk_lb_before": kl_before,
+        "heldout_reverse_kl_topk_lb_after": kl_after,
         "sampled_reverse_kl_mean": steps_df["reverse_kl_sampled"].mean(),
         "sampler_learner_kl_mean": steps_df["sampler_learner_kl"].mean(),
         "mean_response_length": steps_df["response_length"].mean(),

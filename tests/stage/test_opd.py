@@ -168,7 +168,9 @@ def test_twenty_steps_lower_the_exact_reverse_kl_to_a_different_teacher(workdir,
     with fixed_initial_state(student.get_base_model()):
         after = heldout_reverse_kl(student, teacher, tok, heldout, **measure)
     assert before > 0.0 and after < 0.7 * before, (before, after)  # measured: 0.019 -> 0.008
-    assert metrics["heldout_reverse_kl_after"] < metrics["heldout_reverse_kl_before"]
+    assert (
+        metrics["heldout_reverse_kl_topk_lb_after"] < metrics["heldout_reverse_kl_topk_lb_before"]
+    )
     steps = pl.read_csv(tmp_path / "out" / "steps.csv")
     assert steps.height == 20 and steps["sampler_learner_kl"].abs().max() < 1e-4
     assert all(torch.equal(v, frozen[k]) for k, v in student.named_parameters() if k in frozen)
@@ -220,14 +222,19 @@ def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir):
     assert {r.role for r in manifest.inputs} == {"student", "teacher", "train_data", "heldout"}
     assert set(opd.OUTPUTS) <= {p.name for p in out.iterdir()}
     m = manifest.metrics
-    for key in ("reverse_kl_start", "reverse_kl_end", "tokens_per_s", "teacher_scoring_share"):
+    for key in (
+        "reverse_kl_topk_lb_start",
+        "reverse_kl_topk_lb_end",
+        "tokens_per_s",
+        "teacher_scoring_share",
+    ):
         assert m[key] is not None and m[key] >= 0.0
     assert m["steps"] == 3 and 0.0 <= m["reward_mean"] <= 1.0
 
     steps = pl.read_csv(out / "steps.csv")  # the dvc plot's columns
     assert steps["step"].to_list() == [1, 2, 3]
     assert {
-        "reverse_kl_exact",
+        "reverse_kl_topk_lb",
         "reverse_kl_sampled",
         "sampler_learner_kl",
         "entropy",

@@ -13,9 +13,9 @@ from retroloop.losses import (
     distill_loss,
     divergence_from_logprobs,
     entropy_from_logits,
-    exact_reverse_kl_topk,
     opd_advantages,
     opd_pg_loss,
+    reverse_kl_topk_lower_bound,
     sampled_reverse_kl,
     teacher_topk_tail,
     topk_tail_logprobs,
@@ -181,13 +181,17 @@ def test_topk_tail_never_exceeds_exact_divergence(kind: str, k: int) -> None:
     assert (approx < exact - 1e-4).any()  # the bound is not trivially an equality
 
 
-def test_exact_reverse_kl_topk() -> None:
+def test_reverse_kl_topk_lower_bound() -> None:
     s, t = _logits(16, 24, seed=12), _logits(16, 24, seed=13)
     full = _ref_divergence(_probs64(t), _probs64(s), "reverse_kl")
-    np.testing.assert_allclose(exact_reverse_kl_topk(s, t, k=24).double().numpy(), full, rtol=1e-4)
-    np.testing.assert_allclose(exact_reverse_kl_topk(s, t, k=100).double().numpy(), full, rtol=1e-4)
-    assert (exact_reverse_kl_topk(s, t, k=4) <= torch.from_numpy(full).float() + 1e-6).all()
-    torch.testing.assert_close(exact_reverse_kl_topk(s, s, k=4), torch.zeros(16))
+    np.testing.assert_allclose(
+        reverse_kl_topk_lower_bound(s, t, k=24).double().numpy(), full, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        reverse_kl_topk_lower_bound(s, t, k=100).double().numpy(), full, rtol=1e-4
+    )
+    assert (reverse_kl_topk_lower_bound(s, t, k=4) <= torch.from_numpy(full).float() + 1e-6).all()
+    torch.testing.assert_close(reverse_kl_topk_lower_bound(s, s, k=4), torch.zeros(16))
 
 
 # --------------------------------------------------------------------------- distill_loss
@@ -348,7 +352,7 @@ def _token_logp(logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor) -> torch.T
 def test_student_equals_teacher_gives_exactly_zero_advantage_and_gradient() -> None:
     student, _, tokens, mask = _rollout()
     sampler = _token_logp(student, tokens)
-    baseline = exact_reverse_kl_topk(student.flatten(0, 1), student.flatten(0, 1), k=4)
+    baseline = reverse_kl_topk_lower_bound(student.flatten(0, 1), student.flatten(0, 1), k=4)
     for gamma in [0.0, 0.9]:
         adv = opd_advantages(
             sampler, sampler.clone(), mask, gamma=gamma, baseline_B_T=baseline.view(3, 7)
@@ -433,7 +437,7 @@ def test_discounted_advantage_matches_hand_computation() -> None:
 def test_vopd_baseline_centres_the_advantage() -> None:
     """With the exact reverse KL as baseline, E_{y~π_S}[A(y)] = 0 at every position (γ = 0)."""
     s, t = _logits(5, 12, seed=20), _logits(5, 12, seed=21)
-    baseline_N = exact_reverse_kl_topk(s, t, k=12)
+    baseline_N = reverse_kl_topk_lower_bound(s, t, k=12)
     s_logp, t_logp = s.log_softmax(-1), t.log_softmax(-1)  # every token y as one "sample" column
     adv = opd_advantages(
         s_logp,
