@@ -19,12 +19,19 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 180
 
 .PHONY: setup lock run test test-latest test-slow lint bench ui clean
 
+# A lock that no longer matches pyproject.toml stops every target but `make lock` with one line.
+ifeq ($(filter lock clean,$(MAKECMDGOALS)),)
+LOCK_ERROR := $(shell $(PYTHON) retroloop/envlock.py check 2>&1)
+ifneq ($(LOCK_ERROR),)
+$(error $(LOCK_ERROR))
+endif
+endif
+
 setup: $(STAMP)
 
 # Install exactly the lock (no resolver: --no-deps, every file checked against its hash),
 # remove what an older lock left behind, then retroloop itself without build isolation.
 $(STAMP): pyproject.toml $(LOCK)
-	@$(PYTHON) retroloop/envlock.py check
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	@extra=$$($(BIN)/python retroloop/envlock.py unlocked); \
