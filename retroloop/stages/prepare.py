@@ -35,7 +35,15 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
     domain = datasets.load_source(p.domain, seed=cfg.seed, key="prepare.domain")
     instruct = datasets.load_source(p.instructions, seed=cfg.seed, key="prepare.instructions")
     corpus = domain["text"].to_list() + instruct["prompt"].to_list()
-    model, tokenizer, provenance = load_source_model(p.model, cache_dir=MODEL_CACHE, corpus=corpus)
+    splits = {
+        "domain": datasets.split_train_eval(domain, p.eval_fraction, cfg.seed),
+        "instruct": datasets.split_train_eval(instruct, p.eval_fraction, cfg.seed),
+    }
+    # A model trained in code (the tiny profile) sees the train split only.
+    train_texts = splits["domain"][0]["text"].to_list() + splits["instruct"][0]["prompt"].to_list()
+    model, tokenizer, provenance = load_source_model(
+        p.model, cache_dir=MODEL_CACHE, corpus=corpus, train_texts=train_texts
+    )
     model.to(device)
 
     with atomic_artifact(out_dir, stage="prepare", kind="model") as w:
@@ -55,10 +63,6 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
         (model_dir / "retroloop_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
         w.outputs["model"] = "model"
 
-        splits = {
-            "domain": datasets.split_train_eval(domain, p.eval_fraction, cfg.seed),
-            "instruct": datasets.split_train_eval(instruct, p.eval_fraction, cfg.seed),
-        }
         instruct_train = splits["instruct"][0]
         if instruct_train["response"].null_count() > 0:
             responses = generate_responses(
@@ -96,6 +100,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
             "model_parameters": n_params,
             "num_hidden_layers": int(model.config.num_hidden_layers),
             **tokenizer_fingerprint(tokenizer),
+            **provenance.get("tiny_training", {}),
         }
         log.info("prepare: %s", w.metrics)
         return w.finish(

@@ -1,0 +1,234 @@
+"""The study (issue 13): does the retrofitted looped model earn its loops, and which settings?
+
+    python -m benchmarks.study                    # reduced: 8 distill steps, 4 held-out docs, 6 variants
+    python -m benchmarks.study --full             # 40 distill steps, 16 held-out docs (~90+ min)
+    python -m benchmarks.study --workdir DIR      # default data/study (never touches data/<stage>/)
+
+On the default model (SmolLM2-135M-Instruct, `profiles/study.yaml`), every variant gets the
+same training budget (distill steps, batch, LoRA, data order, teacher cache) and changes one
+thing against the `base` row (McLeish et al. 2025's comparisons; DESIGN.md §5):
+
+- init: pass-input `[0 | I]` (base) vs repeat-block `[I | 0]`, s_0 = e;
+- the contiguous split chosen by all-token (base) vs last-token angular distance;
+- distillation α = 0.1, T = 1 (base) vs the seed design's α = 0.5, T = 2;
+- 16 of 30 layers kept (P4-B8-C4, base) vs 24 of 30 (P6-B12-C6);
+- looped vs static: the same kept layers run once (R = 1, no loop), distilled the same way.
+
+Every model is scored teacher-forced on the same held-out pydoc documents: NLL and the exact
+full-vocabulary KL(teacher ‖ model) at R ∈ {1, 2, 4, 8}, with forward FLOPs per token
+(`retroloop.eval.scaling`). "recovered" = 1 − KL(distilled, best R) / KL(converted, R = 1): the
+share of the conversion's KL gap to the teacher that distillation closed.
+
+Writes DIR/results.json, DIR/study.md (the table) and DIR/study.png (NLL vs R per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "study.yaml"
+RS = (1, 2, 4, 8)
+# name -> dotted overrides of profiles/study.yaml (the base row has none); "static" = base split, no loop.
+KEEP24 = {"analyze.split.prelude_layers": 6, "analyze.split.block_layers": 12,
+          "analyze.split.coda_layers": 6}  # fmt: skip
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "static": {},
+    "repeat_block": {"convert.init": "repeat_block"},
+    "last_token": {"analyze.split.variant": "last_token"},
+    "keep24": KEEP24,
+    "alpha0.5_T2": {"distill.alpha": 0.5, "distill.temperature": 2.0},
+    "keep24_repeat_block": {**KEEP24, "convert.init": "repeat_block"},
+    "keep24_static": KEEP24,
+}
+# reduced: what fits ~40 min of a shared 2-core CPU; full: the issue's ~90 min study (idle CPU).
+SIZES = {
+    "reduced": {"distill.steps": 8, "docs": 4, "skip": ("keep24_repeat_block", "keep24_static"),
+                "prepare": {"prepare.teacher_responses.max_new_tokens": 24}},
+    "full": {"distill.steps": 40, "docs": 16, "skip": (), "prepare": {}},
+}  # fmt: skip
+
+log = logging.getLogger("study")
+
+
+def main(workdir: Path, size: str, only: list[str] | None = None, profile: Path = PROFILE) -> dict:
+    from retroloop.analysis import choose_split
+    from retroloop.config import load_params
+    from retroloop.eval.scaling import held_out, scaling_rows
+    from retroloop.models.loading import load_model, load_tokenizer
+    from retroloop.stages import analyze, cache_teacher, convert, distill, prepare
+    from retroloop.stages.static import build_static_model
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)  # the stages' default paths (data/...) now live under the study dir
+    steps = SIZES[size]["distill.steps"]
+    common = {"distill.steps": steps, **SIZES[size]["prepare"]}
+    cfg0 = load_params(profile, common)
+    t0 = time.perf_counter()
+    for stage, done in (
+        (prepare, "data/prepare"),
+        (analyze, "data/analyze"),
+        (cache_teacher, "data/cache_teacher"),
+    ):
+        if not Path(done, "manifest.json").is_file():
+            stage.run(cfg0)
+    log.info("upstream ready after %.0f s", time.perf_counter() - t0)
+    table = pl.read_parquet("data/analyze/layer_scores.parquet")
+    N = json.loads(Path("data/analyze/split.json").read_text())["num_layers"]
+
+    teacher = load_model("data/prepare/model")
+    tokenizer = load_tokenizer("data/prepare/model")
+    docs = pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"].head(
+        SIZES[size]["docs"]
+    )
+    data = held_out(
+        teacher, tokenizer, docs.to_list(), max_seq_len=cfg0.prepare.max_seq_len, batch_size=4
+    )
+    results_path = Path("results.json")
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if "teacher" not in results:
+        results["teacher"] = {"rows": scaling_rows(teacher, data, None)}
+    del teacher
+
+    for name, overrides in VARIANTS.items():
+        if (only and name not in only) or name in results or name in SIZES[size]["skip"]:
+            continue
+        t1 = time.perf_counter()
+        cfg = load_params(profile, {**common, **overrides})
+        vdir = Path("variants") / name
+        if vdir.exists():
+            shutil.rmtree(vdir)
+        vdir.mkdir(parents=True)
+        split = choose_split(cfg.analyze.split, N, table)
+        (vdir / "split.json").write_text(json.dumps({**split.as_dict(), "num_layers": N}) + "\n")
+        cache = Path("data/cache_teacher")
+        if cfg.distill.temperature != cfg0.cache_teacher.temperature:
+            cache = Path(f"data/cache_teacher_T{cfg.distill.temperature:g}")
+            if not (cache / "manifest.json").is_file():
+                t_cfg = load_params(
+                    profile, {**common, "cache_teacher.temperature": cfg.distill.temperature}
+                )
+                cache_teacher.run(t_cfg, out_dir=cache)
+        if name.endswith("static"):
+            student = vdir / "static_model"
+            build_static_model(Path("data/prepare/model"), split.as_dict(), student)
+        else:
+            convert.run(cfg, inputs={"split": vdir / "split.json"}, out_dir=vdir / "convert")
+            student = vdir / "convert" / "model"
+        m = distill.run(cfg, inputs={"student": student, "teacher_cache": cache},
+                        out_dir=vdir / "distill", checkpoint_dir=vdir / "checkpoints")  # fmt: skip
+        rec: dict = {"split": split.as_dict(), "overrides": overrides, "distill": m.metrics}
+        base_model = load_model(student)
+        rec["converted"] = scaling_rows(base_model, data, RS)
+        from peft import PeftModel
+
+        trained = (
+            PeftModel.from_pretrained(base_model, vdir / "distill" / "adapter")
+            .merge_and_unload()
+            .eval()
+        )
+        rec["distilled"] = scaling_rows(trained, data, RS)
+        rec["seconds"] = time.perf_counter() - t1
+        results[name] = rec
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        log.info("%s done in %.0f s: %s", name, rec["seconds"], rec["distilled"])
+        shutil.rmtree(vdir / "checkpoints", ignore_errors=True)
+    write_table(results, steps, SIZES[size]["docs"])
+    return results
+
+
+def summary(results: dict) -> list[dict]:
+    """One row per variant: split, KL of converted (R=1) and distilled (per R), recovered share."""
+    rows = []
+    for name, rec in results.items():
+        if name == "teacher":
+            continue
+        by_r = {row["R"]: row for row in rec["distilled"]}
+        conv1 = rec["converted"][0]
+        best_r = min(by_r, key=lambda r: by_r[r]["nll"] if r is not None else 0)
+        kl_best = by_r[best_r]["kl"]
+        s = rec["split"]
+        rows.append({
+            "variant": name,
+            "block": f"{s['block'][0]}-{s['block'][-1]}",
+            "kept": len(s["prelude"]) + len(s["block"]) + len(s["coda"]),
+            "distill KL start→end": f"{rec['distill']['kl_start']:.2f}→{rec['distill']['kl_end']:.2f}",
+            "KL conv R=1": conv1["kl"],
+            **{f"NLL R={r}": by_r[r]["nll"] for r in RS if r in by_r},
+            **({"NLL (static)": by_r[None]["nll"]} if None in by_r else {}),
+            **{f"KL R={r}": by_r[r]["kl"] for r in (1, 4) if r in by_r},
+            "best R": best_r or 1,
+            "recovered": 1 - kl_best / conv1["kl"],
+            "GFLOP/tok at best R": by_r[best_r]["flops_per_token"] / 1e9,
+            "minutes": rec["seconds"] / 60,
+        })  # fmt: skip
+    return rows
+
+
+def write_table(results: dict, steps: int, docs: int) -> None:
+    rows = summary(results)
+    teacher = results["teacher"]["rows"][0]
+    cols = sorted(
+        {k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99
+    )
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [f"teacher: NLL {teacher['nll']:.3f}, {teacher['flops_per_token'] / 1e9:.3f} GFLOP/token; "
+             f"{steps} distill steps per variant, {docs} held-out docs\n",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    Path("study.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(results, teacher["nll"])
+
+
+def _plot(results: dict, teacher_nll: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rec in results.items():
+        if name == "teacher":
+            continue
+        rows = rec["distilled"]
+        if rows[0]["R"] is None:
+            ax.axhline(rows[0]["nll"], ls="--", color="grey", label=f"{name} (R=1, no loop)")
+        else:
+            ax.plot([r["R"] for r in rows], [r["nll"] for r in rows], marker="o", label=name)
+    ax.axhline(teacher_nll, ls=":", color="black", label="teacher")
+    ax.set(xscale="log", xticks=list(RS), xticklabels=[str(r) for r in RS], xlabel="recurrence R",
+           ylabel="held-out NLL (nats/token)", title="distilled looped models vs R (equal budget)")  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig("study.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "data" / "study")
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--only", nargs="*")
+    parser.add_argument(
+        "--profile", type=Path, default=PROFILE, help="e.g. profiles/tiny.yaml (smoke run)"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.manual_seed(0)
+    main(
+        args.workdir.resolve(),
+        "full" if args.full else "reduced",
+        args.only,
+        args.profile.resolve(),
+    )

@@ -1,0 +1,107 @@
+"""static: the baseline the looped model must beat — the same kept layers, run once, no loop.
+
+Reads:  data/prepare/model (role `base_model`), data/analyze/split.json (role `split`),
+        data/cache_teacher (role `teacher_cache`), data/prepare/datasets/*_train.parquet
+Writes: data/static/model/    the source with only the split's prelude + block + coda layers
+                              (a plain Llama / Qwen2 `save_pretrained` dir: R = 1, no adapter)
+        data/static/adapter/  PEFT LoRA adapter, distilled exactly as `distill` trains the looped
+                              student: same data order, steps, LoRA, loss, teacher cache
+        data/static/steps.csv, metrics.json, manifest.json
+Run:    retroloop stage static
+
+McLeish et al. 2025's central comparison (DESIGN.md §5, "the comparison that matters"): a
+looped model is worth its loops only if it beats a static model with the same kept layers
+trained on the same data with the same budget. `static.enabled: false` writes the model only
+(no training), so the default profile can skip the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from retroloop.artifacts import Manifest, atomic_artifact, input_ref, read_manifest
+from retroloop.config import Params
+from retroloop.models.loading import load_model, load_tokenizer
+from retroloop.models.recurrent import drop_layers
+from retroloop.stages import distill
+from retroloop.stages.common import (
+    BASE_MODEL,
+    DATA,
+    PATHS,
+    dataset_path,
+    resolve_inputs,
+    setup_run,
+)
+
+log = logging.getLogger(__name__)
+
+SCRATCH = DATA / "checkpoints" / "static"  # the static model + distill run before they are moved
+
+
+def build_static_model(base_model: Path, split: dict, out: Path) -> None:
+    """Save the source with only the split's kept layers (prelude + block + coda, in order)."""
+    source = load_model(base_model, "float32", "cpu")
+    kept = split["prelude"] + split["block"] + split["coda"]
+    model = drop_layers(source, kept)
+    model.save_pretrained(out)
+    load_tokenizer(base_model).save_pretrained(out)
+
+
+def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["static"]) -> Manifest:
+    device = setup_run(cfg)
+    paths = resolve_inputs(
+        inputs,
+        {
+            "base_model": BASE_MODEL,
+            "split": PATHS["analyze"] / "split.json",
+            "teacher_cache": PATHS["cache_teacher"],
+            "train_instruct": dataset_path("instruct", "train"),
+            "train_domain": dataset_path("domain", "train"),
+        },
+    )
+    split = json.loads(Path(paths["split"]).read_text())
+    scratch = Path(out_dir).parent / "checkpoints" / Path(out_dir).name
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    build_static_model(paths["base_model"], split, scratch / "model")
+    trained = None
+    if cfg.static.enabled:
+        trained = distill.run(
+            cfg,
+            inputs={
+                "student": scratch / "model",
+                "teacher_cache": paths["teacher_cache"],
+                "train_instruct": paths["train_instruct"],
+                "train_domain": paths["train_domain"],
+            },
+            out_dir=scratch / "distill",
+            checkpoint_dir=scratch / "checkpoints",
+        )
+
+    with atomic_artifact(out_dir, stage="static", kind="model") as w:
+        for role in ("base_model", "split", "teacher_cache", "train_instruct", "train_domain"):
+            w.inputs.append(input_ref(role, paths[role]))
+        shutil.move(scratch / "model", w.dir / "model")
+        w.outputs["model"] = "model"
+        kept = split["prelude"] + split["block"] + split["coda"]
+        w.metrics = {"kept_layers": len(kept), "layers": kept, "trained": trained is not None}
+        if trained is not None:
+            name = "adapter" if cfg.distill.lora.enabled else "model_trained"
+            src = scratch / "distill" / ("adapter" if cfg.distill.lora.enabled else "model")
+            shutil.move(src, w.dir / name)
+            shutil.copy(scratch / "distill" / "steps.csv", w.dir / "steps.csv")
+            w.outputs[name] = "adapter" if name == "adapter" else "model"
+            w.outputs["steps.csv"] = "report"
+            w.metrics.update(read_manifest(scratch / "distill").metrics)
+        manifest = w.finish(
+            params={**cfg.section("distill"), "static": cfg.static.model_dump()},
+            params_sha256=cfg.section_sha256("distill"),
+            seed=cfg.seed,
+            device=str(device),
+        )
+    shutil.rmtree(scratch, ignore_errors=True)
+    return manifest
