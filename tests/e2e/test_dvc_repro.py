@@ -9,28 +9,21 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from retroloop.config import STAGES
+from tests.e2e.conftest import Built, clone_built, sh
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
 def _sh(cmd: list[str], cwd: Path, timeout: int = 900, stdout_only: bool = False) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}"
-    return proc.stdout if stdout_only else out
+    proc = sh(cmd, cwd, timeout=timeout)
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 def _ran(output: str) -> list[str]:
@@ -38,34 +31,12 @@ def _ran(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dst = tmp_path_factory.mktemp("repo")
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in listed:
-        src = REPO / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    (dst / "dvc.lock").unlink(missing_ok=True)
-    shutil.copy2(REPO / "profiles" / "tiny.yaml", dst / "params.yaml")
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
-    ):
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
-    return dst
+def repo_copy(tiny_built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return clone_built(tiny_built, tmp_path_factory.mktemp("repro") / "repo")
 
 
-def test_repro_runs_every_stage_then_nothing(repo_copy: Path) -> None:
-    first = _sh(["dvc", "repro"], repo_copy)
-    assert _ran(first) == list(STAGES)
+def test_repro_runs_every_stage_then_nothing(repo_copy: Path, tiny_built: Built) -> None:
+    assert _ran(tiny_built.repro_log) == list(STAGES)  # the shared build's first `dvc repro`
     for name in STAGES:
         manifest = json.loads((repo_copy / "data" / name / "manifest.json").read_text())
         assert manifest["stage"] == name
