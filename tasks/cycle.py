@@ -108,10 +108,31 @@ def sft_baseline(state: CycleState, snapshot: dict) -> dict[str, Any]:
 
 @task(name="register", cache_policy=NO_CACHE)
 def register(state: CycleState, claim: registry.Claim, work_dir: str) -> str:
-    """Publish the cycle, then show its phase table and report on the flow run."""
+    """Publish the cycle, put it under DVC, then show its phase table and report on the run."""
     out = cycle.register(state, claim, Path(work_dir))
+    track_with_dvc(out)
     publish_report(state, out)
     return str(out)
+
+
+def track_with_dvc(cycle_dir: Path) -> Path | None:
+    """`dvc add` a registered cycle: `cycle-NNNN.dvc` beside it (git-tracked; .gitignore lets
+    registry/cycles/*.dvc through) and its files in the DVC cache, so `dvc push` / `dvc pull`
+    carry the registry like the pipeline's outputs and `retroloop lineage` works after a pull.
+    A cycle never changes once registered, so one .dvc file per cycle never conflicts with a
+    concurrent cycle. Outside a DVC repository the cycle is left untracked, with a warning."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    cycle_dir = Path(cycle_dir).resolve()
+    try:
+        root = Repo.find_root(str(cycle_dir))
+    except NotDvcRepoError:
+        log.warning("%s is outside any DVC repository: not tracked, dvc push won't carry it", cycle_dir)  # fmt: skip
+        return None
+    with Repo(root) as repo:
+        repo.add([str(cycle_dir)])
+    return cycle_dir.with_name(cycle_dir.name + ".dvc")
 
 
 def publish_report(state: CycleState, out: Path) -> None:
