@@ -27,6 +27,7 @@ STAGES: tuple[str, ...] = (
     "convert",
     "cache_teacher",
     "distill",
+    "static",
     "opd",
     "evaluate",
 )

@@ -14,7 +14,9 @@ Writes: data/evaluate/metrics.json            {"models": {name: {...}}, "recover
 Run:    retroloop stage evaluate
 
 Four models, the same prompts and decoding for each: teacher, converted (R = the model's
-default), distilled (converted + distill adapter) and opd (converted + OPD adapter). IFEval
+default), distilled (converted + distill adapter) and opd (converted + OPD adapter), plus the
+static baseline (data/static: the same kept layers, R = 1, no loop, distilled with the same
+budget) when `static.enabled` and it was trained. Every model reports `gflops_per_token`. IFEval
 is greedy; KL to the teacher uses seeded temperature-1 samples of each model. Adapters are
 merged into a fresh copy of the converted model before evaluation (same outputs, faster).
 
@@ -39,6 +41,7 @@ from retroloop.config import Params
 from retroloop.errors import ArtifactError, MismatchError
 from retroloop.eval.generation import encode_chat_prompts
 from retroloop.eval.report import recovery_table, write_report
+from retroloop.eval.scaling import flops_per_token
 from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
 from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
@@ -116,6 +119,15 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evalu
             adapter_role="opd_adapter",
         ),
     }
+    # The static baseline (stage `static`): the same kept layers, R = 1, no loop, same budget.
+    static_dir = Path((inputs or {}).get("static", PATHS["static"]))
+    if cfg.static.enabled and (static_dir / "adapter" / "adapter_config.json").is_file():
+        specs["static"] = ModelSpec(
+            static_dir / "model",
+            static_dir / "adapter",
+            model_role="static_model",
+            adapter_role="static_adapter",
+        )
     return write_evaluation(
         cfg,
         specs,
@@ -211,6 +223,9 @@ def evaluate_models(
         )
         if R is not None:
             metrics["recurrence"] = R
+        metrics["gflops_per_token"] = (
+            flops_per_token(model, R) / 1e9
+        )  # forward, linear layers + head
         metrics["guard_cached_generate_max_abs_logp_diff"] = guard["max_abs_logp_diff"]
         models[name] = metrics
         if name in scaling:

@@ -17,6 +17,7 @@ trained on the same data with the same budget. `static.enabled: false` writes th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -29,7 +30,6 @@ from retroloop.models.recurrent import drop_layers
 from retroloop.stages import distill
 from retroloop.stages.common import (
     BASE_MODEL,
-    DATA,
     PATHS,
     dataset_path,
     resolve_inputs,
@@ -37,8 +37,6 @@ from retroloop.stages.common import (
 )
 
 log = logging.getLogger(__name__)
-
-SCRATCH = DATA / "checkpoints" / "static"  # the static model + distill run before they are moved
 
 
 def build_static_model(base_model: Path, split: dict, out: Path) -> None:
@@ -89,7 +87,11 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["stati
         w.outputs["model"] = "model"
         kept = split["prelude"] + split["block"] + split["coda"]
         w.metrics = {"kept_layers": len(kept), "layers": kept, "trained": trained is not None}
-        if trained is not None:
+        if trained is None:  # dvc declares adapter/: leave a note instead of an adapter
+            (w.dir / "adapter").mkdir()
+            (w.dir / "adapter" / "NOT_TRAINED").write_text("static.enabled: false\n")
+            w.outputs["adapter"] = "report"
+        else:
             name = "adapter" if cfg.distill.lora.enabled else "model_trained"
             src = scratch / "distill" / ("adapter" if cfg.distill.lora.enabled else "model")
             shutil.move(src, w.dir / name)
@@ -97,9 +99,10 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["stati
             w.outputs[name] = "adapter" if name == "adapter" else "model"
             w.outputs["steps.csv"] = "report"
             w.metrics.update(read_manifest(scratch / "distill").metrics)
+        params = {**cfg.section("distill"), "static": cfg.static.model_dump()}
         manifest = w.finish(
-            params={**cfg.section("distill"), "static": cfg.static.model_dump()},
-            params_sha256=cfg.section_sha256("distill"),
+            params=params,
+            params_sha256=hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest(),
             seed=cfg.seed,
             device=str(device),
         )
