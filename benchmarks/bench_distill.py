@@ -152,13 +152,13 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         base = student.get_base_model() if hasattr(student, "get_base_model") else student
 
         def checkpointed_step() -> None:
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
             try:
                 step(next(calls["cached_checkpointed"]), None, cache)
             finally:
-                base.gradient_checkpointing_disable()
+                base.activation_checkpointing_disable()
 
         variants = {
             "cached": lambda: step(next(calls["cached"]), None, cache),

@@ -287,7 +287,9 @@ def load_student(path: Path, cfg: Params, device: torch.device) -> torch.nn.Modu
     """
     model = load_model(path, cfg.dtype, device)
     if cfg.distill.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     lc = cfg.distill.lora
     if lc.enabled:
         from peft import get_peft_model

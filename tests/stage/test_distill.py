@@ -184,8 +184,8 @@ def test_head_on_trained_rows_and_chunked_loss_equal_the_full_logits_loss(workdi
     ref_loss, ref_grads = run(None)
     for chunk, checkpointed in ((0, False), (3, False), (0, True)):
         if checkpointed:  # activation checkpointing of every decoder-layer call: same numbers
-            model.get_base_model().gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            model.get_base_model().activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
             assert all(layer.gradient_checkpointing for layer in model.get_base_model().model.block)
         loss, grads = run(chunk)
