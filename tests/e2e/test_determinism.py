@@ -4,8 +4,8 @@ when the Prefect flow runs them with result persistence on (issue 11).
 A second clean tiny build is compared with the session's shared build (every stage's
 `content_sha256` must match). Then, in the second build, one distill param changes and
 `retroloop run` (the Prefect flow, `PREFECT_RESULTS_PERSIST_BY_DEFAULT=true`) must run
-exactly distill, opd and evaluate, leave `dvc status` clean and every recorded parent hash
-equal to the parent's current hash (`retroloop verify` checks that).
+exactly distill, static (trained with distill's budget), opd and evaluate, leave `dvc status`
+clean and every recorded parent hash equal to the parent's current hash (`retroloop verify` checks that).
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ def test_prefect_run_after_a_param_change_reruns_exactly_downstream(second: Buil
     out = sh(["retroloop", "run"], repo, timeout=900, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
     ran = [r["stage"] for r in result if r["status"] == "ran"]
-    assert ran == ["distill", "opd", "evaluate"], result
+    assert ran == ["distill", "static", "opd", "evaluate"], result
 
     after = _hashes(repo)
     changed = [name for name in STAGES if after[name] != before[name]]
-    assert changed == ["distill", "opd", "evaluate"]
+    assert changed == ["distill", "static", "opd", "evaluate"]
     assert "up to date" in sh(["dvc", "status"], repo).stdout
     assert "BAD" not in sh(["retroloop", "verify"], repo).stdout  # parent hashes match
     opd = json.loads((repo / "data/opd/manifest.json").read_text())

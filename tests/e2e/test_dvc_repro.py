@@ -66,7 +66,7 @@ def test_changing_a_distill_param_reruns_only_distill_and_after(repo_copy: Path)
     params["distill"]["lr"] = params["distill"]["lr"] * 2
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _sh(["dvc", "repro"], repo_copy)
-    assert _ran(out) == ["distill", "opd", "evaluate"]
+    assert _ran(out) == ["distill", "static", "opd", "evaluate"]
 
 
 def test_prefect_flow_honours_dvc_skip_logic(repo_copy: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from helpers_distill import TINY, tiny, workdir  # noqa: F401  (fixture)
 from safetensors.torch import load_file
 
-from retroloop.artifacts import hash_tree, input_ref, read_manifest
+from retroloop.artifacts import MANIFEST, hash_tree, input_ref, read_manifest, write_json_atomic
 from retroloop.errors import ArtifactError, MismatchError
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.stages import cache_teacher, distill
@@ -78,7 +78,7 @@ def test_lora_distillation_moves_lora_and_recurrence_adapter_but_not_the_base(wo
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(workdir, monkeypatch) -> None:  # noqa: F811
-    cfg = tiny()
+    cfg = tiny(**{"distill.steps": 4})
     ref = distill.run(cfg, out_dir=Path("data/ref"))
 
     def die(step: int) -> None:
@@ -226,6 +226,12 @@ def test_a_student_with_another_chat_template_is_refused(workdir) -> None:  # no
     tok = load_tokenizer(STUDENT)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     tok.save_pretrained(STUDENT)
+    # Re-seal data/convert as a whole artifact, so the refusal is the template check's, not the
+    # input verification's (which refuses a student edited behind its manifest's back).
+    owner = STUDENT.parent
+    content, files = hash_tree(owner)
+    sealed = read_manifest(owner).model_copy(update={"content_sha256": content, "files": files})
+    write_json_atomic(owner / MANIFEST, sealed.model_dump(mode="json"))
     with pytest.raises(MismatchError, match="chat template"):
         distill.run(tiny())
 

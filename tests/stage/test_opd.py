@@ -68,7 +68,7 @@ def student_with_lora(r: int = 4, randomise_b: bool = False) -> torch.nn.Module:
         with torch.no_grad():
             for name, param in student.named_parameters():
                 if "lora_B" in name:
-                    param.normal_(0.0, 0.02)
+                    param.normal_(0.0, 0.1)
     return student.eval()
 
 
@@ -149,7 +149,8 @@ def test_prompt_tokens_receive_no_gradient(workdir):
 
 def test_twenty_steps_lower_the_exact_reverse_kl_to_a_different_teacher(workdir, tmp_path):
     # Teacher = the looped model; student = the same model + a LoRA whose B is randomised away
-    # from it (a fresh LoRA would equal the teacher exactly).
+    # from it (a fresh LoRA would equal the teacher exactly; B ~ N(0, 0.1): the trained tiny
+    # teacher barely moves under a smaller perturbation).
     tok, student, teacher = (
         load_tokenizer(STUDENT),
         student_with_lora(r=4, randomise_b=True),
@@ -167,7 +168,7 @@ def test_twenty_steps_lower_the_exact_reverse_kl_to_a_different_teacher(workdir,
     )  # fmt: skip
     with fixed_initial_state(student.get_base_model()):
         after = heldout_reverse_kl(student, teacher, tok, heldout, **measure)
-    assert before > 0.0 and after < 0.7 * before, (before, after)  # measured: 0.019 -> 0.008
+    assert before > 0.0 and after < 0.7 * before, (before, after)
     assert (
         metrics["heldout_reverse_kl_topk_lb_after"] < metrics["heldout_reverse_kl_topk_lb_before"]
     )
