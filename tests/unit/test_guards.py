@@ -107,9 +107,7 @@ def test_rollout_guard_refuses_a_sampler_that_drops_its_cache(chat, dropped_cach
         )  # fmt: skip
 
 
-def test_rollout_guard_refuses_teacher_scoring_that_differs_from_a_plain_forward(
-    chat, monkeypatch
-):
+def test_rollout_guard_refuses_teacher_scoring_that_differs_from_a_plain_forward(chat, monkeypatch):
     teacher, student, tok = chat
     scorer = onpolicy.logits_at
 
