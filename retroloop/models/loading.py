@@ -103,9 +103,11 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     if not path.is_file():
         raise ModelError(f"prepare.model.path: {path} does not exist")
     log.info("dequantising %s (once; 0.5-4 min on a 2-core CPU)", path.name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path.parent, gguf_file=path.name, trust_remote_code=False
+    )
     model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
+        path.parent, gguf_file=path.name, dtype=torch.float32, trust_remote_code=False
     )
     # The weights are dequantised to fp32 on load; drop the GGUF "quantizer" so the model is an
     # ordinary one: save_pretrained refuses a config that claims to be quantised, and .float()
@@ -267,8 +269,10 @@ def load_source_model(
         case "hf":
             provenance.update(hf_id=src.hf_id)
             try:
-                tokenizer = AutoTokenizer.from_pretrained(src.hf_id)
-                model = AutoModelForCausalLM.from_pretrained(src.hf_id, dtype=torch.float32)
+                tokenizer = AutoTokenizer.from_pretrained(src.hf_id, trust_remote_code=False)
+                model = AutoModelForCausalLM.from_pretrained(
+                    src.hf_id, dtype=torch.float32, trust_remote_code=False
+                )
             except OSError as err:
                 raise ModelError(
                     f"prepare.model.hf_id: cannot load {src.hf_id!r} from the hub ({str(err).splitlines()[0]}); "
@@ -309,12 +313,12 @@ def load_model(
         raise ModelError(
             f"{path}: not a model directory (no config.json); run the stage that writes it"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
     return model.to(device).eval()
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(Path(path))
+    tokenizer = AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
