@@ -85,26 +85,26 @@ def test_cached_generate_refuses_a_model_that_drops_its_cache(looped, dropped_ca
         )
 
 
-def test_rollout_guard_agrees_on_a_correct_student_and_teacher(chat):
+def guard_rollouts(chat) -> dict:
+    """The OPD guard on the looped student (R = 2), sampled by the transformers engine."""
     teacher, student, tok = chat
     engine = TransformersEngine(student, tok, generate_kwargs={"num_recurrence": 2})
-    result = check_rollouts(
+    return check_rollouts(
         engine, student, teacher, PROMPTS, pad_id=tok.pad_token_id, seed=0,
         student_kwargs={"num_recurrence": 2},
     )  # fmt: skip
+
+
+def test_rollout_guard_agrees_on_a_correct_student_and_teacher(chat):
+    result = guard_rollouts(chat)
     assert result["tokens"] > 0
     assert result["sampler_vs_learner_max_abs_logp_diff"] < 1e-4
     assert result["teacher_scoring_max_abs_logp_diff"] < 1e-4
 
 
 def test_rollout_guard_refuses_a_sampler_that_drops_its_cache(chat, dropped_cache):
-    teacher, student, tok = chat
-    engine = TransformersEngine(student, tok, generate_kwargs={"num_recurrence": 2})
     with pytest.raises(GuardError, match="guard sampler_vs_learner failed"):
-        check_rollouts(
-            engine, student, teacher, PROMPTS, pad_id=tok.pad_token_id, seed=0,
-            student_kwargs={"num_recurrence": 2},
-        )  # fmt: skip
+        guard_rollouts(chat)
 
 
 def test_rollout_guard_refuses_teacher_scoring_that_differs_from_a_plain_forward(chat, monkeypatch):
@@ -116,9 +116,5 @@ def test_rollout_guard_refuses_teacher_scoring_that_differs_from_a_plain_forward
         return logits + 0.5 * torch.randn_like(logits) if model is teacher else logits
 
     monkeypatch.setattr(onpolicy, "logits_at", skewed)
-    engine = TransformersEngine(student, tok, generate_kwargs={"num_recurrence": 2})
     with pytest.raises(GuardError, match="guard teacher_scoring failed"):
-        check_rollouts(
-            engine, student, teacher, PROMPTS, pad_id=tok.pad_token_id, seed=0,
-            student_kwargs={"num_recurrence": 2},
-        )  # fmt: skip
+        guard_rollouts(chat)
