@@ -6,7 +6,9 @@ import ast
 import importlib
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import yaml
 
 from retroloop.config import STAGES, Params
@@ -113,12 +115,74 @@ def test_upstream_outputs_feed_downstream_deps() -> None:
             produced.add(next(iter(out)) if isinstance(out, dict) else out)
 
 
-def test_tasks_and_flows_list_the_same_stages() -> None:
-    from flows.pipeline import dvc_stage_names
-    from tasks.stages import STAGE_TASKS
+def _prefect_tasks() -> list:
+    """The Prefect task objects tasks/stages.py defines (module globals and STAGE_TASKS)."""
+    from prefect import Task
 
-    assert list(STAGE_TASKS) == list(STAGES)
-    assert dvc_stage_names(REPO / "dvc.yaml") == list(STAGES)
+    import tasks.stages as module
+
+    found = [v for v in vars(module).values() if isinstance(v, Task)]
+    found += [v for v in module.STAGE_TASKS.values() if isinstance(v, Task)]
+    return list({id(t): t for t in found}.values())
+
+
+def test_each_prefect_task_runs_the_stage_it_is_named_after(monkeypatch, tmp_path) -> None:
+    """Three sources that must agree: dvc.yaml's stages, the task names the UI shows, and the
+    `retroloop.stages.<name>` module each task's body imports and runs (stubbed: no stage runs)."""
+    import tasks.stages as module
+
+    ran: list[str] = []
+
+    def import_module(name: str) -> SimpleNamespace:
+        def run(cfg):
+            ran.append(name)
+            return SimpleNamespace(content_sha256=f"sha-{name}")
+
+        return SimpleNamespace(run=run)
+
+    monkeypatch.setattr(module, "importlib", SimpleNamespace(import_module=import_module))
+    monkeypatch.setattr(module, "load_params", lambda path: "cfg")
+    monkeypatch.setattr(module, "publish_manifest", lambda manifest, key: None)
+    monkeypatch.setenv("RETROLOOP_PREFECT_RUN_ID", "")
+    monkeypatch.chdir(tmp_path)  # no data/<stage>/report.md here
+    found = _prefect_tasks()
+    assert sorted(t.name for t in found) == sorted(DVC)
+    for task in found:
+        ran.clear()
+        result = task.fn(params_path="params.yaml", up_to_date=False)
+        assert ran == [f"retroloop.stages.{task.name}"], (task.name, ran)
+        sha = f"sha-retroloop.stages.{task.name}"  # the manifest that module's run returned
+        assert result == {"stage": task.name, "status": "ran", "content_sha256": sha}
+    for key, task in module.STAGE_TASKS.items():
+        assert task.name == key
+
+
+def test_the_pipeline_flow_asks_dvc_then_calls_each_task_in_dvc_yaml_order(monkeypatch) -> None:
+    """Run the flow's body with the tasks replaced by recorders (each records its task's own
+    name) and DVC calling every stage current: the calls must follow dvc.yaml, one per stage,
+    and the flow must ask DVC about the stage it then calls."""
+    import flows.pipeline as pipeline
+
+    asked: list[str] = []
+    called: list[tuple[str, bool]] = []
+
+    def recorder(task):
+        def call(params_path: str, up_to_date: bool) -> dict:
+            called.append((task.name, up_to_date))
+            return {"stage": task.name, "status": "skipped", "content_sha256": None}
+
+        return call
+
+    monkeypatch.setattr(
+        pipeline, "STAGE_TASKS", {k: recorder(t) for k, t in pipeline.STAGE_TASKS.items()}
+    )
+    monkeypatch.setattr(pipeline, "stage_is_current", lambda name: asked.append(name) or True)
+    monkeypatch.setattr(pipeline, "commit_stage", lambda name: pytest.fail(f"committed {name}"))
+    monkeypatch.chdir(REPO)  # the flow reads ./dvc.yaml
+    result = pipeline.pipeline_flow.fn(params_path="params.yaml")
+    assert asked == list(DVC)
+    assert called == [(name, True) for name in DVC]
+    assert [r["stage"] for r in result] == list(DVC)
 
 
 def test_core_never_imports_prefect_or_dvc() -> None:
