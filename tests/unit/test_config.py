@@ -84,12 +84,12 @@ def test_a_frozen_adapter_is_fine_when_the_init_already_loops() -> None:
 def test_overrides_apply_dotted_keys(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"distill": {"steps": 3}}))
-    assert (
-        load_params(
-            path, {"distill.lr": 0.5, "opd.rollout.max_new_tokens": 7}
-        ).opd.rollout.max_new_tokens
-        == 7
-    )
+    cfg = load_params(path, {"distill.lr": 0.5, "opd.rollout.max_new_tokens": 7})
+    assert cfg.distill.lr == 0.5 and cfg.opd.rollout.max_new_tokens == 7
+    # Siblings keep the file's value or the default; the same key in another section is untouched.
+    assert cfg.distill.steps == 3
+    assert cfg.opd.lr == Params().opd.lr != 0.5
+    assert cfg.opd.rollout.temperature == Params().opd.rollout.temperature
 
 
 def test_section_hash_changes_only_with_its_section() -> None:
