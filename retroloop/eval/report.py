@@ -42,6 +42,7 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("ifeval_inst_loose", "IFEval inst loose", True),
     ("kl_to_teacher", "KL to teacher", False),
     ("domain_nll", "domain NLL", False),
+    ("domain_forward_kl", "domain KL(teacher‖model)", False),
     ("domain_ppl", "domain PPL", False),
     ("instruct_nll", "instruct NLL", False),
     ("gsm8k_accuracy", "GSM8K acc", True),
@@ -49,6 +50,7 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
 # The metrics whose recovery fraction the report gives (DESIGN.md §1, evaluate).
 RECOVERY_METRICS: tuple[str, ...] = (
     "domain_nll",
+    "domain_forward_kl",
     "kl_to_teacher",
     "ifeval_prompt_strict",
     "ifeval_inst_loose",
@@ -206,13 +208,27 @@ def render_markdown(metrics: Mapping[str, Any], *, title: str = "retroloop evalu
 
     scaling = metrics.get("recurrence_scaling") or {}
     if scaling:
-        out.append("\n## Held-out domain NLL vs recurrence count R\n\n")
         rs = sorted({int(k.removeprefix("R")) for v in scaling.values() for k in v})
-        rows = [
-            {"model": n, **{f"R{r}": v.get(f"R{r}", {}).get("domain_nll") for r in rs}}
-            for n, v in scaling.items()
-        ]
-        out.append(markdown_table(rows, [("model", "model"), *[(f"R{r}", f"R={r}") for r in rs]]))
+        models = metrics.get("models") or {}
+        # The plain models (teacher, static: one pass, no loop) as reference rows beside the
+        # looped models' curves: same held-out documents, same metrics.
+        plain = [n for n in models if n not in scaling and models[n].get("recurrence") is None]
+        for key, title in (
+            ("domain_nll", "Held-out domain NLL"),
+            ("domain_forward_kl", "Held-out domain KL(teacher ‖ model), full vocabulary"),
+            ("gflops_per_token", "Forward GFLOP per token"),
+        ):
+            if not any(key in row for v in scaling.values() for row in v.values()):
+                continue
+            out.append(f"\n## {title} vs recurrence count R\n\n")
+            rows = [
+                {"model": n, **{f"R{r}": v.get(f"R{r}", {}).get(key) for r in rs}}
+                for n, v in scaling.items()
+            ]
+            rows += [{"model": f"{n} (no loop)", "R1": models[n].get(key)} for n in plain]
+            out.append(
+                markdown_table(rows, [("model", "model"), *[(f"R{r}", f"R={r}") for r in rs]])
+            )
         out.append("\n![recurrence scaling](recurrence_scaling.png)\n")
     out.append("\n![models](models.png)\n")
     return "".join(out)
@@ -265,21 +281,43 @@ def plot_recurrence(
     scaling: Mapping[str, Mapping[str, Mapping[str, float]]],
     path: Path,
     *,
-    metric: str = "domain_nll",
+    models: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Held-out NLL vs R, one line per model."""
+    """Held-out NLL and KL(teacher ‖ model) vs R: one line per looped model, one dashed
+    horizontal line per plain model (teacher, static) as the reference it is compared with."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
     frame = scaling_frame(scaling)
-    for name in frame["model"].unique(maintain_order=True).to_list():
-        sub = frame.filter(pl.col("model") == name)
-        ax.plot(sub["R"].to_list(), sub[metric].to_list(), marker="o", label=name)
-    ax.set_xlabel("recurrence count R")
-    ax.set_ylabel(f"held-out {metric.replace('_', ' ')}")
-    ax.set_title("quality vs recurrence")
-    if frame.height:
-        ax.set_xticks(sorted(set(frame["R"].to_list())))
-        ax.legend()
+    panels = [
+        (key, label)
+        for key, label in (
+            ("domain_nll", "held-out domain NLL (nats/token)"),
+            ("domain_forward_kl", "held-out KL(teacher ‖ model) (nats/token)"),
+        )
+        if key in frame.columns
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    plain = {
+        n: m for n, m in (models or {}).items() if n not in scaling and m.get("recurrence") is None
+    }
+    for ax, (key, label) in zip(axes.flat, panels, strict=True):
+        for i, name in enumerate(frame["model"].unique(maintain_order=True).to_list()):
+            sub = frame.filter(pl.col("model") == name)
+            ax.plot(sub["R"].to_list(), sub[key].to_list(), marker="o", color=f"C{i}", label=name)
+        for j, (name, m) in enumerate(plain.items()):
+            if m.get(key) is not None:
+                ax.axhline(
+                    m[key], ls="--", lw=1, color=f"C{len(scaling) + j}", label=f"{name} (no loop)"
+                )
+        ax.set_xlabel("recurrence count R (test time)")
+        ax.set_ylabel(label)
+        if frame.height:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(
+                sorted(set(frame["R"].to_list())),
+                [str(r) for r in sorted(set(frame["R"].to_list()))],
+            )
+            ax.legend(fontsize=8)
+    fig.suptitle("quality vs recurrence", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -300,7 +338,9 @@ def write_report(metrics: Mapping[str, Any], out_dir: Path) -> list[Path]:
     csv = out_dir / "recurrence_scaling.csv"
     scaling_frame(scaling).write_csv(csv)
     paths.append(csv)
-    paths.append(plot_recurrence(scaling, out_dir / "recurrence_scaling.png"))
+    paths.append(
+        plot_recurrence(scaling, out_dir / "recurrence_scaling.png", models=metrics["models"])
+    )
     log.info("report: wrote %s", ", ".join(p.name for p in paths))
     return paths
 

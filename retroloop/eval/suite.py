@@ -14,7 +14,9 @@
 
 Generation goes through `generate_responses`, which batches and caches on disk by
 model identity + prompts + decoding, so re-running an unchanged model is free.
-`recurrence_scaling` adds held-out NLL at several recurrence counts R for a looped model.
+`recurrence_scaling` adds, for a looped model at several recurrence counts R, the held-out
+NLLs, the exact full-vocabulary KL(teacher ‖ model) on the held-out domain documents
+(`retroloop.eval.scaling.nll_and_kl`, teacher-forced) and the forward FLOPs per token.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from retroloop.eval import gsm8k as gsm8k_eval
 from retroloop.eval import ifeval
 from retroloop.eval.generation import generate_responses
 from retroloop.eval.likelihood import nll_per_token, sampled_reverse_kl
+from retroloop.eval.scaling import HeldOut, flops_per_token, nll_and_kl
 from retroloop.sequences import render_chat
 
 log = logging.getLogger(__name__)
@@ -301,20 +304,29 @@ def recurrence_scaling(
     Rs: Sequence[int],
     *,
     batch_size: int = 8,
+    reference: HeldOut | None = None,
 ) -> list[dict[str, float | int | None]]:
-    """Held-out NLL of a looped model at each recurrence count R (test-time compute scaling).
+    """Held-out quality of a looped model at each recurrence count R (test-time compute scaling).
 
-    Returns one dict per R: {"R", "domain_nll", "domain_ppl", "instruct_nll"}.
+    Returns one dict per R: {"R", "domain_nll", "domain_ppl", "instruct_nll", "gflops_per_token"}
+    plus, when `reference` (the teacher's log-probs on the held-out domain documents) is given,
+    "domain_forward_kl" = mean_t KL(p_teacher ‖ p_model,R) over the full vocabulary.
     """
     rows = []
     with torch.inference_mode():
         for R in Rs:
-            row = {
-                "R": int(R),
-                **_nll_metrics(model, tokenizer, data, batch_size, {"num_recurrence": int(R)}),
-            }
+            fk = {"num_recurrence": int(R)}
+            row = {"R": int(R), **_nll_metrics(model, tokenizer, data, batch_size, fk)}
+            if reference is not None:
+                row["domain_forward_kl"] = nll_and_kl(model, reference, use_cache=False, **fk)["kl"]
+            row["gflops_per_token"] = flops_per_token(model, int(R)) / 1e9
             rows.append({k: _finite(v) for k, v in row.items()})
-            log.info("recurrence R=%d: domain_nll=%.4f", R, row.get("domain_nll", float("nan")))
+            log.info(
+                "recurrence R=%d: domain_nll=%.4f domain_forward_kl=%s",
+                R,
+                row.get("domain_nll", float("nan")),
+                row.get("domain_forward_kl"),
+            )
     return rows
 
 

@@ -8,15 +8,17 @@ Writes: data/evaluate/metrics.json            {"models": {name: {...}}, "recover
                                                "recurrence_scaling": {name: {"R<k>": {...}}}}
         data/evaluate/report.md               tables: metrics, deltas vs teacher, recovery
         data/evaluate/models.png              one panel per metric, one bar per model
-        data/evaluate/recurrence_scaling.png  held-out NLL vs R (converted, distilled)
-        data/evaluate/recurrence_scaling.csv  model, R, domain_nll, … (`dvc plots show`)
+        data/evaluate/recurrence_scaling.png  held-out NLL and KL vs R (converted, distilled, opd)
+        data/evaluate/recurrence_scaling.csv  model, R, domain_nll, domain_forward_kl, … (`dvc plots`)
         data/evaluate/manifest.json
 Run:    retroloop stage evaluate
 
 Four models, the same prompts and decoding for each: teacher, converted (R = the model's
 default), distilled (converted + distill adapter) and opd (converted + OPD adapter), plus the
 static baseline (data/static: the same kept layers, R = 1, no loop, distilled with the same
-budget) when `static.enabled` and it was trained. Every model reports `gflops_per_token`. IFEval
+budget) when `static.enabled` and it was trained. Every model reports `gflops_per_token` and
+`domain_forward_kl`, the exact full-vocabulary KL(teacher ‖ model) teacher-forced on the
+held-out domain documents; the looped models also at every R of `evaluate.recurrence_scaling`. IFEval
 is greedy; KL to the teacher uses seeded temperature-1 samples of each model. Adapters are
 merged into a fresh copy of the converted model before evaluation (same outputs, faster).
 
@@ -41,7 +43,7 @@ from retroloop.config import Params
 from retroloop.errors import ArtifactError, MismatchError
 from retroloop.eval.generation import encode_chat_prompts
 from retroloop.eval.report import recovery_table, write_report
-from retroloop.eval.scaling import flops_per_token
+from retroloop.eval.scaling import flops_per_token, held_out, nll_and_kl
 from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
 from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
@@ -134,7 +136,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evalu
         instruct_eval=paths["instruct_eval"],
         domain_eval=paths["domain_eval"],
         out_dir=out_dir,
-        scaling=("converted", "distilled"),
+        scaling=("converted", "distilled", "opd"),
     )
 
 
@@ -197,6 +199,19 @@ def evaluate_models(
     fingerprint = tokenizer_fingerprint(tokenizer)
     models: dict[str, dict[str, Any]] = {}
     curves: dict[str, dict[str, dict[str, Any]]] = {}
+    # The reference's log-probs on the held-out domain documents, once: every model's exact
+    # full-vocabulary KL(reference ‖ model) there (and at every R of the scaling curves).
+    reference = (
+        held_out(
+            teacher_model,
+            tokenizer,
+            data.domain_texts,
+            max_seq_len=data.max_seq_len,
+            batch_size=cfg.evaluate.batch_size,
+        )
+        if data.domain_texts
+        else None
+    )
     guard_prompts = (data.kl_prompts or [item.prompt for item in data.ifeval])[:GUARD_PROMPTS]
     guard_ids = encode_chat_prompts(tokenizer, guard_prompts) if guard_prompts else []
     for name, spec in specs.items():
@@ -223,6 +238,12 @@ def evaluate_models(
         )
         if R is not None:
             metrics["recurrence"] = R
+        if reference is not None:
+            metrics["domain_forward_kl"] = (
+                0.0
+                if model is teacher_model
+                else nll_and_kl(model, reference, use_cache=False, **forward_kwargs)["kl"]
+            )
         metrics["gflops_per_token"] = (
             flops_per_token(model, R) / 1e9
         )  # forward, linear layers + head
@@ -238,6 +259,7 @@ def evaluate_models(
                     data,
                     cfg.evaluate.recurrence_scaling,
                     batch_size=cfg.evaluate.batch_size,
+                    reference=reference,
                 )
                 curves[name] = {
                     f"R{row['R']}": {k: v for k, v in row.items() if k != "R"} for row in rows

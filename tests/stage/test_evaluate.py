@@ -115,7 +115,7 @@ def test_evaluate_four_models(pipeline_dir, monkeypatch):
     assert {"domain_nll", "kl_to_teacher", "ifeval_prompt_strict"} <= set(
         metrics["recovery"]["opd"]
     )
-    assert set(metrics["recurrence_scaling"]) == {"converted", "distilled"}
+    assert set(metrics["recurrence_scaling"]) == {"converted", "distilled", "opd"}
     assert set(metrics["recurrence_scaling"]["converted"]) == {
         f"R{r}" for r in cfg.evaluate.recurrence_scaling
     }
@@ -127,7 +127,8 @@ def test_evaluate_four_models(pipeline_dir, monkeypatch):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     csv = pl.read_csv(out / "recurrence_scaling.csv")
     assert {"model", "R", "domain_nll"} <= set(csv.columns)
-    assert csv.height == 2 * len(cfg.evaluate.recurrence_scaling)
+    assert {"domain_forward_kl", "gflops_per_token"} <= set(csv.columns)
+    assert csv.height == 3 * len(cfg.evaluate.recurrence_scaling)
     # The pass-through recurrence adapter ignores s_k, so the converted model's NLL does not
     # depend on R; the distilled one's (perturbed adapter) does. The default R of the scaling
     # curve equals the model's own evaluation.
@@ -139,9 +140,27 @@ def test_evaluate_four_models(pipeline_dir, monkeypatch):
         curves["distilled"]["R2"]["domain_nll"]
     )
     R = f"R{cfg.convert.recurrence}"
-    assert metrics["recurrence_scaling"]["converted"][R]["domain_nll"] == pytest.approx(
-        metrics["models"]["converted"]["domain_nll"], rel=1e-5
+    for key in ("domain_nll", "domain_forward_kl", "gflops_per_token"):
+        assert curves["converted"][R][key] == pytest.approx(
+            metrics["models"]["converted"][key], rel=1e-5
+        )
+        assert curves["distilled"][R][key] == pytest.approx(
+            metrics["models"]["distilled"][key], rel=1e-5
+        )
+    # Exact full-vocabulary KL(teacher ‖ model) on the held-out documents: 0 for the teacher,
+    # positive for the conversion; R-independent for the pass-input converted model only.
+    assert metrics["models"]["teacher"]["domain_forward_kl"] == 0.0
+    assert metrics["models"]["converted"]["domain_forward_kl"] > 0.01
+    assert curves["converted"]["R1"]["domain_forward_kl"] == pytest.approx(
+        curves["converted"]["R2"]["domain_forward_kl"]
     )
+    assert curves["opd"]["R1"]["domain_forward_kl"] != pytest.approx(
+        curves["opd"]["R2"]["domain_forward_kl"]
+    )
+    # Compute per token grows by one block (+ adapter) per extra iteration.
+    flops = [curves["converted"][f"R{r}"]["gflops_per_token"] for r in (1, 2)]
+    assert flops[1] > flops[0]
+    assert metrics["models"]["teacher"]["gflops_per_token"] > flops[0]
 
     # Greedy IFEval generations are cached on disk, one file per (model, adapter, prompts, R).
     assert len(list(Path("data/cache/evaluate").glob("gen-*.json"))) == len(MODELS)
