@@ -1,0 +1,81 @@
+"""static on the tiny profile: the baseline the looped model must beat (McLeish et al. 2025).
+
+The static model is the source with only the split's kept layers, run once; it is distilled with
+the `distill` section's data, steps, loss and LoRA, so the comparison with the looped student is
+at an equal training budget.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from helpers_distill import tiny, workdir  # noqa: F401  (fixture)
+
+from retroloop.artifacts import read_manifest
+from retroloop.models.loading import load_model
+from retroloop.models.recurrent import RecurrentForCausalLM
+from retroloop.provenance import verify
+from retroloop.stages import static
+
+
+def _held_out_kl(model_dir: Path, adapter: Path | None = None, **forward_kwargs) -> float:
+    """Exact held-out KL(teacher ‖ model) on the prepared eval documents."""
+    import polars as pl
+    from peft import PeftModel
+
+    from retroloop.eval.scaling import held_out, nll_and_kl
+    from retroloop.models.loading import load_tokenizer
+
+    teacher = load_model("data/prepare/model")
+    docs = pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"].to_list()
+    data = held_out(
+        teacher, load_tokenizer("data/prepare/model"), docs, max_seq_len=64, batch_size=4
+    )
+    model = load_model(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+    return nll_and_kl(model, data, use_cache=False, **forward_kwargs)["kl"]
+
+
+def test_static_is_the_kept_layers_run_once_and_distils_like_the_looped_student(workdir) -> None:  # noqa: F811
+    cfg = tiny(**{"static.enabled": True})
+    manifest = static.run(cfg)
+    assert verify(Path("data/static")) == []
+    split = json.loads(Path("data/analyze/split.json").read_text())
+    kept = split["prelude"] + split["block"] + split["coda"]
+
+    model = load_model("data/static/model")
+    assert not isinstance(model, RecurrentForCausalLM)  # a plain model: no loop, no adapter
+    assert len(model.model.layers) == len(kept) == manifest.metrics["kept_layers"]
+    # With the pass-input init, the converted model at R = 1 is exactly the layer-dropped
+    # source, i.e. the static model: the two start the comparison from the same function.
+    assert cfg.convert.init == "pass_input"
+    looped = load_model("data/convert/model")
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = looped(input_ids=ids, num_recurrence=1, use_cache=False).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+    # The same budget as distill: its whole section, recorded in the manifest.
+    recorded = read_manifest(Path("data/static")).params
+    assert {k: recorded[k] for k in cfg.section("distill")} == cfg.section("distill")
+    m = manifest.metrics
+    assert m["trained"] is True and m["steps"] == cfg.distill.steps
+    assert m["kl_end"] < 0.5 * m["kl_start"], m  # it learns (fails with distill.lr ≈ 0)
+    before = _held_out_kl(Path("data/static/model"))
+    after = _held_out_kl(Path("data/static/model"), Path("data/static/adapter"))
+    assert after < 0.8 * before, (before, after)
+
+
+def test_static_disabled_builds_the_model_but_does_not_train(workdir) -> None:  # noqa: F811
+    manifest = static.run(tiny(**{"static.enabled": False}))
+    assert manifest.metrics["trained"] is False
+    assert (Path("data/static/adapter") / "NOT_TRAINED").is_file()
+    assert not (Path("data/static/adapter") / "adapter_config.json").exists()
+    assert Path("data/static/model/config.json").is_file()
+    assert verify(Path("data/static")) == []
