@@ -32,8 +32,11 @@ def is_run_dependent(key: str) -> bool:
 
 
 def is_run_file(rel: str) -> bool:
-    """Files beside the manifest that hold run-dependent figures (outside the content hash)."""
-    return "/" not in rel and (rel == RUN or rel.startswith(RUN_PREFIX))
+    """Files beside the manifest that hold run-dependent figures (outside the content hash):
+    `run.json`, `run_<name>.csv` and everything in a top-level `run_<name>/` folder (the
+    per-step timings dvclive writes, `retroloop.steplog`)."""
+    top = rel.split("/", 1)[0]
+    return top == RUN or top.startswith(RUN_PREFIX)
 
 
 def split_run_dependent(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -363,6 +363,18 @@ class CycleParams(Strict):
     watch_dir: str = Field("data/incoming", description="folder the scheduled flow watches")
 
 
+class LoggingParams(Strict):
+    """Per-step metrics: dvclive always writes them beside each artifact (`retroloop.steplog`);
+    `sink` also streams them to TensorBoard or MLflow (optional extras). Outputs do not depend
+    on this section, so no stage lists it in dvc.yaml."""
+
+    sink: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="also log every step to TensorBoard or MLflow (pip extra of that name)"
+    )
+    dir: str = Field("runs", description="TensorBoard log folder: one sub-folder per run")
+    experiment: str = Field("retroloop", description="MLflow experiment (MLFLOW_TRACKING_URI)")
+
+
 class Params(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -377,6 +389,7 @@ class Params(Strict):
     opd: OpdParams = OpdParams()
     evaluate: EvaluateParams = EvaluateParams()
     cycle: CycleParams = CycleParams()
+    logging: LoggingParams = LoggingParams()
 
     @model_validator(mode="after")
     def _recurrence_not_inert(self) -> Params:

@@ -176,9 +176,15 @@ def plot_geometry(frame: pl.DataFrame, path: Path) -> None:
             for ax, col in zip(axes, ("effective_rank", "overlap_top_r", "drift"), strict=True):
                 ax.plot(part["step"], part[col], marker=".", label=kind[0])
     titles = ("effective rank of ΔW", "overlap with W top-r (left)", "drift of ΔW top-r")
-    for ax, title in zip(axes, titles, strict=True):
+    ylabels = (
+        "effective rank (exp entropy of σ)",
+        "overlap (0 to 1)",
+        "1 − overlap with last snapshot",
+    )
+    for ax, title, ylabel in zip(axes, titles, ylabels, strict=True):
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("OPD step")
+        ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

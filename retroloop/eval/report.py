@@ -249,6 +249,45 @@ def scaling_frame(scaling: Mapping[str, Mapping[str, Mapping[str, float]]]) -> p
     return pl.DataFrame(rows).sort(["model", "R"])
 
 
+# What `dvc plots show` draws per R (dvc.yaml's top-level plots): one file per metric, one
+# column per model, because DVC 3 colours series by file and column, not by a column's values.
+RECURRENCE_PLOTS = {
+    "domain_nll": "recurrence_nll.csv",
+    "domain_forward_kl": "recurrence_kl.csv",
+}
+
+
+def recurrence_plot_tables(metrics: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """`RECURRENCE_PLOTS`: R, then one column per looped model and one per plain model
+    (teacher, static: `<name> (no loop)`, the same value at every R, a horizontal line)."""
+    scaling = metrics.get("recurrence_scaling") or {}
+    models = metrics.get("models") or {}
+    frame = scaling_frame(scaling)
+    plain = [n for n in models if n not in scaling and models[n].get("recurrence") is None]
+    paths = []
+    for key, name in RECURRENCE_PLOTS.items():
+        if key not in frame.columns or not frame.height:
+            continue
+        wide = frame.pivot(on="model", index="R", values=key, maintain_order=True).sort("R")
+        for n in plain:
+            if isinstance(models[n].get(key), int | float):
+                wide = wide.with_columns(pl.lit(float(models[n][key])).alias(f"{n} (no loop)"))
+        wide.write_csv(out_dir / name)
+        paths.append(out_dir / name)
+    return paths
+
+
+# Units of the y axes of models.png (the header names the metric).
+_UNITS = {
+    "kl_to_teacher": "nats/token",
+    "domain_nll": "nats/token",
+    "domain_forward_kl": "nats/token",
+    "instruct_nll": "nats/token",
+    "domain_ppl": "perplexity",
+    "gsm8k_accuracy": "fraction correct",
+}
+
+
 def plot_models(models: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     """Small multiples: one panel per metric, one bar per model."""
     plt = _pyplot()
@@ -268,6 +307,9 @@ def plot_models(models: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         up = next(u for k, _, u in METRICS if k == key)
         ax.set_title(f"{HEADERS[key]} {'↑' if up else '↓'}", fontsize=9)
+        ax.set_xlabel("model", fontsize=8)
+        unit = _UNITS.get(key, "fraction passed" if key.startswith("ifeval") else "")
+        ax.set_ylabel(f"{HEADERS[key]} ({unit})" if unit else HEADERS[key], fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
     for ax in list(axes.flat)[len(present) :]:
         ax.axis("off")
@@ -341,6 +383,7 @@ def write_report(metrics: Mapping[str, Any], out_dir: Path) -> list[Path]:
     paths.append(
         plot_recurrence(scaling, out_dir / "recurrence_scaling.png", models=metrics["models"])
     )
+    paths += recurrence_plot_tables(metrics, out_dir)
     log.info("report: wrote %s", ", ".join(p.name for p in paths))
     return paths
 

@@ -2,7 +2,8 @@
 
 Reads:  data/prepare/model, data/prepare/datasets/{instruct,domain}_train.parquet
 Writes: data/analyze/layer_scores.parquet  (variant, layer, n, block_influence, angular_distance)
-        data/analyze/block_influence.csv   (per-layer BI, for `dvc plots show`)
+        data/analyze/block_influence.csv   (layer, BI per variant: one column each, so
+                                            `dvc plots show` draws one line per variant)
         data/analyze/redundancy.png        (BI curve + angular-distance heatmap)
         data/analyze/split.json            (prelude / block / coda / dropped + the rule that chose it)
 Run:    retroloop stage analyze
@@ -100,7 +101,10 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
         bi = table.filter(pl.col("n") == 1).select(
             "variant", "layer", "block_influence", "angular_distance"
         )
-        bi.write_csv(w.dir / "block_influence.csv")
+        wide = bi.pivot(on="variant", index="layer", values="block_influence").sort("layer")
+        wide.select("layer", *sorted(c for c in wide.columns if c != "layer")).write_csv(
+            w.dir / "block_influence.csv"
+        )
         (w.dir / "split.json").write_text(
             json.dumps({**split.as_dict(), "num_layers": N}, indent=2) + "\n"
         )
@@ -170,7 +174,7 @@ def _plot(table: pl.DataFrame, split, N: int, path: Path) -> None:
         ylabel="block size n − 1",
         title="angular distance d(ℓ, ℓ+n) (all tokens)",
     )
-    fig.colorbar(im, ax=ax2)
+    fig.colorbar(im, ax=ax2, label="angular distance d = arccos(cos) / π")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

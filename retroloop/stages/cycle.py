@@ -15,8 +15,10 @@ previous`); cycle 1's parent and teacher is `cycle.base_model` + `cycle.base_ada
 
 Not a DVC stage: it lives beside them because it reuses `opd.train_opd`. What it writes is
 one directory, `registry/cycles/cycle-NNNN/` (adapter/, data/{train,eval}.parquet, report.md,
-phases.json, metrics.json, manifest.json), published in one rename by `retroloop.registry`;
-until then every step only reads, or works in memory and in a temporary folder.
+phases.json, metrics.json, manifest.json, and the per-step `midtrain/*` and `opd/*` metrics in
+dvclive/ + run_dvclive/), published in one rename by `retroloop.registry`; until then every
+step only reads, or works in memory and in temporary folders (the per-step logs in
+`registry/.work/cycle-NNNN-steps/`, which the next claim clears if this cycle dies).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,7 @@ from retroloop.onpolicy import check_same_tokenizer
 from retroloop.sequences import chat_sequence, pad_batch, text_sequence
 from retroloop.stages.common import dataset_path, setup_run
 from retroloop.stages.opd import train_opd
+from retroloop.steplog import StepLog, move_logs
 from retroloop.training import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,7 @@ class CycleState:
     phases: dict[str, dict[str, Any]] = field(default_factory=dict)
     opd_metrics: dict[str, Any] = field(default_factory=dict)
     midtrain_losses: list[float] = field(default_factory=list)
+    steplog: StepLog | None = None  # per-step metrics of mid-training and OPD (`steplog_for`)
 
 
 # --------------------------------------------------------------------------- step 1: read
@@ -109,9 +114,12 @@ def load_domain_file(path: Path, fmt: str) -> pl.DataFrame:
         raise DataError(
             f"--domain-data {path}: is a folder; pass a .jsonl/.json/.parquet/.txt file"
         )
+    if not path.is_file():
+        raise DataError(
+            f"--domain-data {path}: no such file; pass an existing .jsonl/.json/.parquet/.txt "
+            "file of domain documents"
+        )
     if path.suffix in (".txt", ".md"):
-        if not path.is_file():
-            raise DataError(f"--domain-data {path}: no such file")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -205,7 +213,11 @@ def _load(ref: ModelRef, cfg: Params, device: torch.device, *, trainable: bool, 
     try:
         model = load_model(ref.base, cfg.dtype, device)
         if ref.adapter is not None:
-            return PeftModel.from_pretrained(model, ref.adapter, is_trainable=trainable)
+            return PeftModel.from_pretrained(
+                model, ref.adapter, is_trainable=trainable, trust_remote_code=False
+            )
+    except ModelError as err:  # load_model's one line, with the key to fix in front
+        raise ModelError(f"{key}: {err}") from None
     except RetroloopError:
         raise
     except Exception as err:  # transformers/peft raise many types for a broken directory
@@ -280,9 +292,24 @@ def evaluate_phase(state: CycleState, phase: str) -> dict[str, Any]:
     return metrics
 
 
+def steplog_for(state: CycleState) -> StepLog:
+    """The cycle's per-step log, under the registry's `.work/` until `register` moves it."""
+    if state.steplog is None:
+        cfg = state.cfg
+        state.steplog = StepLog(
+            _steps_dir(state), name=f"cycle-{state.number:04d}", params=cfg.logging
+        )
+    return state.steplog
+
+
+def _steps_dir(state: CycleState) -> Path:
+    return Path(state.cfg.cycle.registry) / registry.WORK / f"cycle-{state.number:04d}-steps"
+
+
 def _sft(model, seqs: list, *, steps: int, lr: float, batch_size: int, seed: int, pad_id: int,
-         desc: str) -> list[float]:  # fmt: skip
-    """Plain next-token CE on `seqs` (LoRA + recurrence adapter trainable), seeded batches."""
+         desc: str, steplog: StepLog | None = None) -> list[float]:  # fmt: skip
+    """Plain next-token CE on `seqs` (LoRA + recurrence adapter trainable), seeded batches;
+    each step's loss also goes to `steplog` (under `desc/`)."""
     if not seqs:
         raise DataError(f"{desc}: no training sequences (documents too short?)")
     optimizer = make_optimizer(model, lr, 0.0)
@@ -290,7 +317,7 @@ def _sft(model, seqs: list, *, steps: int, lr: float, batch_size: int, seed: int
     device = next(model.parameters()).device
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc=desc, unit="step"):
+    for step in tqdm(range(1, steps + 1), desc=desc, unit="step"):
         idx = torch.randint(len(seqs), (min(batch_size, len(seqs)),), generator=gen).tolist()
         ids_B_T, mask_B_T, labels_B_T = pad_batch([seqs[i] for i in idx], pad_id)
         out = model(
@@ -303,6 +330,8 @@ def _sft(model, seqs: list, *, steps: int, lr: float, batch_size: int, seed: int
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
+        if steplog is not None:
+            steplog.log({"step": step, "loss": losses[-1]}, prefix=f"{desc}/")
     model.eval()
     return losses
 
@@ -317,7 +346,7 @@ def midtrain(state: CycleState) -> list[float]:
     state.midtrain_losses = _sft(
         state.student, [s for s in seqs if len(s.input_ids) > 1], steps=c.midtrain_steps,
         lr=c.midtrain_lr, batch_size=c.batch_size, seed=state.cfg.seed,
-        pad_id=state.tokenizer.pad_token_id, desc="midtrain",
+        pad_id=state.tokenizer.pad_token_id, desc="midtrain", steplog=steplog_for(state),
     )  # fmt: skip
     return state.midtrain_losses
 
@@ -331,6 +360,7 @@ def recover_with_opd(state: CycleState, work_dir: Path) -> dict[str, Any]:
         state.student, state.teacher_model, state.tokenizer, pl.read_parquet(_instruct_path("train")),
         cfg.opd.model_copy(update={"steps": cfg.cycle.opd_steps}), seed=cfg.seed,
         out_dir_tmp=work_dir, log_prefix=f"cycle-{state.number}-opd", model_dir=state.parent.base,
+        steplog=steplog_for(state).prefixed("opd/"),
     )  # fmt: skip
     return state.opd_metrics
 
@@ -412,10 +442,13 @@ def register(state: CycleState, claim: registry.Claim, work_dir: Path) -> Path:
         datasets.write_parquet_atomic(state.held_out, w.dir / "data" / "eval.parquet")
         (w.dir / "report.md").write_text(report_markdown(state), encoding="utf-8")
         (w.dir / "phases.json").write_text(json.dumps(state.phases, indent=2, default=str) + "\n")
-        for name in ("steps.csv", "rollouts.parquet"):
-            if (work_dir / name).is_file():
-                (w.dir / f"opd_{name}").write_bytes((work_dir / name).read_bytes())
+        if (work_dir / "rollouts.parquet").is_file():
+            shutil.copyfile(work_dir / "rollouts.parquet", w.dir / "opd_rollouts.parquet")
         w.outputs = {"adapter": "adapter", "data": "dataset", "report.md": "report"}
+        if state.steplog is not None:
+            state.steplog.close()
+            move_logs(_steps_dir(state), w.dir)
+            w.outputs["dvclive"] = "report"
         losses = state.midtrain_losses
         w.metrics = {
             "cycle": state.number,
@@ -430,6 +463,7 @@ def register(state: CycleState, claim: registry.Claim, work_dir: Path) -> Path:
             params_sha256=state.cfg.section_sha256("cycle"), seed=state.cfg.seed,
             device=str(next(state.student.parameters()).device),
         )  # fmt: skip
+    shutil.rmtree(_steps_dir(state), ignore_errors=True)
     log.info("registered %s (teacher %s)", claim.final_dir, state.teacher.lineage_path)
     return claim.final_dir
 

@@ -5,10 +5,12 @@ Reads:  data/convert/model (role `student`), data/cache_teacher (role `teacher_c
         data/prepare/datasets/{instruct,domain}_train.parquet (roles `train_instruct`, `train_domain`)
 Writes: data/distill/adapter/   PEFT adapter (LoRA on; `PeftModel.from_pretrained(student, ...)`)
         data/distill/model/     HF save_pretrained of the whole student (LoRA off: full fine-tuning)
-        data/distill/steps.csv  step, loss, ce, kl, lr, tokens_per_s, recurrence, mu (dvc plots)
+        data/distill/dvclive/   per-step loss, ce, kl, lr, recurrence, mu (dvclive; dvc plots)
+        data/distill/run_dvclive/  per-step tokens_per_s (timings, outside content_sha256)
         data/distill/metrics.json, manifest.json
 Side:   data/checkpoints/distill/step_N   resumable checkpoints (dvc `persist: true`), removed
-        once the artifact is in place
+        once the artifact is in place; data/checkpoints/distill/dvclive* the live per-step
+        logs while it runs (rebuilt from the checkpoint's rows on resume)
 Run:    retroloop stage distill          (or: torchrun --nproc_per_node=N -m retroloop.cli stage distill)
 
 Loss (DESIGN.md §5, `retroloop.losses.distill_loss`), over positions with labels != −100:
@@ -68,6 +70,7 @@ from retroloop.stages.common import (
     resolve_inputs,
     setup_run,
 )
+from retroloop.steplog import StepLog, move_logs
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ def run(
     inputs: dict | None = None,
     out_dir: Path = PATHS["distill"],
     checkpoint_dir: Path = DISTILL_CHECKPOINTS,
+    log_name: str = "distill",
 ) -> Manifest:
     device = setup_run(cfg)
     env = training.init_distributed(device)
@@ -155,6 +159,11 @@ def run(
         log.info("resuming from %s (step %d of %d)", ckpt, start, d.steps)
     training.broadcast_from_main_(params, env)
     order = DataOrder(N, cfg.seed)
+    # Per-step metrics go to dvclive live, in the checkpoint folder until the artifact is
+    # written; a resumed run replays the checkpoint's rows first (rank 0 only).
+    steplog = None
+    if env.is_main:
+        steplog = StepLog(checkpoint_dir, name=log_name, params=cfg.logging, rows=rows)
 
     bar = tqdm(
         range(start, d.steps),
@@ -206,6 +215,8 @@ def run(
             {"step": step + 1, "loss": loss_, "ce": ce, "kl": kl, "lr": lr,
              "tokens_per_s": tokens / (time.perf_counter() - t0), "recurrence": R or 0, "mu": mu}
         )  # fmt: skip
+        if steplog is not None:
+            steplog.log(rows[-1])
         if (step + 1) % d.log_every == 0:
             bar.set_postfix(loss=f"{loss_:.4f}", kl=f"{kl:.4f}", R=R or 0)
         if (step + 1) % d.checkpoint_every == 0 or step + 1 == d.steps:
@@ -217,7 +228,8 @@ def run(
         _after_step(step + 1)
 
     if env.is_main:
-        manifest = _write_artifact(cfg, out_dir, env, model, tokenizer, refs, rows, run_params, params_sha256, device, n_trainable)  # fmt: skip
+        steplog.close()
+        manifest = _write_artifact(cfg, out_dir, env, model, tokenizer, refs, rows, run_params, params_sha256, device, n_trainable, checkpoint_dir)  # fmt: skip
         # Complete: nothing left to resume. The folder stays (dvc `persist`) with a note of the run.
         for old in Path(checkpoint_dir).glob("step_*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -363,9 +375,11 @@ def micro_batch_loss(
 
 
 def _write_artifact(
-    cfg, out_dir, env, model, tokenizer, refs, rows, run_params, params_sha256, device, n_trainable
-) -> Manifest:
-    """The adapter (or full model), steps.csv and the summary metrics, atomically (rank 0)."""
+    cfg, out_dir, env, model, tokenizer, refs, rows, run_params, params_sha256, device, n_trainable,
+    log_dir,
+) -> Manifest:  # fmt: skip
+    """The adapter (or full model), the per-step logs (from `log_dir`) and the summary
+    metrics, atomically (rank 0)."""
     lora = cfg.distill.lora.enabled
     name = "adapter" if lora else "model"
     with atomic_artifact(out_dir, stage="distill", kind=name) as w:
@@ -373,9 +387,9 @@ def _write_artifact(
         model.save_pretrained(w.dir / name)
         if not lora:
             tokenizer.save_pretrained(w.dir / name)
+        move_logs(log_dir, w.dir)
+        w.outputs = {name: name, "dvclive": "report"}
         steps = pl.DataFrame(rows)
-        steps.write_csv(w.dir / "steps.csv")
-        w.outputs = {name: name, "steps.csv": "report"}
         tenth = max(1, round(0.1 * len(rows)))  # kl_start / kl_end: first / last 10% of steps
         head, tail = steps.head(tenth), steps.tail(tenth)
         w.metrics = {

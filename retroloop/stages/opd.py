@@ -4,7 +4,8 @@ Reads:  data/convert/model (role `student`), data/distill/adapter (role `parent_
         does not exist a fresh LoRA from `opd.lora` is started), data/prepare/model (role
         `teacher`), data/prepare/datasets/instruct_{train,eval}.parquet (prompts; held-out prompts)
 Writes: data/opd/adapter/            PEFT adapter (continues the distill LoRA)
-        data/opd/steps.csv           per-step metrics (the dvc plot)
+        data/opd/dvclive/            per-step metrics (dvclive; the dvc plots)
+        data/opd/run_dvclive/        per-step timings and throughput (outside content_sha256)
         data/opd/rollouts.parquet    every sampled completion with sampler / teacher log-probs
         data/opd/geometry.parquet    per-module ΔW diagnostics (retroloop.geometry)
         data/opd/geometry.png
@@ -19,7 +20,7 @@ sample → reward → score + update → log, with geometry snapshots every `opd
 The student stays in eval mode while it learns (LoRA dropout is 0 by default; the looped model
 must not sample its recurrence count, and its s_0 is fixed, see `onpolicy.fixed_initial_state`):
 sampler and learner then compute the same function, so the importance ratio is 1 up to kernel
-noise, which `sampler_learner_kl` in steps.csv measures.
+noise, which the per-step `sampler_learner_kl` (dvclive) measures.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
-from retroloop.config import OpdParams, Params
+from retroloop.config import LoggingParams, OpdParams, Params
 from retroloop.errors import ConfigError, DataError
 from retroloop.geometry import GeometryTracker, plot_geometry
 from retroloop.guards import GUARD_PROMPTS
@@ -63,6 +64,7 @@ from retroloop.stages.common import (
     resolve_inputs,
     setup_run,
 )
+from retroloop.steplog import StepLog
 from retroloop.training import seed_for
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ log = logging.getLogger(__name__)
 # What `train_opd` writes into its output directory (relative path -> artifact kind).
 OUTPUTS = {
     "adapter": "adapter",
-    "steps.csv": "report",
+    "dvclive": "report",
     "rollouts.parquet": "rollouts",
     "geometry.parquet": "report",
     "geometry.png": "report",
@@ -93,6 +95,8 @@ def train_opd(
     heldout_prompts: list[str] | None = None,
     engine: RolloutEngine | None = None,
     model_dir: Path | None = None,
+    logging_params: LoggingParams | None = None,
+    steplog: StepLog | None = None,
 ) -> dict[str, Any]:
     """On-policy distillation of a PEFT `student` (trainable LoRA) against `teacher`.
 
@@ -103,6 +107,8 @@ def train_opd(
     teacher's recurrence) let the continual-learning cycle distil from an earlier checkpoint.
     `model_dir` is the student's base model directory: `backend: vllm` loads it and samples with
     the student's adapter, saved after every step (ignored by the transformers backend).
+    Every step is logged through `steplog` (a caller's, e.g. the cycle's; else one of its own
+    in `out_dir_tmp`, closed here, with `logging_params`' optional sink).
     """
     p, out_dir = opd_params, Path(out_dir_tmp)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +157,9 @@ def train_opd(
             student.save_pretrained(out_dir / ".rollout_adapter" / f"step-{step}")
             engine.set_adapter(out_dir / ".rollout_adapter" / f"step-{step}")
 
+    own_log = steplog is None
+    if steplog is None:
+        steplog = StepLog(out_dir, name=log_prefix, params=logging_params)
     rng, order, step_rows, rollouts = np.random.default_rng(seed), [], [], []
     teacher_base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
     with fixed_initial_state(base), fixed_initial_state(teacher_base):  # a looped teacher too
@@ -194,6 +203,7 @@ def train_opd(
             row["finished_fraction"] = float(np.mean(batch.finished))
             row["reward"] = float(np.mean(rewards)) if rewards is not None else math.nan
             step_rows.append(row)
+            steplog.log(row)
             if step % p.geometry_every == 0 or step == p.steps:
                 tracker.snapshot(step)
             progress.set_postfix(
@@ -205,8 +215,9 @@ def train_opd(
             else None
         )
 
+    if own_log:
+        steplog.close()
     steps_df, geometry = pl.DataFrame(step_rows), tracker.frame()
-    steps_df.write_csv(out_dir / "steps.csv")
     pl.concat(rollouts).write_parquet(out_dir / "rollouts.parquet")
     geometry.write_parquet(out_dir / "geometry.parquet")
     plot_geometry(geometry, out_dir / "geometry.png")
@@ -281,7 +292,9 @@ def load_student(base: torch.nn.Module, parent_adapter: Path, p: OpdParams) -> t
         log.info(
             "continuing the adapter at %s (its own LoRA config holds, not opd.lora)", parent_adapter
         )
-        return PeftModel.from_pretrained(base, parent_adapter, is_trainable=True)
+        return PeftModel.from_pretrained(
+            base, parent_adapter, is_trainable=True, trust_remote_code=False
+        )
     if not p.lora.enabled:
         raise ConfigError(
             "opd.lora.enabled: false needs a parent adapter; OPD trains LoRA adapters only"
@@ -341,6 +354,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["opd"]
         metrics = train_opd(
             student, teacher, tokenizer, prompts, p, seed=cfg.seed, out_dir_tmp=w.dir,
             teacher_tokenizer=teacher_tokenizer, heldout_prompts=heldout, engine=engine,
+            logging_params=cfg.logging,
         )  # fmt: skip
         w.outputs.update(OUTPUTS)
         w.metrics = {**metrics, **tokenizer_fingerprint(tokenizer)}

@@ -6,7 +6,8 @@ Writes: data/static/model/    the source with only the split's prelude + block +
                               (a plain Llama / Qwen2 `save_pretrained` dir: R = 1, no adapter)
         data/static/adapter/  PEFT LoRA adapter, distilled exactly as `distill` trains the looped
                               student: same data order, steps, LoRA, loss, teacher cache
-        data/static/steps.csv, metrics.json, manifest.json
+        data/static/dvclive/, run_dvclive/  distill's per-step logs (`retroloop.steplog`)
+        data/static/metrics.json, manifest.json
 Run:    retroloop stage static
 
 McLeish et al. 2025's central comparison (DESIGN.md §5, "the comparison that matters"): a
@@ -35,6 +36,7 @@ from retroloop.stages.common import (
     resolve_inputs,
     setup_run,
 )
+from retroloop.steplog import move_logs
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["stati
             },
             out_dir=scratch / "distill",
             checkpoint_dir=scratch / "checkpoints",
+            log_name="static",
         )
 
     with atomic_artifact(out_dir, stage="static", kind="model") as w:
@@ -95,9 +98,9 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["stati
             name = "adapter" if cfg.distill.lora.enabled else "model_trained"
             src = scratch / "distill" / ("adapter" if cfg.distill.lora.enabled else "model")
             shutil.move(src, w.dir / name)
-            shutil.copy(scratch / "distill" / "steps.csv", w.dir / "steps.csv")
+            move_logs(scratch / "distill", w.dir)
             w.outputs[name] = "adapter" if name == "adapter" else "model"
-            w.outputs["steps.csv"] = "report"
+            w.outputs["dvclive"] = "report"
             w.metrics.update(read_manifest(scratch / "distill").metrics)
         params = {**cfg.section("distill"), "static": cfg.static.model_dump()}
         manifest = w.finish(

@@ -17,6 +17,7 @@ from retroloop.artifacts import read_manifest, sha256_file
 from retroloop.config import load_params
 from retroloop.errors import ArtifactError, DataError, MismatchError, ModelError
 from retroloop.provenance import audit, lineage
+from retroloop.steplog import read_steps
 from tests.conftest import TINY_PROFILE
 
 
@@ -125,6 +126,12 @@ def test_two_concurrent_cycles_register_two_distinct_chained_cycles(
         assert "domain_nll" in m2.metrics["phases"][phase]
     assert (cycle2 / "adapter" / "adapter_config.json").is_file()
     assert pl.read_parquet(cycle2 / "data" / "train.parquet").height > 0
+    # Every step of both phases, through dvclive, inside the registered cycle (nothing left
+    # behind in the registry's work folder).
+    assert read_steps(cycle2, prefix="midtrain")["step"].to_list() == [1, 2]
+    opd_steps = read_steps(cycle2, prefix="opd")
+    assert opd_steps["step"].to_list() == [1, 2] and "reverse_kl_topk_lb" in opd_steps.columns
+    assert not list(Path("reg-concurrent/.work").glob("*"))
 
 
 def test_a_cycle_on_a_held_registry_refuses_in_one_line(

@@ -18,6 +18,7 @@ from retroloop.artifacts import MANIFEST, hash_tree, input_ref, read_manifest, w
 from retroloop.errors import ArtifactError, MismatchError
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.stages import cache_teacher, distill
+from retroloop.steplog import read_steps
 
 STUDENT = Path("data/convert/model")
 STEP_COLUMNS = [
@@ -28,11 +29,11 @@ STEP_COLUMNS = [
     "lr",
     "recurrence",
     "mu",
-]  # + run_steps.csv: tokens_per_s
+]  # dvclive/ (hashed); tokens_per_s in run_dvclive/ (timings, outside the hash)
 
 
 def _steps(out: Path) -> pl.DataFrame:
-    return pl.read_csv(out / "steps.csv")
+    return read_steps(out)
 
 
 def test_lora_distillation_moves_lora_and_recurrence_adapter_but_not_the_base(workdir) -> None:  # noqa: F811
@@ -45,8 +46,10 @@ def test_lora_distillation_moves_lora_and_recurrence_adapter_but_not_the_base(wo
     for key in ("kl_start", "kl_end", "ce_start", "ce_end", "trainable_parameters", "tokens_per_s"):
         assert key in manifest.metrics and manifest.metrics[key] == manifest.metrics[key]  # not NaN
     steps = _steps(out)
-    assert steps.columns == STEP_COLUMNS and steps["step"].to_list() == list(range(1, 17))
-    assert pl.read_csv(out / "run_steps.csv").columns == ["step", "tokens_per_s"]
+    assert sorted(steps.columns) == sorted([*STEP_COLUMNS, "tokens_per_s"])
+    assert steps["step"].to_list() == list(range(1, 17))
+    timed = [p.stem for p in (out / "run_dvclive").rglob("*.tsv")]
+    assert timed == ["tokens_per_s"] and not list((out / "dvclive").rglob("tokens_per_s*"))
     assert steps["recurrence"].min() >= 1 and steps["recurrence"].max() <= 3
     assert not list(Path("data/checkpoints/distill").glob("step_*"))  # cleaned up once complete
 

@@ -32,6 +32,7 @@ from retroloop.provenance import audit, verify
 from retroloop.rollout import TransformersEngine, token_logprobs
 from retroloop.stages import opd
 from retroloop.stages.opd import train_opd
+from retroloop.steplog import read_steps
 
 TINY = Path(__file__).resolve().parents[2] / "profiles" / "tiny.yaml"
 STUDENT, TEACHER = Path("data/convert/model"), Path("data/prepare/model")
@@ -172,7 +173,7 @@ def test_twenty_steps_lower_the_exact_reverse_kl_to_a_different_teacher(workdir,
     assert (
         metrics["heldout_reverse_kl_topk_lb_after"] < metrics["heldout_reverse_kl_topk_lb_before"]
     )
-    steps = pl.read_csv(tmp_path / "out" / "steps.csv")
+    steps = read_steps(tmp_path / "out")
     assert steps.height == 20 and steps["sampler_learner_kl"].abs().max() < 1e-4
     assert all(torch.equal(v, frozen[k]) for k, v in student.named_parameters() if k in frozen)
 
@@ -232,7 +233,7 @@ def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir):
         assert m[key] is not None and m[key] >= 0.0
     assert m["steps"] == 3 and 0.0 <= m["reward_mean"] <= 1.0
 
-    steps = pl.read_csv(out / "steps.csv")  # the dvc plot's columns
+    steps = read_steps(out)  # dvclive's per-step metrics: the dvc plots
     assert steps["step"].to_list() == [1, 2, 3]
     assert {
         "reverse_kl_topk_lb",

@@ -124,6 +124,7 @@ def test_write_report(tmp_path):
         "models.png",
         "recurrence_scaling.png",
         "recurrence_scaling.csv",
+        "recurrence_nll.csv",  # the dvc plot: one column per model
     }
     for p in paths:
         assert p.stat().st_size > 0
