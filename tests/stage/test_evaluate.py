@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -53,6 +54,23 @@ def _random_adapter(model_dir: Path, out: Path, seed: int) -> None:
     peft_model.save_pretrained(out)
 
 
+def _reference_nll(model_dir: Path, texts: list[str], max_seq_len: int) -> float:
+    """Mean next-token NLL, one unpadded text at a time through the model's own `labels` loss."""
+    from retroloop.models.loading import load_model, load_tokenizer
+
+    model, tok = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, truncation=True, max_length=max_seq_len)["input_ids"]
+            if len(ids) < 2:
+                continue
+            ids_1_T = torch.tensor([ids])
+            total += model(input_ids=ids_1_T, labels=ids_1_T).loss.item() * (len(ids) - 1)
+            count += len(ids) - 1
+    return total / count
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
     """data/ of the tiny profile up to convert, plus distill and opd adapters."""
@@ -94,13 +112,24 @@ def test_evaluate_four_models(pipeline_dir, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(split_run_dependent(manifest.metrics)[0]))
     run = json.loads((out / "run.json").read_text())  # wall-clock figures: outside the hash
-    assert all(run["models"][name]["seconds"] >= 0 for name in MODELS)
+    assert set(run["models"]) == set(MODELS)
     assert set(metrics["models"]) == set(MODELS)
     for name in MODELS:
         missing = set(PER_MODEL) - set(metrics["models"][name])
         assert not missing, f"{name} lacks {missing}"
-        assert metrics["models"][name]["domain_nll"] > 0
+        assert "seconds" not in metrics["models"][name] and run["models"][name]["seconds"] > 0
         assert "gsm8k_accuracy" not in metrics["models"][name]  # gsm8k_path is null
+        m = metrics["models"][name]
+        assert m["domain_ppl"] == pytest.approx(math.exp(m["domain_nll"]), rel=1e-6)
+    # The teacher's NLL equals Hugging Face's own shifted loss, text by text, token-weighted.
+    reference = _reference_nll(
+        Path("data/prepare/model"),
+        pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"]
+        .head(cfg.evaluate.nll_records)
+        .to_list(),
+        cfg.prepare.max_seq_len,
+    )
+    assert metrics["models"]["teacher"]["domain_nll"] == pytest.approx(reference, rel=1e-5)
     assert metrics["models"]["teacher"]["kl_to_teacher"] == 0.0
     assert metrics["models"]["converted"]["kl_to_teacher"] > 0
     assert metrics["models"]["converted"]["recurrence"] == cfg.convert.recurrence
@@ -180,6 +209,8 @@ def test_missing_adapter_names_the_stage(pipeline_dir, monkeypatch):
 
 
 def test_real_ifeval_and_gsm8k_on_any_model_set(pipeline_dir, monkeypatch):
+    from retroloop.eval import suite
+    from retroloop.eval.gsm8k import extract_answer
     from retroloop.stages.common import dataset_path
     from retroloop.stages.evaluate import ModelSpec, write_evaluation
 
@@ -198,6 +229,19 @@ def test_real_ifeval_and_gsm8k_on_any_model_set(pipeline_dir, monkeypatch):
             "evaluate.gsm8k_path": os.path.relpath(gsm8k_file),
         },
     )
+    # The tiny models answer no GSM8K question, so grading is checked on known answers: the
+    # real generation runs, then the even-numbered questions get their gold answer back.
+    golds = [json.loads(line)["answer"] for line in gsm8k_file.read_text().splitlines()[:4]]
+    generate = suite.generate_responses
+
+    def half_right(model, tokenizer, prompts, **kwargs):
+        texts = generate(model, tokenizer, prompts, **kwargs)
+        if kwargs["cache_key_parts"]["purpose"] != "gsm8k":
+            return texts
+        assert len(prompts) == len(golds) == cfg.evaluate.gsm8k_questions
+        return [f"so #### {extract_answer(g)}" if i % 2 == 0 else "no idea" for i, g in enumerate(golds)]  # fmt: skip
+
+    monkeypatch.setattr(suite, "generate_responses", half_right)
     specs = {
         "base": ModelSpec(Path("data/prepare/model")),
         "looped_r3": ModelSpec(
@@ -222,6 +266,6 @@ def test_real_ifeval_and_gsm8k_on_any_model_set(pipeline_dir, monkeypatch):
     for m in models.values():
         # The first 4 real IFEval prompts, graded (a checker needing NLTK data is skipped).
         assert 0 < m["ifeval_prompts"] <= cfg.evaluate.ifeval_prompts
-        assert 0.0 <= m["gsm8k_accuracy"] <= 1.0
+        assert m["gsm8k_accuracy"] == 0.5 and m["gsm8k_questions"] == 4
     report = (Path("data/evaluate_real") / "report.md").read_text()
     assert "| base |" in report and "| looped_r3 |" in report
