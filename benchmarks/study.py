@@ -133,7 +133,9 @@ def main(workdir: Path, size: str, only: list[str] | None = None, profile: Path 
         from peft import PeftModel
 
         trained = (
-            PeftModel.from_pretrained(base_model, vdir / "distill" / "adapter")
+            PeftModel.from_pretrained(
+                base_model, vdir / "distill" / "adapter", trust_remote_code=False
+            )
             .merge_and_unload()
             .eval()
         )

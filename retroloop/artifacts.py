@@ -38,7 +38,7 @@ from retroloop.canonical import (
     split_run_dependent,
 )
 from retroloop.envlock import environment
-from retroloop.errors import ArtifactError
+from retroloop.errors import ArtifactError, WriteError, disk_full_reason
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -235,15 +235,27 @@ def _display(path: Path) -> str:
 # --------------------------------------------------------------------------- provenance
 
 
-def code_version() -> str:
-    """Git sha of the checkout, with `-dirty` when tracked files differ from it."""
-    repo = Path(__file__).resolve().parent.parent
+# What "the code" is for `code_version`: the tracked files that compute an artifact.
+CODE_PATHS = (
+    "retroloop", "flows", "tasks", "benchmarks", "pyproject.toml", "requirements.lock", "dvc.yaml",
+)  # fmt: skip
+
+
+def code_version(repo: str | Path | None = None) -> str:
+    """Git sha of the checkout, with `-dirty` when the *code* differs from it.
+
+    The code is the tracked files under `CODE_PATHS`: the package, flows, tasks, benchmarks,
+    `pyproject.toml`, `requirements.lock` and `dvc.yaml` (staged or not). Everything else does
+    not count: `params.yaml` (every manifest records its params and their hash on their own, and
+    the README's `cp profiles/tiny.yaml params.yaml` must not mark every artifact dirty), profiles,
+    `data/`, `dvc.lock` and `*.dvc` files, docs and tests, and any untracked file."""
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
             cwd=repo,
             capture_output=True,
             text=True,
@@ -366,8 +378,13 @@ def atomic_artifact(out_dir: str | Path, *, stage: str, kind: str) -> Iterator[A
         yield writer
         if writer.manifest is None:
             raise RuntimeError(f"stage '{stage}' left atomic_artifact without calling finish()")
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if reason := disk_full_reason(err):
+            raise WriteError(
+                f"{final}: cannot write ({reason}); nothing was published and the partial "
+                "output was removed; free disk space (or raise `ulimit -f`) and rerun"
+            ) from err
         raise
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():

@@ -1,6 +1,9 @@
 """The `retroloop` command. `retroloop --help` and `retroloop COMMAND --help` describe each.
 
-Errors a user can fix (`RetroloopError`) print one line and exit 2; nothing else is caught.
+Failures end in one line on stderr, `error: …`, and an exit code (`EXIT_CODES`, also printed by
+`retroloop --help`): a mistake the user can fix (a `RetroloopError`, a file in the way, a full
+disk, a bad argument) exits 2; Ctrl-C exits 130; anything unexpected exits 1 with its type and
+message. `--debug` (or RETROLOOP_DEBUG=1) shows the full traceback of any of them.
 The orchestration commands (run, cycle, schedule) import `flows/` lazily: the core
 package itself never imports Prefect.
 """
@@ -8,17 +11,71 @@ package itself never imports Prefect.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
 import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
-from retroloop.config import STAGES, load_params
-from retroloop.errors import RetroloopError
+from retroloop.config import STAGES, Params, load_params
+from retroloop.errors import ConfigError, ModelError, RetroloopError, disk_full_reason
 
 log = logging.getLogger("retroloop")
+
+DESCRIPTION = """\
+Retrofit depth recurrence into a pretrained LLM and teach it back cheaply.
+
+retroloop rebuilds a pretrained decoder as prelude -> (adapter -> recurrent block) x R -> coda
+from its own weights, then recovers what the conversion lost with LoRA logit distillation and
+on-policy distillation. Each stage is a DVC stage (`dvc repro`) and a Prefect task (`retroloop
+run`) that writes a versioned artifact with a manifest, so every adapter can be traced to the
+teacher, data, params and code that produced it. params.yaml is the only tunable surface."""
+
+EXIT_CODES = """\
+exit codes:
+  0    success
+  1    `verify` or `audit` found a problem; or an unexpected error (one line with its type;
+       rerun with --debug for the traceback)
+  2    a mistake you can fix: a bad param, data file, model, adapter, path or argument, a file
+       where a folder belongs, a full disk; one line `error: …` names it and what to do, and
+       nothing half-written is left behind
+  130  interrupted (Ctrl-C): the artifact being written is discarded; finished artifacts and
+       resumable checkpoints stay"""
+
+EPILOG = f"""\
+examples:
+  cp profiles/tiny.yaml params.yaml && dvc repro   # whole pipeline, tiny model, ~1 min on CPU
+  dvc exp run -S distill.steps=80                  # an override that dvc.lock records
+  retroloop run                                    # the same pipeline as a Prefect flow
+  retroloop stage distill --set distill.lr=5e-4    # one stage by hand (DVC does not see --set)
+  retroloop cycle --domain-data notes.jsonl        # one continual-learning cycle now
+  retroloop audit                                  # which teacher produced which adapter
+  retroloop generate --model data/convert/model --adapter data/opd/adapter \\
+      --recurrence 4 "Explain list comprehensions."
+
+{EXIT_CODES}
+
+environment:
+  RETROLOOP_DEBUG=1   same as --debug (full tracebacks)"""
+
+SET_HELP = (
+    "override one param for this command only, as a dotted key (repeatable), e.g. "
+    "--set distill.lora.r=8; VALUE is YAML (8, 5e-4, true, [1, 2], null)"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -42,11 +99,34 @@ def _overrides(pairs: list[str]) -> dict:
 
     out = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise RetroloopError(f"--set {pair!r}: expected KEY=VALUE, e.g. distill.steps=10")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. distill.steps=10")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError(f"--set {pair}: VALUE is not valid YAML ({first})") from None
     return out
+
+
+@contextlib.contextmanager
+def _params(args: argparse.Namespace) -> Iterator[tuple[Path, Params]]:
+    """(params file, validated params) for a command that hands a *path* to a flow or a
+    benchmark. With `--set`, the file is a temporary copy holding the merged, validated
+    values (removed when the command ends); without, it is `--params` itself."""
+    overrides = _overrides(args.set)
+    cfg = load_params(args.params, overrides)  # fails here, before Prefect or torch start
+    if not overrides:
+        yield args.params, cfg
+        return
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="retroloop-params-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        log.info("params: %s with --set %s (in %s)", args.params, ", ".join(args.set), path)
+        yield path, cfg
 
 
 # --------------------------------------------------------------------------- commands
@@ -54,6 +134,13 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     cfg = load_params(args.params, _overrides(args.set))
+    if args.set:
+        log.warning(
+            "--set %s: DVC does not see it (dvc.lock keeps %s's values); to record an override "
+            "use `dvc exp run -S KEY=VALUE`",
+            " ".join(args.set),
+            args.params,
+        )
     module = importlib.import_module(f"retroloop.stages.{args.name}")
     manifest = module.run(cfg)
     print(
@@ -71,33 +158,36 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    load_params(args.params)  # fail fast, before Prefect starts
-    from flows.pipeline import pipeline_flow
+    with _params(args) as (params_path, _cfg):
+        from flows.pipeline import pipeline_flow
 
-    result = pipeline_flow(params_path=str(args.params), force=args.force)
+        result = pipeline_flow(params_path=str(params_path), force=args.force)
     print(json.dumps(result, default=str))  # one line: the last line of stdout
     return 0
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
-    cfg = load_params(args.params)
-    from flows.cycle import cycle_flow
+    with _params(args) as (params_path, _cfg):
+        from retroloop.stages.cycle import load_domain_file
 
-    result = cycle_flow(
-        domain_data=str(args.domain_data), params_path=str(args.params), fmt=args.format
-    )
-    del cfg
+        # A missing or malformed domain file is one line here, not a failed flow run.
+        load_domain_file(args.domain_data, args.format)
+        from flows.cycle import cycle_flow
+
+        result = cycle_flow(
+            domain_data=str(args.domain_data), params_path=str(params_path), fmt=args.format
+        )
     print(json.dumps(result, indent=2, default=str))
     return 0
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    load_params(args.params)
-    from flows.cycle import serve_schedule
+    with _params(args) as (params_path, _cfg):
+        from flows.cycle import serve_schedule
 
-    serve_schedule(
-        cron=args.cron, params_path=str(args.params), watch_dir=args.watch_dir, name=args.name
-    )
+        serve_schedule(
+            cron=args.cron, params_path=str(params_path), watch_dir=args.watch_dir, name=args.name
+        )
     return 0
 
 
@@ -134,17 +224,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    # Paths are what a user copies into `lineage` / `generate`: never truncated (no "…"); on a
+    # narrow terminal they fold onto a second line inside their cell, whole.
     table = Table(title=f"adapters under {args.root}")
-    for col in (
-        "status",
-        "adapter",
-        "stage",
-        "teacher",
-        "teacher sha256",
-        "lock sha256",
-        "created",
-    ):
-        table.add_column(col)
+    for col in ("status", "adapter", "stage", "teacher"):
+        table.add_column(col, overflow="fold")
+    for col in ("teacher sha256", "lock sha256", "created"):
+        table.add_column(col, overflow="fold")
     for row in rows:
         teacher = row["teacher"] or {}
         table.add_row(
@@ -190,20 +276,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
+    from transformers import TextStreamer
 
-    from retroloop.models.loading import load_model, load_tokenizer
+    from retroloop.models.loading import load_adapter, load_model, load_tokenizer, read_model_config
+    from retroloop.models.recurrent import RecurrentConfig
     from retroloop.sequences import render_chat
 
+    model_type = read_model_config(args.model)["model_type"]  # before loading any weights
+    if args.recurrence is not None and model_type != RecurrentConfig.model_type:
+        raise ModelError(
+            f"--recurrence {args.recurrence}: {args.model} is not a looped model (model_type "
+            f"{model_type!r}, it always runs its layers once); drop --recurrence, or give a "
+            "converted model such as data/convert/model"
+        )
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model = load_adapter(model, args.adapter).eval()
     text = render_chat(tokenizer, args.prompt) if not args.raw else args.prompt
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    kwargs = {"num_recurrence": args.recurrence} if args.recurrence else {}
+    kwargs = {"num_recurrence": args.recurrence} if args.recurrence is not None else {}
+    # Tokens go to stdout as they are produced; the timing goes to stderr.
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(args.seed)
+    started = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
             **enc,
@@ -213,15 +309,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
             top_p=None,
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
             **kwargs,
         )
-    print(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    seconds = time.perf_counter() - started
+    n_new = out.shape[1] - enc["input_ids"].shape[1]
+    print(
+        f"{n_new} tokens in {seconds:.2f} s: {n_new / max(seconds, 1e-9):.1f} tokens/s",
+        file=sys.stderr,
+    )
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"benchmarks.bench_{args.name}")
-    result = module.main(params_path=args.params, quick=args.quick)
+    with _params(args) as (params_path, _cfg):
+        result = module.main(params_path=params_path, quick=args.quick)
     if args.json:
         print(json.dumps(result, default=str))
     else:
@@ -229,8 +332,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         table = Table(title=f"bench {args.name}")
-        table.add_column("metric")
-        table.add_column("value")
+        table.add_column("metric", overflow="fold")
+        table.add_column("value", overflow="fold")
         for key, value in result.items():
             table.add_row(
                 key,
@@ -243,107 +346,301 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retroloop", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1 (R=1 runs the block once)")
+    return value
 
-    def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="retroloop",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logs on stderr")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of any failure (also: RETROLOOP_DEBUG=1)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, summary: str, description: str, examples: str
+    ) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}.\n\n{description}",
+            epilog=f"examples:\n{examples}\n\n{EXIT_CODES}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    def with_params(p: argparse.ArgumentParser, set_help: str = SET_HELP) -> None:
         p.add_argument(
             "--params",
             type=Path,
             default=Path("params.yaml"),
-            help="params file (default params.yaml)",
+            metavar="FILE",
+            help="params file, validated before anything runs (default: params.yaml)",
         )
-        return p
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
-    p = with_params(sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)"))
-    p.add_argument("name", choices=STAGES)
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a param (prefer dvc exp run -S)",
+    p = command(
+        "stage",
+        "run one pipeline stage (what dvc.yaml calls)",
+        "Reads its inputs under data/, writes data/<stage>/ atomically with a manifest, and\n"
+        "prints the manifest's hash and metrics as JSON. `dvc repro` calls this for you and\n"
+        "records the params in dvc.lock; a hand-run --set is used and recorded in the\n"
+        "artifact's manifest, but DVC does not see it (dvc status then calls the stage\n"
+        "changed). For overrides DVC records, use `dvc exp run -S KEY=VALUE`.",
+        "  retroloop stage prepare\n  retroloop stage distill --set distill.steps=4",
     )
+    p.add_argument("name", choices=STAGES, metavar="NAME", help=f"one of: {', '.join(STAGES)}")
+    with_params(p, SET_HELP + "; DVC does not see it")
     p.set_defaults(func=cmd_stage)
 
-    p = with_params(
-        sub.add_parser(
-            "run", help="the whole pipeline as a Prefect flow (honours DVC's skip logic)"
-        )
+    p = command(
+        "run",
+        "run the whole pipeline as a Prefect flow",
+        "One task run per stage in dvc.yaml's order. Stages `dvc status` calls current are\n"
+        "skipped and what runs is committed to dvc.lock, so `dvc repro` and the flow agree.\n"
+        "With --set (or --params other than params.yaml) DVC is bypassed: every stage runs\n"
+        "with the merged params and dvc.lock is not updated. Set PREFECT_API_URL to watch\n"
+        "it in a Prefect server's UI; without it a temporary local API is used.",
+        "  retroloop run\n  retroloop run --force\n"
+        "  retroloop run --set distill.steps=4   # every stage reruns; dvc.lock untouched",
+    )
+    with_params(
+        p,
+        SET_HELP + "; bypasses DVC: every stage reruns and dvc.lock is not updated "
+        "(to record overrides in dvc.lock use `dvc exp run -S KEY=VALUE`)",
     )
     p.add_argument(
         "--force", action="store_true", help="rerun every stage even if DVC says it is up to date"
     )
     p.set_defaults(func=cmd_run)
 
-    p = with_params(
-        sub.add_parser("cycle", help="one continual-learning cycle on new domain data, now")
+    p = command(
+        "cycle",
+        "run one continual-learning cycle on new domain data, now",
+        "Mid-trains the current model's LoRA on the domain file, measures forgetting, recovers\n"
+        "it with on-policy distillation from the previous model, and registers the cycle under\n"
+        "cycle.registry (a Prefect flow). Needs the pipeline's outputs (`dvc repro` first).\n"
+        "The domain file is checked before the flow starts.",
+        "  retroloop cycle --domain-data notes.jsonl\n"
+        "  retroloop cycle --domain-data train.jsonl --format gsm8k --set cycle.midtrain_steps=40",
     )
     p.add_argument(
         "--domain-data",
         required=True,
         type=Path,
-        help="JSONL/Parquet/text file of domain documents",
+        metavar="FILE",
+        help="domain documents: .jsonl/.json/.parquet in --format, or .txt/.md "
+        "(documents separated by blank lines)",
     )
     p.add_argument(
         "--format",
         default="text",
         choices=["text", "chat", "gsm8k"],
-        help="format of --domain-data (gsm8k: question + worked answer as one document)",
+        help="format of --domain-data: text ('text' field), chat ('prompt'/'response' or "
+        "'messages'), gsm8k ('question' + worked 'answer' as one document); default text",
     )
+    with_params(p)
     p.set_defaults(func=cmd_cycle)
 
-    p = with_params(
-        sub.add_parser("schedule", help="serve the cycle flow on a cron schedule (Prefect)")
+    p = command(
+        "schedule",
+        "serve the cycle flow on a cron schedule (Prefect)",
+        "Serves a Prefect deployment that, at every tick, runs one cycle per new file in the\n"
+        "watched folder (oldest first, each file once). Runs until stopped. With --set the\n"
+        "merged params are fixed for the life of the process.",
+        '  retroloop schedule --cron "0 3 * * *"\n'
+        '  retroloop schedule --cron "*/30 * * * *" --watch-dir inbox/',
     )
-    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
     p.add_argument(
-        "--watch-dir", default=None, help="folder of new domain files (default cycle.watch_dir)"
+        "--watch-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of new domain files (default: cycle.watch_dir)",
     )
-    p.add_argument("--name", default="retroloop-cycle", help="deployment name")
+    p.add_argument(
+        "--name", default="retroloop-cycle", help="deployment name (default: retroloop-cycle)"
+    )
+    with_params(p)
     p.set_defaults(func=cmd_schedule)
 
-    p = sub.add_parser("lineage", help="the provenance tree of one artifact")
-    p.add_argument("artifact", type=Path)
-    p.add_argument("--json", action="store_true")
+    p = command(
+        "lineage",
+        "show the provenance tree of one artifact",
+        "Walks the manifests back from ARTIFACT to the base model, teacher cache and datasets,\n"
+        "with each input's role and content hash.",
+        "  retroloop lineage data/opd/adapter\n  retroloop lineage data/distill --json",
+    )
+    p.add_argument(
+        "artifact", type=Path, metavar="ARTIFACT", help="an artifact path, e.g. data/opd/adapter"
+    )
+    p.add_argument("--json", action="store_true", help="print the tree as JSON on stdout")
     p.set_defaults(func=cmd_lineage)
 
-    p = sub.add_parser("audit", help="every adapter with the teacher that produced it")
-    p.add_argument("--root", type=Path, default=Path("data"))
-    p.add_argument("--json", action="store_true")
+    p = command(
+        "audit",
+        "list every adapter with the teacher that produced it",
+        "One row per adapter under --root (pipeline stages and registered cycles): its status\n"
+        "(OK or BAD with the reason), the teacher model and hashes. Exits 1 if any is BAD.",
+        "  retroloop audit\n  retroloop audit --json | jq '.[].teacher.path'",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=Path("data"),
+        metavar="DIR",
+        help="folder searched for artifacts (default: data)",
+    )
+    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("verify", help="re-hash artifacts and report mismatches")
-    p.add_argument("artifact", nargs="?", type=Path)
-    p.add_argument("--root", type=Path, default=Path("data"))
+    p = command(
+        "verify",
+        "re-hash artifacts and report mismatches",
+        "Re-hashes every file of each artifact against its manifest and each recorded input\n"
+        "against its upstream artifact. Prints OK or BAD per artifact; exits 1 if any is BAD.",
+        "  retroloop verify\n  retroloop verify data/opd",
+    )
+    p.add_argument(
+        "artifact",
+        nargs="?",
+        type=Path,
+        metavar="ARTIFACT",
+        help="one artifact to check (default: every artifact under --root)",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=Path("data"),
+        metavar="DIR",
+        help="folder searched for artifacts (default: data)",
+    )
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser(
-        "export", help="merge an adapter into its base: a self-contained model directory"
+    p = command(
+        "export",
+        "merge an adapter into its base model: a self-contained model directory",
+        "Writes a transformers save_pretrained directory (+ manifest naming the adapter) that\n"
+        "loads without retroloop's data/ folder.",
+        "  retroloop export data/opd/adapter --out merged/",
     )
-    p.add_argument("adapter", type=Path, help="a PEFT adapter directory, e.g. data/opd/adapter")
-    p.add_argument("--out", required=True, type=Path, help="directory to write (replaced)")
+    p.add_argument(
+        "adapter",
+        type=Path,
+        metavar="ADAPTER",
+        help="a PEFT adapter directory, e.g. data/opd/adapter",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="directory to write (replaced)"
+    )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="generate from a model (+ adapter) at any recurrence")
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--adapter", type=Path)
-    p.add_argument("--recurrence", type=int, help="R for a looped model")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="no chat template")
-    p.add_argument("prompt")
+    p = command(
+        "generate",
+        "generate text from a model (+ adapter) at any recurrence",
+        "Streams the reply to stdout as it is produced and prints tokens/s to stderr. The\n"
+        "prompt is wrapped in the model's chat template unless --raw. No code from the model\n"
+        "or adapter directory is ever run (trust_remote_code=False).",
+        '  retroloop generate --model data/convert/model --recurrence 4 "What is a closure?"\n'
+        "  retroloop generate --model data/convert/model --adapter data/opd/adapter \\\n"
+        '      --max-new-tokens 128 "Explain list comprehensions."',
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="a save_pretrained model directory, e.g. data/convert/model or data/prepare/model",
+    )
+    p.add_argument(
+        "--adapter",
+        type=Path,
+        metavar="DIR",
+        help="a PEFT adapter directory on that model, e.g. data/opd/adapter",
+    )
+    p.add_argument(
+        "--recurrence",
+        type=_positive_int,
+        metavar="R",
+        help="iterations of the recurrent block (>= 1; looped models only; default: the R "
+        "stored in the model's config)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="tokens to generate (default 64)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default 0)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--raw", action="store_true", help="send PROMPT as is, without chat template")
+    p.add_argument("prompt", metavar="PROMPT", help="the user message")
     p.set_defaults(func=cmd_generate)
 
-    p = with_params(sub.add_parser("bench", help="side-by-side benchmarks that print ratios"))
-    p.add_argument("name", choices=["recurrence", "distill", "opd"])
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    p = command(
+        "bench",
+        "run a side-by-side benchmark that prints ratios",
+        "recurrence: forward tokens/s of the looped model at R = 1..8 against its source;\n"
+        "distill: the teacher cache and LoRA distillation step against the uncached way;\n"
+        "opd: on-policy distillation's rollout speed, step anatomy and sample efficiency\n"
+        "against the reference recipe. Candidates are timed in interleaved rounds of one run,\n"
+        "so the ratios are comparable; absolute numbers depend on the machine.",
+        "  retroloop bench recurrence --quick\n  retroloop bench distill --json",
+    )
+    p.add_argument(
+        "name",
+        choices=["recurrence", "distill", "opd"],
+        metavar="NAME",
+        help="one of: recurrence, distill, opd",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    with_params(p)
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an OSError that escaped the library: the path and what to do."""
+    path = Path(err.filename) if err.filename else None
+    if isinstance(err, NotADirectoryError) and path is not None:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        return f"{blocker}: is a file where a folder is needed; move or delete it, then rerun"
+    if reason := disk_full_reason(err):
+        return f"{path or 'writing'}: {reason}; free disk space (or raise `ulimit -f`), then rerun"
+    if isinstance(err, PermissionError):
+        return f"{path}: permission denied; check who owns it and its folder, then rerun"
+    if isinstance(err, IsADirectoryError):
+        return f"{path}: is a folder where a file is needed; give a file path"
+    where = f"{path}: " if path else ""
+    return f"{where}{err.strerror or _first_line(err)}; check the path, then rerun"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,12 +648,35 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("RETROLOOP_DEBUG", "") not in ("", "0")
     _setup_logging(args.verbose)
+
+    def fail(line: str, code: int) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {line}", file=sys.stderr)
+        return code
+
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        return fail(
+            "interrupted; the artifact being written was discarded (finished artifacts and "
+            "resumable checkpoints stay); rerun to continue",
+            130,
+        )
     except RetroloopError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err), 2)
+    except Exception as err:
+        if isinstance(err, OSError):
+            return fail(_os_error_line(err), 2)
+        if reason := disk_full_reason(err):  # safetensors / torch wrap the OSError
+            return fail(f"{reason} while writing; free disk space, then rerun", 2)
+        return fail(
+            f"{type(err).__name__}: {_first_line(err)} (unexpected; rerun with --debug for the "
+            "traceback)",
+            1,
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -335,7 +335,11 @@ class EvaluateParams(Strict):
     nll_records: int = Field(16, gt=0)
     kl_prompts: int = Field(8, gt=0)
     kl_max_new_tokens: int = Field(32, gt=0)
-    recurrence_scaling: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    recurrence_scaling: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 2, 4, 8],
+        min_length=1,
+        description="recurrences R (>= 1) at which the looped models are evaluated",
+    )
     baseline_sft: bool = Field(False, description="also evaluate SFT-on-own-samples recovery")
 
 
@@ -450,11 +454,30 @@ def load_params(
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    for dotted, value in (overrides or {}).items():
-        node = raw if raw is not None else {}
-        keys = dotted.split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-        raw = raw if raw is not None else node
+    if overrides:
+        raw = apply_overrides(raw if raw is not None else {}, overrides, str(path))
     return parse_params(raw, str(path))
+
+
+def apply_overrides(raw: Any, overrides: dict[str, Any], source: str = "params") -> Any:
+    """`raw` with each dotted key of `overrides` set (`--set distill.lora.r=8`). A key whose
+    parent is a value, not a section, is a `ConfigError` naming the key; the schema then
+    checks names and values as for the file itself."""
+    if not isinstance(raw, dict):
+        return raw  # parse_params names the problem
+    for dotted, value in overrides.items():
+        keys = dotted.split(".")
+        if not all(keys):
+            raise ConfigError(f"--set {dotted}: empty key segment; write e.g. distill.steps=10")
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                parent = ".".join(keys[: depth + 1])
+                raise ConfigError(
+                    f"--set {dotted}: {parent} is a value ({child!r} in {source}), not a section "
+                    f"with keys; set {parent}=VALUE instead"
+                )
+            node = child
+        node[keys[-1]] = value
+    return raw

@@ -258,11 +258,16 @@ def records_to_frame(rows: list[dict[str, Any]], fmt: Format, *, origin: str) ->
     for n, row in enumerate(rows, start=1):
         try:
             out.append(_normalise(row, fmt))
-        except (KeyError, TypeError, ValueError) as err:
+        except KeyError as err:  # a missing column: the file is in another format
             found = ", ".join(sorted(row)) or "nothing"
             raise DataError(
-                f"{origin} (format '{fmt}'): record {n} is not valid ({err}); the format needs "
+                f"{origin} (format '{fmt}'): record {n} is not valid (no {err}); the format needs "
                 f"{_NEEDS[fmt]}, found: {found}; rename the columns or pick the matching format"
+            ) from None
+        except (TypeError, ValueError) as err:  # the right column with a bad value
+            raise DataError(
+                f"{origin} (format '{fmt}'): record {n}: {err}; fix that record "
+                f"(the format needs {_NEEDS[fmt]})"
             ) from None
     df = pl.DataFrame(out, schema=schema_for(fmt))
     dupes = len(df) - df["id"].n_unique()
@@ -293,6 +298,12 @@ def _normalise(row: dict[str, Any], fmt: Format) -> dict[str, Any]:
                 kwargs = json.loads(kwargs)
             if not isinstance(kwargs, list) or len(kwargs) != len(ids):
                 raise ValueError("'kwargs' must be a list with one dict per instruction id")
+            for i, kw in enumerate(kwargs):
+                if kw is not None and not isinstance(kw, dict):
+                    raise TypeError(
+                        f"'kwargs'[{i}] is {kw!r}; each entry must be an object of checker "
+                        "arguments (or {} / null for none)"
+                    )
             # The hub copy of IFEval stores every checker's keys with nulls; keep only the set ones.
             kwargs = [{k: v for k, v in (kw or {}).items() if v is not None} for kw in kwargs]
             return _chat_row(str(row["key"]), prompt, row.get("response"), ids, kwargs)
@@ -315,6 +326,12 @@ def _from_messages(messages: Any) -> tuple[str, str | None]:
     """(last user turn, final assistant turn or None); system turns and history are dropped."""
     if not isinstance(messages, list) or not messages:
         raise TypeError("'messages' must be a non-empty list of {role, content}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise TypeError(
+                f"'messages'[{i}] is {m!r}; each message must be an object "
+                '{"role": "user"|"assistant"|"system", "content": "<text>"}'
+            )
     response = None
     if messages[-1].get("role") == "assistant":
         response = messages[-1]["content"]

@@ -1,7 +1,13 @@
 """Named errors. Each carries one line a user can act on: the key, file or value and what to do.
 
-The CLI prints `str(err)` on one line and exits non-zero; nothing else catches them.
+The CLI prints `str(err)` on one line and exits 2 (see `retroloop --help` for every exit code).
 """
+
+import errno
+import os
+
+# Write failures that mean "the disk (or the file-size limit) is full", not a bug.
+_FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class RetroloopError(Exception):
@@ -35,3 +41,18 @@ class MissingExtraError(RetroloopError):
 class GuardError(RetroloopError):
     """A run-time self-check failed: the installed libraries compute something other than what
     the method needs (e.g. generation that silently drops the KV cache)."""
+
+
+class WriteError(ArtifactError):
+    """An output could not be written (disk full, file-size limit); nothing was published."""
+
+
+def disk_full_reason(err: BaseException) -> str | None:
+    """The OS reason if `err` is a disk-full / file-too-large write failure, else None.
+
+    safetensors (Rust) and torch wrap the OS error in their own exception types and keep only
+    its text ("File too large"), so the text is matched as well as `errno`."""
+    if isinstance(err, OSError) and err.errno in _FULL_DISK:
+        return os.strerror(err.errno)
+    text = str(err)
+    return next((os.strerror(code) for code in _FULL_DISK if os.strerror(code) in text), None)

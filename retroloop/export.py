@@ -51,12 +51,10 @@ def resolve_base_model(adapter_dir: str | Path) -> Path:
 
 def load_adapted(adapter_dir: str | Path, dtype: str = "float32", device: str = "cpu"):
     """Base model + adapter, from any working directory (the base found by `resolve_base_model`)."""
-    from peft import PeftModel
-
-    from retroloop.models.loading import load_model
+    from retroloop.models.loading import load_adapter, load_model
 
     base = load_model(resolve_base_model(adapter_dir), dtype, device)
-    return PeftModel.from_pretrained(base, str(Path(adapter_dir).resolve())).eval()
+    return load_adapter(base, Path(adapter_dir).resolve()).eval()
 
 
 def export(adapter_dir: str | Path, out_dir: str | Path) -> Manifest:

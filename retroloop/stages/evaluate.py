@@ -153,7 +153,9 @@ def load_spec(spec: ModelSpec, dtype: str, device: torch.device | str) -> torch.
             raise ArtifactError(
                 f"{spec.adapter_dir}: not a PEFT adapter directory (no adapter_config.json)"
             )
-        model = PeftModel.from_pretrained(model, spec.adapter_dir).merge_and_unload()
+        model = PeftModel.from_pretrained(
+            model, spec.adapter_dir, trust_remote_code=False
+        ).merge_and_unload()
     return model.eval()
 
 
