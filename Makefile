@@ -17,7 +17,7 @@ export DO_NOT_TRACK = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 180
 
-.PHONY: setup lock run test test-latest test-slow lint bench ui clean
+.PHONY: setup lock run test test-latest test-slow lint bench ui plots clean
 
 # A lock that no longer matches pyproject.toml stops every target but `make lock` with one line.
 ifeq ($(filter lock clean,$(MAKECMDGOALS)),)
@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # (a new dependency, a range change, a wanted upgrade), then `make test` and commit the lock.
 lock:
 	test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv==$(UV_VERSION))
-	printf 'setuptools>=68\nwheel\n' | .venv-lock/bin/uv pip compile pyproject.toml - --extra dev \
+	printf 'setuptools>=68\nwheel\n' | .venv-lock/bin/uv pip compile pyproject.toml - --extra dev --extra plots \
 	  --generate-hashes --find-links $(TORCH_WHEELS) --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --no-header --quiet -o $(LOCK)
 	$(PYTHON) retroloop/envlock.py stamp
@@ -54,7 +54,7 @@ lock:
 # running the unit and stage tiers, so a breaking release is seen here before a user sees it.
 test-latest:
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
-	.venv-latest/bin/pip install --quiet --upgrade -e '.[dev]'
+	.venv-latest/bin/pip install --quiet --upgrade -e '.[dev,plots]'
 	.venv-latest/bin/python retroloop/envlock.py differs
 	PATH="$(CURDIR)/.venv-latest/bin:$$PATH" .venv-latest/bin/pytest tests/unit tests/stage
 
@@ -72,6 +72,13 @@ lint: setup
 
 bench: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/retroloop bench recurrence && $(BIN)/retroloop bench distill && $(BIN)/retroloop bench opd
+
+# `dvc plots show` with the Vega libraries inlined (DVC's default page loads them from a CDN):
+# the template is generated into .dvc/ (git-ignored), .dvc/config.local points DVC at it.
+plots: setup
+	$(BIN)/python -m retroloop.plots_html .dvc/plots-offline.html
+	$(BIN)/dvc config --local plots.html_template plots-offline.html
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc plots show
 
 ui: setup
 	$(BIN)/prefect server start --host 127.0.0.1
