@@ -222,27 +222,38 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    # Paths are what a user copies into `lineage` / `generate`: never truncated (no "…"); on a
-    # narrow terminal they fold onto a second line inside their cell, whole.
-    table = Table(title=f"adapters under {args.root}")
-    for col in ("status", "adapter", "stage", "teacher"):
-        table.add_column(col, overflow="fold")
-    for col in ("teacher sha256", "lock sha256", "created"):
-        table.add_column(col, overflow="fold")
+    console = Console()
+    header = ("status", "adapter", "stage", "teacher", "teacher sha256", "lock sha256", "created")
+    cells = []
     for row in rows:
         teacher = row["teacher"] or {}
-        table.add_row(
-            row["status"],
-            row["adapter"],
-            row["stage"],
-            teacher.get("path", "-"),
-            (teacher.get("content_sha256") or "-")[:12],
-            (row["lock_sha256"] or "-")[:12],
+        cells.append((
+            row["status"], row["adapter"], row["stage"], teacher.get("path", "-"),
+            (teacher.get("content_sha256") or "-")[:12], (row["lock_sha256"] or "-")[:12],
             row["created"] or (row.get("error") or "-"),
-        )
-    Console().print(table)
+        ))  # fmt: skip
+    # Paths are what a user copies into `lineage` / `generate`: never cut, folded or wrapped.
+    # A table when it fits the terminal; else one block per adapter, each path on its own line.
+    # (The last column, a timestamp or a problem in prose, may wrap.)
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(header[:-1])]
+    if sum(widths) + len("2026-11-29T12:00:00+00:00") + 3 * len(header) + 1 <= console.width:
+        table = Table(title=f"adapters under {args.root}")
+        for col in header:
+            table.add_column(col, no_wrap=col != "created", overflow="fold")
+        for c in cells:
+            table.add_row(*c)
+        console.print(table)
+    else:
+        console.print(f"adapters under {escape(str(args.root))}", style="bold")
+        for status, adapter, stage, teacher, teacher_sha, lock_sha, created in cells:
+            lines = [f"{status:<4} {adapter}  ({stage})", f"     teacher  {teacher}",
+                     f"     teacher sha256 {teacher_sha}  lock sha256 {lock_sha}",
+                     f"     {'created' if status == 'OK' else 'problem'}  {created}"]  # fmt: skip
+            for line in lines:
+                console.print(escape(line), soft_wrap=True, highlight=False)
     return 1 if any(row["status"] != "OK" for row in rows) else 0
 
 

@@ -384,3 +384,56 @@ def test_no_code_from_a_model_directory_runs(part, tmp_path, tiny_model_dir) -> 
     assert not marker.exists()
     assert proc.returncode == 2, proc.stderr
     error_line(proc.stderr, str(model), "auto_map", "never")
+
+
+# --------------------------------------------------------------------------- interfaces
+
+
+AUDIT_ROWS = [
+    {"status": "OK", "adapter": "data/registry/cycles/cycle-0012/adapter", "stage": "cycle",
+     "teacher": {"path": "data/registry/cycles/cycle-0011/model", "content_sha256": "ab" * 32},
+     "lock_sha256": "cd" * 32, "created": "2026-11-29T12:00:00+00:00"},
+    {"status": "BAD", "adapter": "data/opd/adapter", "stage": "opd", "teacher": None,
+     "lock_sha256": None, "created": None, "error": "data/opd/manifest.json: edited"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_audit_never_cuts_a_path(columns, monkeypatch, capsys) -> None:
+    import retroloop.provenance
+
+    monkeypatch.setattr(retroloop.provenance, "audit", lambda root: AUDIT_ROWS)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert main(["audit"]) == 1  # one adapter is BAD
+    out = capsys.readouterr().out
+    words = out.replace("│", " ").split()
+    for path in (
+        "data/registry/cycles/cycle-0012/adapter",
+        "data/registry/cycles/cycle-0011/model",
+    ):
+        assert path in words, out  # whole, on one line
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= columns
+
+
+def test_set_reaches_a_flow_through_a_validated_params_file(tmp_path, monkeypatch) -> None:
+    """`cycle --set` hands the flow a params file with the merged values, removed afterwards."""
+    import types
+
+    from retroloop.config import load_params
+
+    seen = {}
+
+    def fake_cycle_flow(domain_data, params_path, fmt):
+        seen["cfg"], seen["path"] = load_params(params_path), Path(params_path)
+        return {"cycle": 1}
+
+    monkeypatch.setitem(
+        sys.modules, "flows.cycle", types.SimpleNamespace(cycle_flow=fake_cycle_flow)
+    )
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "one document"}, {"text": "another one"}])
+    code = main(["cycle", "--params", str(TINY_PROFILE), "--domain-data", str(data),
+                 "--set", "cycle.midtrain_steps=7", "--set", "distill.lora.r=3"])  # fmt: skip
+    assert code == 0
+    want = load_params(TINY_PROFILE, {"cycle.midtrain_steps": 7, "distill.lora.r": 3})
+    assert seen["cfg"] == want and seen["cfg"] != load_params(TINY_PROFILE)
+    assert not seen["path"].exists()
