@@ -18,10 +18,9 @@ any sampler/learner mismatch (precision, kernels, a stale adapter).
 The hand loop (rather than `model.generate(output_scores=True)`) is used because (1) it
 samples from our own `torch.Generator`, so a seed reproduces the samples without touching the
 global RNG; (2) nothing from a model's `generation_config` (HF's default top_k = 50, repetition
-penalties) can silently truncate the distribution; (3) it is as fast: measured side by side on
-the tiny profile (CPU, 1 thread, 16 rows x 32 new tokens, ~120-token prompts) the loop made
-169 tok/s vs 162 for `generate` on the tiny Llama and 162 vs 178 on the looped model at R = 2,
-within run-to-run noise; both are bound by per-step framework overhead there. Prompts go
+penalties) can silently truncate the distribution; (3) it keeps pace with `generate`:
+`retroloop bench opd` times the two side by side (`engine_vs_generate_tokens_per_s_ratio`;
+its last results are in the README). Prompts go
 through the chat template with `add_generation_prompt=True` (`eval.generation.encode_chat_prompts`),
 tokenised without extra specials: the same ids the teacher later scores.
 """
