@@ -412,8 +412,8 @@ def load_adapter(model: torch.nn.Module, path: str | Path, *, trainable: bool = 
     if not (path / "adapter_config.json").is_file():
         what = "does not exist" if not path.exists() else "has no adapter_config.json"
         raise ModelError(
-            f"{path}: {what}; give a PEFT adapter directory (e.g. data/opd/adapter, written by "
-            "`dvc repro`), or leave --adapter out"
+            f"{path}: {what}; give a PEFT adapter directory (one with adapter_config.json, "
+            "as `dvc repro` writes in data/distill/adapter and data/opd/adapter)"
         )
     try:
         return PeftModel.from_pretrained(
