@@ -9,7 +9,8 @@ Writes: data/evaluate/metrics.json            {"models": {name: {...}}, "recover
         data/evaluate/report.md               tables: metrics, deltas vs teacher, recovery
         data/evaluate/models.png              one panel per metric, one bar per model
         data/evaluate/recurrence_scaling.png  held-out NLL and KL vs R (converted, distilled, opd)
-        data/evaluate/recurrence_scaling.csv  model, R, domain_nll, domain_forward_kl, … (`dvc plots`)
+        data/evaluate/recurrence_scaling.csv  long: model, R, domain_nll, domain_forward_kl, …
+        data/evaluate/recurrence_{nll,kl}.csv wide: R, one column per model (`dvc plots show`)
         data/evaluate/manifest.json
 Run:    retroloop stage evaluate
 
