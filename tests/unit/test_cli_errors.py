@@ -241,6 +241,19 @@ def test_checkpoints_folder_is_a_file(tmp_path, monkeypatch, capsys) -> None:
     error_line(err, "data/checkpoints: is a file", "move or delete")
 
 
+def test_any_file_in_the_way_is_named(tmp_path, monkeypatch, capsys) -> None:
+    """Beyond the folders stages check up front: an OSError anywhere names the blocking path."""
+    import retroloop.provenance
+
+    (tmp_path / "registry").write_text("a file")
+    monkeypatch.setattr(
+        retroloop.provenance, "audit", lambda root: (Path(root) / "cycles").mkdir(parents=True)
+    )
+    code, err = cli(capsys, "audit", "--root", str(tmp_path / "registry" / "sub"))
+    assert code == 2
+    error_line(err, f"{tmp_path / 'registry'}: is a file where a folder is needed", "move")
+
+
 def _cheap_prepare_params(path: Path, **teacher_responses) -> Path:
     """Prepare on an untrained tiny model with few records: seconds, a ~1.3 MB safetensors."""
     return tiny_params(
