@@ -8,6 +8,7 @@ limit, a signal and a "y" on stdin act on a process).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -202,6 +203,31 @@ def test_generate_recurrence_on_a_model_that_does_not_loop(tiny_model_dir, capsy
     code, err = cli(capsys, "generate", "--model", str(tiny_model_dir), "--recurrence", "2", "hi")
     assert code == 2
     error_line(err, "--recurrence 2", str(tiny_model_dir), "not a looped model", "'llama'")
+
+
+def test_generate_recurrence_reaches_a_looped_model(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The good case beside the rejected ones: every forward of a looped model gets R
+    (the old `if args.recurrence` dropped it silently for R=0)."""
+    from retroloop.models.loading import load_model, load_tokenizer
+    from retroloop.models.recurrent import RecurrentForCausalLM, convert_from_source
+
+    looped = tmp_path / "looped"
+    model = convert_from_source(load_model(tiny_model_dir), prelude=[], block=[0], coda=[1])
+    model.save_pretrained(looped)
+    load_tokenizer(tiny_model_dir).save_pretrained(looped)
+    seen: list[int | None] = []
+    forward = RecurrentForCausalLM.forward
+
+    @functools.wraps(forward)  # generate() checks its kwargs against forward's signature
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("num_recurrence"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(RecurrentForCausalLM, "forward", spy)
+    code = main(["generate", "--model", str(looped), "--recurrence", "3", "--raw",
+                 "--max-new-tokens", "4", "the quick brown"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert seen and set(seen) == {3}
 
 
 def test_generate_streams_and_reports_tokens_per_second(tiny_model_dir, capsys, monkeypatch):
