@@ -3,7 +3,8 @@ gradient, importance ratio 1, no gradient through prompt tokens), 20 steps lower
 to a perturbed teacher, LoRA rank 1, and the stage's artifact (fresh LoRA and continued parent).
 
 Upstream artifacts come from the real prepare → analyze → convert stages on the tiny profile,
-run once per module in a temp dir; every test works on its own copy of `data/`.
+run once per session (`helpers_distill.build_upstream`, shared with the distill, cache_teacher
+and evaluate tests); every test works on its own copy of `data/`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from helpers_distill import build_upstream
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -41,22 +43,11 @@ STUDENT, TEACHER = Path("data/convert/model"), Path("data/prepare/model")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from retroloop.stages import analyze, convert, prepare
-
-    root = tmp_path_factory.mktemp("opd_upstream")
-    cfg = load_params(TINY, {"threads": 1})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for stage in (prepare, analyze, convert):
-            stage.run(cfg)
-    return root
-
-
 @pytest.fixture
-def workdir(upstream: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    shutil.copytree(upstream / "data", tmp_path / "data")
+def workdir(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    shutil.copytree(build_upstream(tmp_path_factory) / "data", tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     return tmp_path
@@ -206,7 +197,18 @@ def test_teacher_with_another_chat_template_is_refused(workdir):
         check_same_tokenizer(student_tok, teacher_tok)
 
 
-def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir):
+def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir, monkeypatch):
+    # The tiny model earns the same IFEval reward on every rollout, so a mean could not be told
+    # from a max or a last value: the real rewards are computed (and checked), then step k's
+    # first k rollouts get 1 and the others 0 (step means 1/4, 2/4, 3/4).
+    real_rewards, calls = opd.ifeval_rewards, []
+
+    def first_k_rewarded(tokenizer, batch, picked):
+        assert set(real_rewards(tokenizer, batch, picked)) <= {0.0, 1.0}
+        calls.append(len(calls) + 1)
+        return [1.0] * calls[-1] + [0.0] * (len(batch) - calls[-1])
+
+    monkeypatch.setattr(opd, "ifeval_rewards", first_k_rewarded)
     cfg = load_params(
         TINY,
         {
@@ -223,16 +225,6 @@ def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir):
     assert manifest.kind == "adapter" and not verify(out)
     assert {r.role for r in manifest.inputs} == {"student", "teacher", "train_data", "heldout"}
     assert set(opd.OUTPUTS) <= {p.name for p in out.iterdir()}
-    m = manifest.metrics
-    for key in (
-        "reverse_kl_topk_lb_start",
-        "reverse_kl_topk_lb_end",
-        "tokens_per_s",
-        "teacher_scoring_share",
-    ):
-        assert m[key] is not None and m[key] >= 0.0
-    assert m["steps"] == 3 and 0.0 <= m["reward_mean"] <= 1.0
-
     steps = read_steps(out)  # dvclive's per-step metrics: the dvc plots
     assert steps["step"].to_list() == [1, 2, 3]
     assert {
@@ -244,6 +236,7 @@ def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir):
     } <= set(steps.columns)
     rollouts = pl.read_parquet(out / "rollouts.parquet")
     assert rollouts.height == 3 * cfg.opd.prompts_per_step * cfg.opd.rollout.samples_per_prompt
+    log_ratio, tokens = {1: 0.0, 2: 0.0, 3: 0.0}, {1: 0, 2: 0, 3: 0}
     for row in rollouts.iter_rows(named=True):
         assert (
             len(row["completion_tokens"])
@@ -251,7 +244,27 @@ def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir):
             == len(row["teacher_logprobs"])
             >= 1
         )
-        assert row["reward"] in (0.0, 1.0)
+        log_ratio[row["step"]] += sum(row["sampler_logprobs"]) - sum(row["teacher_logprobs"])
+        tokens[row["step"]] += len(row["completion_tokens"])
+
+    # The summary is what the per-step log and the per-token rollouts hold, recomputed here.
+    m = manifest.metrics
+    assert m["steps"] == 3 and m["generated_tokens"] == sum(tokens.values())
+    sampled = [log_ratio[s] / tokens[s] for s in (1, 2, 3)]  # KL(π_S‖π_T) estimate per step
+    assert steps["reverse_kl_sampled"].to_list() == pytest.approx(sampled, rel=1e-5, abs=1e-6)
+    assert m["sampled_reverse_kl_mean"] == pytest.approx(sum(sampled) / 3, rel=1e-5, abs=1e-6)
+    kl = steps["reverse_kl_topk_lb"].to_list()  # _start / _end: the first / last 10% (1 step)
+    assert (m["reverse_kl_topk_lb_start"], m["reverse_kl_topk_lb_end"]) == (kl[0], kl[-1])
+    assert kl[0] > 0.0  # the converted student (fresh LoRA) is not the teacher
+    for k in (1, 2, 3):  # stored in the batch's order
+        assert rollouts.filter(pl.col("step") == k)["reward"].to_list() == [1.0] * k + [0.0] * (
+            4 - k
+        )
+    assert m["reward_mean"] == 0.5
+    # Timings: sampling and teacher scoring are disjoint parts of each step, so their shares of
+    # the step time (tokens/s over rollout tokens/s; teacher_scoring_share) add up to less than 1.
+    assert 0.0 < m["teacher_scoring_share"] < 1.0
+    assert m["tokens_per_s"] / m["rollout_tokens_per_s"] + m["teacher_scoring_share"] < 1.0
     geometry = pl.read_parquet(out / "geometry.parquet")
     assert set(geometry["step"]) == {0, 1, 2, 3} and {
         "effective_rank",
