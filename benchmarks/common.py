@@ -14,10 +14,33 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from retroloop import datasets
+from retroloop.config import Params
+
 log = logging.getLogger(__name__)
+
+
+def load_base_model(cfg: Params, cache_dir: Path) -> tuple[torch.nn.Module, Any, dict]:
+    """`prepare.model` in memory, as `retroloop stage prepare` loads it (for a bench run before
+    the stage has): a `tiny_random` model trains its tokenizer on the prepare corpus and, with
+    `tiny.train_steps > 0`, its weights on the train split. Returns (model, tokenizer, provenance)."""
+    from retroloop.models.loading import load_source_model
+
+    p, corpus, train_texts = cfg.prepare, None, None
+    if p.model.source == "tiny_random":
+        domain = datasets.load_source(p.domain, seed=cfg.seed, key="prepare.domain")
+        instruct = datasets.load_source(p.instructions, seed=cfg.seed, key="prepare.instructions")
+        corpus = domain["text"].to_list() + instruct["prompt"].to_list()
+        train_texts = (
+            datasets.split_train_eval(domain, p.eval_fraction, cfg.seed)[0]["text"].to_list()
+            + datasets.split_train_eval(instruct, p.eval_fraction, cfg.seed)[0]["prompt"].to_list()
+        )
+    return load_source_model(p.model, cache_dir=cache_dir, corpus=corpus, train_texts=train_texts)
 
 
 def interleaved_medians(
