@@ -6,7 +6,7 @@ What it measures: tokens/s of one no-grad fp32 forward pass (batch 4 × 128 toke
 cache, 2 torch threads) of the source model and of the converted model at every R, timed
 in interleaved rounds (`benchmarks.common.interleaved_times`: warm-up, then the median
 of 5 rounds, each timing every candidate once in a rotating order), so machine noise
-hits all of them alike. `--quick` uses batch 2 × 32 and 3 rounds (a smoke run).
+hits all of them alike. `--quick` uses batch 2 × 32, 3 rounds and 1 thread (a smoke run).
 
 Model: `data/prepare/model` if `retroloop stage prepare` has run, else the base model
 named by `prepare.model`, loaded in memory (for the default profile: the SmolLM2 GGUF in
@@ -52,15 +52,15 @@ PREPARED_MODEL = Path("data/prepare/model")
 SPLIT_JSON = Path("data/analyze/split.json")
 MODEL_CACHE = Path("data/cache")
 RECURRENCES = range(1, 9)
-THREADS = 2
-FULL = {"batch": 4, "seq_len": 128, "warmup": 1, "repeats": 5}
-QUICK = {"batch": 2, "seq_len": 32, "warmup": 1, "repeats": 3}
+# --quick runs on one thread: a second one spins against other jobs on a shared 2-core box.
+FULL = {"batch": 4, "seq_len": 128, "warmup": 1, "repeats": 5, "threads": 2}
+QUICK = {"batch": 2, "seq_len": 32, "warmup": 1, "repeats": 3, "threads": 1}
 
 
 def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
     cfg = load_params(params_path)
     sizes = QUICK if quick else FULL
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(sizes["threads"])
     torch.manual_seed(cfg.seed)
 
     source, model_name = _load_source(cfg)
@@ -93,7 +93,7 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
     candidates = {"source": forward_source} | {str(r): forward_looped(r) for r in RECURRENCES}
     log.info(
         "timing %d candidates: batch %d × %d tokens, %d warm-up + %d interleaved rounds, %d threads",
-        len(candidates), B, T, sizes["warmup"], sizes["repeats"], THREADS,
+        len(candidates), B, T, sizes["warmup"], sizes["repeats"], sizes["threads"],
     )  # fmt: skip
     times = interleaved_times(candidates, warmup=sizes["warmup"], repeats=sizes["repeats"])
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
@@ -114,7 +114,7 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         "batch": B,
         "seq_len": T,
         "repeats": sizes["repeats"],
-        "threads": THREADS,
+        "threads": sizes["threads"],
         # Noise gauge: median over candidates of (max − min) / median of their timings.
         "timing_relative_spread": round(statistics.median(map(relative_spread, times.values())), 3),
         "peak_rss_mib": round(peak_rss_mib(), 1),
