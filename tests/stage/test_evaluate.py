@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
+from helpers_distill import build_upstream
 
 from retroloop.artifacts import read_manifest
 from retroloop.canonical import split_run_dependent
@@ -73,16 +75,12 @@ def _reference_nll(model_dir: Path, texts: list[str], max_seq_len: int) -> float
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory) -> Path:
-    """data/ of the tiny profile up to convert, plus distill and opd adapters."""
-    from retroloop.stages import analyze, convert, prepare
-
+    """data/ of the tiny profile up to convert (a copy of the stage tests' shared upstream),
+    plus distill and opd adapters."""
     root = tmp_path_factory.mktemp("evaluate")
-    cfg = load_params(TINY)
+    shutil.copytree(build_upstream(tmp_path_factory) / "data", root / "data")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        prepare.run(cfg)
-        analyze.run(cfg)
-        convert.run(cfg)
         _random_adapter(Path("data/convert/model"), Path("data/distill/adapter"), seed=1)
         _random_adapter(Path("data/convert/model"), Path("data/opd/adapter"), seed=2)
     return root
