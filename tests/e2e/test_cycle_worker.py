@@ -44,6 +44,7 @@ def test_worker_runs_a_deployed_cycle_to_completion(
     docs = [f'{{"text": "Note {i}: the pump on line {i} needs oil every {i + 2} days."}}' for i in range(12)]  # fmt: skip
     domain.write_text("\n".join(docs) + "\n")
     env = {**prefect_server.env, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env["PREFECT_WORKER_QUERY_SECONDS"] = "1"  # the worker polls every 1 s, not every 10 s
     assert "RETROLOOP_HOME" not in env
     sh(
         ["prefect", "work-pool", "create", "gpu", "--type", "process", "--overwrite"],
@@ -63,7 +64,7 @@ def test_worker_runs_a_deployed_cycle_to_completion(
     try:
         run = sh(
             ["prefect", "deployment", "run", "retroloop-cycle/cycle-on-demand",
-             "-p", "domain_data=data/incoming/notes.jsonl", "--watch", "--watch-interval", "5"],
+             "-p", "domain_data=data/incoming/notes.jsonl", "--watch", "--watch-interval", "1"],
             project, env=env, timeout=900, ok=False,
         )  # fmt: skip
         assert run.returncode == 0, f"{run.stdout[-3000:]}\n{log.read_text()[-5000:]}"
