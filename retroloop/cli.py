@@ -44,7 +44,7 @@ exit codes:
 
 EPILOG = f"""\
 examples:
-  cp profiles/tiny.yaml params.yaml && dvc repro   # whole pipeline, tiny model, ~1 min on CPU
+  cp profiles/tiny.yaml params.yaml && dvc repro   # whole pipeline, tiny model, minutes on CPU
   dvc exp run -S distill.steps=80                  # an override that dvc.lock records
   retroloop run                                    # the same pipeline as a Prefect flow
   retroloop stage distill --set distill.lr=5e-4    # one stage by hand (DVC does not see --set)
