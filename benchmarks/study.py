@@ -205,12 +205,14 @@ def _plot(results: dict, teacher_nll: float) -> None:
             continue
         rows = rec["distilled"]
         if rows[0]["R"] is None:
-            ax.axhline(rows[0]["nll"], ls="--", color="grey", label=f"{name} (R=1, no loop)")
+            grey = "dimgrey" if name.startswith("keep24") else "darkgrey"
+            ax.axhline(rows[0]["nll"], ls="--", color=grey, label=f"{name} (R=1, no loop)")
         else:
             ax.plot([r["R"] for r in rows], [r["nll"] for r in rows], marker="o", label=name)
     ax.axhline(teacher_nll, ls=":", color="black", label="teacher")
     ax.set(xscale="log", xticks=list(RS), xticklabels=[str(r) for r in RS], xlabel="recurrence R",
            ylabel="held-out NLL (nats/token)", title="distilled looped models vs R (equal budget)")  # fmt: skip
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only R's own ticks
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig("study.png", dpi=110)
