@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from helpers_distill import TINY, tiny, workdir  # noqa: F401  (fixture)
+from helpers_distill import TINY, held_out_kl, tiny, workdir  # noqa: F401  (fixture)
 from safetensors.torch import load_file
 
 from retroloop.artifacts import MANIFEST, hash_tree, input_ref, read_manifest, write_json_atomic
@@ -295,33 +295,16 @@ def test_torchrun_two_ranks_follow_the_single_process_grad_accum_trajectory(work
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
-def _held_out_kl(model_dir: Path, adapter: Path | None = None, Rs=(1,)) -> dict:
-    """Exact held-out KL(teacher ‖ model) and NLL per R on the prepared eval documents."""
-    from peft import PeftModel
-
-    from retroloop.eval.scaling import held_out, nll_and_kl
-
-    teacher = load_model("data/prepare/model")
-    docs = pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"].to_list()
-    data = held_out(
-        teacher, load_tokenizer("data/prepare/model"), docs, max_seq_len=64, batch_size=4
-    )
-    model = load_model(model_dir)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-    return {R: nll_and_kl(model, data, num_recurrence=R, use_cache=False) for R in Rs}
-
-
 def test_conversion_loses_and_distillation_wins_back_kl_to_the_trained_teacher(workdir) -> None:  # noqa: F811
     """The tiny teacher is trained (peaked), so dropping half its layers costs measurable KL, and
     16 distill steps win most of it back: on the training positions (kl_end vs kl_start) and on
     held-out documents. Fails with a zero-ish LR (checked: distill.lr=1e-9 keeps kl_end ≈ kl_start)."""
-    converted = _held_out_kl(STUDENT)[1]["kl"]
+    converted = held_out_kl(STUDENT)[1]["kl"]
     assert converted > 0.01  # conversion raised KL to the teacher (0 for the teacher itself)
     manifest = distill.run(tiny())
     m = manifest.metrics
     assert m["kl_end"] < 0.5 * m["kl_start"], m
-    after = _held_out_kl(STUDENT, Path("data/distill/adapter"), Rs=(1, 2, 4))
+    after = held_out_kl(STUDENT, Path("data/distill/adapter"), Rs=(1, 2, 4))
     assert after[1]["kl"] < 0.8 * converted, (converted, after)
     # Recurrence scaling is not flat once the adapter's state half has learned.
     nlls = [after[R]["nll"] for R in (1, 2, 4)]

@@ -11,32 +11,13 @@ import json
 from pathlib import Path
 
 import torch
-from helpers_distill import tiny, workdir  # noqa: F401  (fixture)
+from helpers_distill import held_out_kl, tiny, workdir  # noqa: F401  (fixture)
 
 from retroloop.artifacts import read_manifest
 from retroloop.models.loading import load_model
 from retroloop.models.recurrent import RecurrentForCausalLM
 from retroloop.provenance import verify
 from retroloop.stages import static
-
-
-def _held_out_kl(model_dir: Path, adapter: Path | None = None, **forward_kwargs) -> float:
-    """Exact held-out KL(teacher ‖ model) on the prepared eval documents."""
-    import polars as pl
-    from peft import PeftModel
-
-    from retroloop.eval.scaling import held_out, nll_and_kl
-    from retroloop.models.loading import load_tokenizer
-
-    teacher = load_model("data/prepare/model")
-    docs = pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"].to_list()
-    data = held_out(
-        teacher, load_tokenizer("data/prepare/model"), docs, max_seq_len=64, batch_size=4
-    )
-    model = load_model(model_dir)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-    return nll_and_kl(model, data, use_cache=False, **forward_kwargs)["kl"]
 
 
 def test_static_is_the_kept_layers_run_once_and_distils_like_the_looped_student(workdir) -> None:  # noqa: F811
@@ -67,8 +48,9 @@ def test_static_is_the_kept_layers_run_once_and_distils_like_the_looped_student(
     m = manifest.metrics
     assert m["trained"] is True and m["steps"] == cfg.distill.steps
     assert m["kl_end"] < 0.5 * m["kl_start"], m  # it learns (fails with distill.lr ≈ 0)
-    before = _held_out_kl(Path("data/static/model"))
-    after = _held_out_kl(Path("data/static/model"), Path("data/static/adapter"))
+    model_dir, adapter = Path("data/static/model"), Path("data/static/adapter")
+    before = held_out_kl(model_dir, Rs=(None,))[None]["kl"]  # None: a plain model, no R
+    after = held_out_kl(model_dir, adapter, Rs=(None,))[None]["kl"]
     assert after < 0.8 * before, (before, after)
 
 
