@@ -34,7 +34,9 @@ STAGES: tuple[str, ...] = (
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` passes `gt=0` and trains an all-NaN adapter (issue 19);
+    # every float key of every section is refused unless finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- prepare

@@ -111,3 +111,49 @@ def test_cli_bad_params_exit_nonzero_one_line_and_write_nothing(tmp_path: Path) 
     assert proc.stderr.strip().count("\n") == 0
     assert "distill.lora.r" in proc.stderr
     assert not (tmp_path / "data").exists()
+
+
+def _float_keys(model: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema whose value may be a float (sections walked)."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        args = typing.get_args(ann) if isinstance(ann, types.UnionType) else (ann,)
+        sections = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        for section in sections:
+            keys += _float_keys(section, f"{prefix}{name}.")
+        if float in args:
+            keys.append(prefix + name)
+    return keys
+
+
+FLOAT_KEYS = _float_keys(Params)
+
+
+def test_the_walk_finds_the_float_keys() -> None:
+    expected = {"distill.lr", "opd.lr", "distill.lora.alpha", "prepare.model.tiny.train_lr"}
+    assert expected <= set(FLOAT_KEYS) and len(FLOAT_KEYS) >= 25
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_numbers_are_refused_everywhere(key: str, value) -> None:
+    """Issue 19: `distill.lr: .inf` passed `> 0` and trained an all-NaN adapter."""
+    from retroloop.config import apply_overrides
+
+    with pytest.raises(ConfigError) as err:
+        parse_params(apply_overrides({}, {key: value}))
+    assert f"params: {key}:" in str(err.value) and "\n" not in str(err.value)
+    assert "finite" in str(err.value)
+
+
+def test_yaml_inf_and_nan_are_refused_with_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("distill:\n  lr: .inf\nopd:\n  kl_coef: .nan\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: distill\.lr: .*finite.*\(got inf\)"):
+        load_params(path)
