@@ -359,17 +359,67 @@ def _prefect_run_id() -> str | None:
     return os.environ.get("RETROLOOP_PREFECT_RUN_ID")
 
 
+def check_output_dir(out_dir: str | Path, *, stage: str) -> Path:
+    """`out_dir` as an absolute path, if a writer for `stage` may replace it; else
+    `ArtifactError` (one line: the path, what it is, what to do), before anything is written.
+
+    A writer replaces its output folder whole, so the folder must be new, empty, or an artifact
+    this same stage wrote (a rerun). Refused: the working directory or a folder above it, a
+    repository root (a `dvc.yaml` or `.git` in it), the repository's `data/`, a folder inside an
+    artifact, an artifact another stage wrote (whatever its kind), a file, and a non-empty
+    folder that is not an artifact (no `manifest.json`: e.g. a parent of artifacts, or code).
+    An artifact whose manifest does not parse may be replaced (rerunning its stage repairs it)."""
+    given = Path(out_dir)
+    final = Path(os.path.abspath(given))  # "." and ".." by name, so the temp dir is a sibling
+    resolved, cwd = final.resolve(), Path.cwd().resolve()
+
+    def refuse(what: str) -> ArtifactError:
+        return ArtifactError(
+            f"{given}: {what}; refusing to replace it (nothing was written); give a new or empty "
+            "folder, e.g. exported/model"
+        )
+
+    if resolved == cwd or cwd.is_relative_to(resolved):
+        raise refuse("is the working directory or a folder above it")
+    if (resolved / "dvc.yaml").exists() or (resolved / ".git").exists():
+        raise refuse("is a repository root")
+    if resolved.name == "data" and (resolved.parent / "dvc.yaml").is_file():
+        raise refuse("is the repository's data/ folder, which holds every artifact")
+    if (owner := find_manifest_dir(resolved.parent)) is not None:
+        raise refuse(f"is inside the artifact {_display(owner)}")
+    if resolved.exists() and not resolved.is_dir():
+        raise refuse("is a file")
+    if not resolved.is_dir() or not any(resolved.iterdir()):
+        return final
+    if (resolved / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(resolved)
+        except ArtifactError:
+            return final
+        if manifest.stage != stage:
+            raise refuse(f"is the {manifest.kind} artifact of stage '{manifest.stage}'")
+        return final
+    # The first artifact at most three levels down names the case; deeper ones are not searched.
+    nested = next((p for depth in ("*/", "*/*/", "*/*/*/") for p in resolved.glob(depth + MANIFEST)), None)  # fmt: skip
+    if nested is not None:
+        raise refuse(f"holds artifacts (e.g. {_display(nested.parent)})")
+    raise refuse("is a folder with files and no manifest.json (not an artifact)")
+
+
 @contextlib.contextmanager
 def atomic_artifact(out_dir: str | Path, *, stage: str, kind: str) -> Iterator[ArtifactWriter]:
     """Write into `.<name>.tmp-<pid>` beside `out_dir`; rename into place on success.
 
-    On any exception the temporary directory is removed and `out_dir` is untouched.
+    `out_dir` is checked first (`check_output_dir`). On any exception, the final rename
+    included, the temporary directory is removed and `out_dir` is untouched.
     The caller must call `writer.finish(...)` before leaving the block.
     """
     final = Path(out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    target = check_output_dir(final, stage=stage)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -378,6 +428,14 @@ def atomic_artifact(out_dir: str | Path, *, stage: str, kind: str) -> Iterator[A
         yield writer
         if writer.manifest is None:
             raise RuntimeError(f"stage '{stage}' left atomic_artifact without calling finish()")
+        if target.exists():
+            target.rename(old)
+        try:
+            tmp.rename(target)
+        except BaseException:
+            if old.exists() and not target.exists():
+                old.rename(target)  # put the previous artifact back
+            raise
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if reason := disk_full_reason(err):
@@ -386,10 +444,6 @@ def atomic_artifact(out_dir: str | Path, *, stage: str, kind: str) -> Iterator[A
                 "output was removed; free disk space (or raise `ulimit -f`) and rerun"
             ) from err
         raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
 
