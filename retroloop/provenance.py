@@ -2,7 +2,10 @@
 
 Nothing here trusts what it reads: a manifest that does not parse is reported (never
 skipped), a recorded input hash is compared with what that input holds now, and a path
-read from a manifest is followed only if it resolves inside the repository.
+read from a manifest is followed only if it resolves inside the repository. A broken link
+is BAD in `verify` and `audit`: an upstream artifact that is gone, one recorded outside the
+repository, one that now holds something else (a user's source file, `SOURCE_ROLES`, may
+live anywhere).
 """
 
 from __future__ import annotations
@@ -90,28 +93,61 @@ def verify(artifact_dir: Path) -> list[str]:
         problems.append(
             f"{artifact_dir / MANIFEST}: content_sha256 {manifest.content_sha256} != files {content}"
         )
-    for ref in manifest.inputs:
-        problems += _check_input(ref.role, ref.path, ref.content_sha256)
-    return problems
+    return problems + input_problems(manifest)
+
+
+# Roles that name a user's source file, not an upstream artifact: prepare's `source_*` (a local
+# model or dataset), evaluate's `ifeval` / `gsm8k` (e.g. ../shared/data/...), a cycle's
+# `train_data` (`--domain-data`, anywhere). They were hashed when read; one outside the
+# repository is listed, not followed. Every other role names an upstream artifact.
+SOURCE_ROLES = frozenset(
+    {"source_model", "source_domain", "source_instructions", "ifeval", "gsm8k", "train_data"}
+)
 
 
 def _check_input(role: str, path: str, sha: str) -> list[str]:
-    """A recorded input whose upstream artifact now holds something else is stale lineage."""
+    """Problems with one recorded input (empty = it still holds what was recorded).
+
+    An upstream artifact that is gone, lies outside the repository, cannot be read or now
+    holds something else is a broken link. A source file (`SOURCE_ROLES`) is checked only
+    where it lies inside an artifact of this repository."""
     try:
         target = contained(path, repo_root())
     except ArtifactError:
-        return []  # a user's source file outside the repository: nothing here to compare
-    if find_manifest_dir(target) is None:
-        return []
-    try:
-        now = recorded_hash(target) if target.exists() else None
-    except ArtifactError as err:
-        return [f"input '{role}' {path}: {err}"]
+        if role in SOURCE_ROLES:
+            return []  # a user's source file outside the repository: nothing here to compare
+        return [
+            f"input '{role}' {path}: outside the repository {repo_root()}; its lineage cannot "
+            "be checked; rebuild this artifact from inputs inside the repository"
+        ]
+    owner = find_manifest_dir(target)
+    if owner is None:
+        if role in SOURCE_ROLES:
+            return []
+        if not target.exists():
+            return [
+                f"input '{role}' {path}: no longer exists; restore it (`dvc checkout` or "
+                "`dvc pull`) or rerun the stage that writes it"
+            ]
+        now = hash_tree(target)[0]  # not an artifact: compare the bytes themselves
+    else:
+        try:
+            now = recorded_hash(target) if target.exists() else None
+        except ArtifactError as err:
+            return [f"input '{role}' {path}: {err}"]
     if now is None:
-        return [f"input '{role}' {path}: no longer exists"]
+        return [
+            f"input '{role}' {path}: no longer exists; restore it (`dvc checkout` or "
+            "`dvc pull`) or rerun the stage that writes it"
+        ]
     if now != sha:
         return [f"input '{role}' {path}: recorded sha256 {sha} but it now holds {now} (stale)"]
     return []
+
+
+def input_problems(manifest: Manifest) -> list[str]:
+    """Every broken link among a manifest's inputs (see `_check_input`)."""
+    return [line for ref in manifest.inputs for line in _check_input(ref.role, ref.path, ref.content_sha256)]  # fmt: skip
 
 
 def lineage(
@@ -153,8 +189,9 @@ def lineage(
 
 
 def audit(root: str | Path = "data") -> list[dict[str, Any]]:
-    """Every adapter under `root` with the teacher(s) that produced it; an artifact whose
-    manifest cannot be read is listed with status BAD and its error."""
+    """Every adapter under `root` with the teacher(s) that produced it. Status BAD, with the
+    problem in `error`: a manifest that cannot be read, or an input whose link is broken (a
+    missing upstream artifact, one outside the repository, a stale one; `input_problems`)."""
     rows = []
     for found in find_artifacts(root):
         manifest = found.manifest
@@ -169,13 +206,15 @@ def audit(root: str | Path = "data") -> list[dict[str, Any]]:
         adapters = [rel for rel, kind in manifest.outputs.items() if kind == "adapter"]
         if manifest.kind == "adapter" and not adapters:
             adapters = ["."]
+        problems = input_problems(manifest) if adapters else []
         for rel in adapters:
             by_role = {r.role: r.model_dump() for r in manifest.inputs}
             rows.append(
                 {
                     "adapter": _display(found.dir / rel),
                     "stage": manifest.stage,
-                    "status": "OK",
+                    "status": "BAD" if problems else "OK",
+                    "error": "; ".join(problems) or None,
                     "adapter_sha256": manifest.content_sha256,
                     "teacher": _resolve_teacher(manifest),
                     "student": by_role.get("student"),
@@ -190,7 +229,8 @@ def audit(root: str | Path = "data") -> list[dict[str, Any]]:
 
 def _resolve_teacher(manifest: Manifest) -> dict[str, Any] | None:
     """The model that graded this adapter: a direct `teacher` input, or the teacher
-    recorded in the manifest of the `teacher_cache` it was distilled from."""
+    recorded in the manifest of the `teacher_cache` it was distilled from (when that cache
+    is gone or unreadable: its path, no hash, and the error)."""
     for ref in manifest.inputs:
         if ref.role == "teacher":
             return {"path": ref.path, "content_sha256": ref.content_sha256}
@@ -205,6 +245,7 @@ def _resolve_teacher(manifest: Manifest) -> dict[str, Any] | None:
                         "content_sha256": inner.content_sha256,
                         "via": ref.path,
                     }
+                raise ArtifactError(f"{ref.path}: teacher_cache no longer exists")
             except ArtifactError as err:
                 return {"path": ref.path, "content_sha256": None, "error": str(err)}
     return None

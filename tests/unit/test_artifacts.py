@@ -293,3 +293,75 @@ def test_stage_tasks_never_serve_a_cached_result() -> None:
 
     for name, stage_task in STAGE_TASKS.items():
         assert stage_task.cache_policy is NO_CACHE and stage_task.persist_result is False, name
+
+
+# --------------------------------------------------------------------------- issue 19: every broken link is BAD
+
+
+def _lineage_repo(root: Path) -> None:
+    """base -> cache (teacher) -> distill (student, teacher_cache), as the stages record them."""
+    _write(Path("data/base"), "prepare", "model", {}, "weights")
+    _write(
+        Path("data/cache"), "cache_teacher", "teacher_cache", {"teacher": Path("data/base")}, "c"
+    )
+    inputs = {"student": Path("data/base"), "teacher_cache": Path("data/cache")}
+    _write(Path("data/distill"), "distill", "adapter", inputs, "lora", {"payload.txt": "adapter"})
+
+
+def test_a_missing_upstream_artifact_is_bad_in_verify_audit_and_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`rm -rf data/cache_teacher && retroloop verify` said every artifact OK, exit 0."""
+    import shutil
+
+    from retroloop import cli
+
+    monkeypatch.chdir(tmp_path)
+    _lineage_repo(tmp_path)
+    assert verify(Path("data/distill")) == [] and audit("data")[0]["status"] == "OK"
+    shutil.rmtree("data/cache")
+    (problem,) = verify(Path("data/distill"))
+    assert problem.startswith("input 'teacher_cache' data/cache: no longer exists")
+    assert "dvc checkout" in problem
+    (row,) = audit("data")
+    assert row["status"] == "BAD" and "teacher_cache" in row["error"]
+    assert (
+        row["teacher"]["content_sha256"] is None and "no longer exists" in row["teacher"]["error"]
+    )
+    capsys.readouterr()
+    assert cli.main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert "BAD data/distill" in out and "OK  data/base" in out
+    assert cli.main(["audit"]) == 1
+
+
+def test_an_input_outside_the_repository_is_bad_unless_it_is_a_source_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    _write(tmp_path / "elsewhere", "prepare", "model", {}, "x")
+    (tmp_path / "notes.jsonl").write_text('{"text": "a"}\n')
+    _write(Path("data/a"), "analyze", "analysis", {"base_model": tmp_path / "elsewhere"}, "y")
+    (problem,) = verify(Path("data/a"))
+    assert "input 'base_model'" in problem and "outside the repository" in problem
+    # The good case beside it: a user's source file (a cycle's --domain-data) may be anywhere.
+    _write(Path("data/b"), "cycle", "adapter", {"train_data": tmp_path / "notes.jsonl"}, "z")
+    assert verify(Path("data/b")) == []
+
+
+def test_an_input_that_is_not_an_artifact_is_compared_by_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("incoming").mkdir()
+    Path("incoming/adapter.bin").write_bytes(b"v1")
+    _write(Path("data/opd"), "opd", "adapter", {"parent_adapter": Path("incoming")}, "o")
+    assert verify(Path("data/opd")) == []
+    Path("incoming/adapter.bin").write_bytes(b"v2")
+    (problem,) = verify(Path("data/opd"))
+    assert "input 'parent_adapter' incoming" in problem and "stale" in problem
+    Path("incoming/adapter.bin").unlink()
+    Path("incoming").rmdir()
+    assert "no longer exists" in verify(Path("data/opd"))[0]
