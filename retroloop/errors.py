@@ -43,6 +43,10 @@ class GuardError(RetroloopError):
     the method needs (e.g. generation that silently drops the KV cache)."""
 
 
+class DivergedError(RetroloopError):
+    """A training run produced a non-finite loss, gradient or weight; nothing was published."""
+
+
 class WriteError(ArtifactError):
     """An output could not be written (disk full, file-size limit); nothing was published."""
 

@@ -1,5 +1,6 @@
-"""Small helpers shared by the training stages (distill, opd): distributed setup, the optimizer
-over trainable parameters only, gradient all-reduce, and pickle-free resumable checkpoints.
+"""Small helpers shared by the training stages (distill, opd, the cycle's phases): distributed
+setup, the optimizer over trainable parameters only, gradient all-reduce, the stop on a
+non-finite step, and pickle-free resumable checkpoints.
 
 Checkpoint layout (one directory per step, written to a temporary name and renamed):
     step_N/adapter/                PEFT `save_pretrained` (LoRA runs): adapter weights only
@@ -15,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from retroloop.artifacts import write_json_atomic
+from retroloop.errors import DivergedError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,40 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     params = [p for _, p in trainable_parameters(model)]
     assert params, "no trainable parameters"
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def stop_if_not_finite(
+    stage: str,
+    step: int,
+    *,
+    loss: float,
+    grad_norm: float,
+    params: Iterable[torch.Tensor],
+    lr: float,
+    lr_key: str,
+    checkpoint_dir: Path | None = None,
+) -> None:
+    """Raise `DivergedError` (one line: stage, step, what, the likely cause) if this step's
+    loss, its gradient norm (before clipping) or any trainable weight after the update is not
+    finite. Called once per optimizer step, after the update and before anything of the step
+    is logged or checkpointed: the raise leaves the atomic artifact unpublished and the last
+    checkpoint (of a step that passed) in place. Under torchrun every rank sees the same
+    all-reduced loss and gradients, so every rank stops at the same step."""
+    bad = [name for name, value in (("loss", loss), ("gradient norm", grad_norm)) if not math.isfinite(value)]  # fmt: skip
+    params = [p.detach() for p in params]
+    if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+        bad.append("trainable weights after the update")
+    if not bad:
+        return
+    kept = ""
+    if checkpoint_dir is not None and (steps := list(Path(checkpoint_dir).glob("step_*"))):
+        last = max(steps, key=lambda p: int(p.name.removeprefix("step_")))
+        kept = f"; the last good checkpoint {last} is kept"
+    raise DivergedError(
+        f"{stage}: step {step}: non-finite {', '.join(bad)} (loss {loss:g}, gradient norm "
+        f"{grad_norm:g}); nothing was published{kept}; likely cause: the learning rate "
+        f"{lr_key}={lr:g} is too high (lower it), or a degenerate batch in the training data"
+    )
 
 
 def seed_for(*parts: Any) -> int:

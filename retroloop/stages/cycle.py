@@ -53,7 +53,7 @@ from retroloop.sequences import chat_sequence, pad_batch, text_sequence
 from retroloop.stages.common import dataset_path, setup_run
 from retroloop.stages.opd import train_opd
 from retroloop.steplog import StepLog, move_logs
-from retroloop.training import make_optimizer
+from retroloop.training import make_optimizer, stop_if_not_finite
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +306,11 @@ def _steps_dir(state: CycleState) -> Path:
     return Path(state.cfg.cycle.registry) / registry.WORK / f"cycle-{state.number:04d}-steps"
 
 
-def _sft(model, seqs: list, *, steps: int, lr: float, batch_size: int, seed: int, pad_id: int,
-         desc: str, steplog: StepLog | None = None) -> list[float]:  # fmt: skip
+def _sft(model, seqs: list, *, steps: int, lr: float, lr_key: str, batch_size: int, seed: int,
+         pad_id: int, desc: str, steplog: StepLog | None = None) -> list[float]:  # fmt: skip
     """Plain next-token CE on `seqs` (LoRA + recurrence adapter trainable), seeded batches;
-    each step's loss also goes to `steplog` (under `desc/`)."""
+    each step's loss also goes to `steplog` (under `desc/`). A non-finite step stops the
+    cycle (`training.stop_if_not_finite`, naming `lr_key`) before anything is registered."""
     if not seqs:
         raise DataError(f"{desc}: no training sequences (documents too short?)")
     optimizer = make_optimizer(model, lr, 0.0)
@@ -326,10 +327,15 @@ def _sft(model, seqs: list, *, steps: int, lr: float, batch_size: int, seed: int
             labels=labels_B_T.to(device),
         )
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, 1.0))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
+        stop_if_not_finite(
+            f"cycle {desc}", step, loss=losses[-1], grad_norm=grad_norm, params=trainable,
+            lr=lr, lr_key=lr_key,
+        )  # fmt: skip
         if steplog is not None:
             steplog.log({"step": step, "loss": losses[-1]}, prefix=f"{desc}/")
     model.eval()
@@ -345,7 +351,7 @@ def midtrain(state: CycleState) -> list[float]:
     ]
     state.midtrain_losses = _sft(
         state.student, [s for s in seqs if len(s.input_ids) > 1], steps=c.midtrain_steps,
-        lr=c.midtrain_lr, batch_size=c.batch_size, seed=state.cfg.seed,
+        lr=c.midtrain_lr, lr_key="cycle.midtrain_lr", batch_size=c.batch_size, seed=state.cfg.seed,
         pad_id=state.tokenizer.pad_token_id, desc="midtrain", steplog=steplog_for(state),
     )  # fmt: skip
     return state.midtrain_losses
@@ -386,7 +392,7 @@ def sft_self_baseline(state: CycleState, adapter_after_midtrain: dict[str, torch
         for i, (p, r) in enumerate(zip(prompts, own, strict=True))
     ]
     _sft(
-        state.student, seqs, steps=cfg.cycle.opd_steps, lr=cfg.opd.lr,
+        state.student, seqs, steps=cfg.cycle.opd_steps, lr=cfg.opd.lr, lr_key="opd.lr",
         batch_size=cfg.opd.prompts_per_step, seed=cfg.seed,
         pad_id=state.tokenizer.pad_token_id, desc="sft-self",
     )  # fmt: skip

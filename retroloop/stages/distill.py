@@ -205,11 +205,15 @@ def run(
             )
         training.all_reduce_grads_(params, env)
         training.all_reduce_sum_([sums], env)
-        torch.nn.utils.clip_grad_norm_(params, d.max_grad_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, d.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         loss_, ce, kl, tokens = sums.tolist()
+        training.stop_if_not_finite(
+            log_name, step + 1, loss=loss_, grad_norm=grad_norm, params=params, lr=d.lr,
+            lr_key="distill.lr", checkpoint_dir=checkpoint_dir,
+        )  # fmt: skip
         lr = optimizer.param_groups[0]["lr"]
         rows.append(
             {"step": step + 1, "loss": loss_, "ce": ce, "kl": kl, "lr": lr,

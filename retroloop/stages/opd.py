@@ -65,7 +65,7 @@ from retroloop.stages.common import (
     setup_run,
 )
 from retroloop.steplog import StepLog
-from retroloop.training import seed_for
+from retroloop.training import seed_for, stop_if_not_finite
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,10 @@ def train_opd(
             stats = opd_step(
                 student, teacher, batch, optimizer, p, pad_id=tokenizer.pad_token_id, rewards=rewards,
                 student_kwargs=s_kwargs, teacher_kwargs=teacher_kwargs,
+            )  # fmt: skip
+            stop_if_not_finite(
+                log_prefix, step, loss=stats["loss"], grad_norm=stats["grad_norm"],
+                params=trainable, lr=p.lr, lr_key="opd.lr",
             )  # fmt: skip
             push_adapter(step)
             step_s, n_tok = time.perf_counter() - tic, batch.num_completion_tokens
