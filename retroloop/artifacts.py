@@ -70,7 +70,8 @@ class Manifest(BaseModel):
     library_versions: dict[str, str] = Field(default_factory=dict)
     environment: dict[str, Any] = Field(
         default_factory=dict,
-        description="requirements.lock's sha256 and installed packages that differ from it",
+        description="requirements.lock's sha256, installed packages that differ from it, and"
+        " the compute: torch's CPU kernel level (cpu_capability), threads, accelerator",
     )
     device: str = "cpu"
     started_at: str = ""
@@ -274,6 +275,31 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def compute_environment() -> dict[str, Any]:
+    """What the numbers depend on below the library versions: torch's CPU kernel level
+    (`ATEN_CPU_CAPABILITY` forces one; a seeded run ends in a different place on each, so
+    `content_sha256` is reproducible per level, not across levels) and the accelerator."""
+    import torch  # lazy: manifests are also read where torch is not needed
+
+    out: dict[str, Any] = {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": _cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name()
+    return out
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the machine type (x86_64, arm64)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -343,7 +369,7 @@ class ArtifactWriter:
             seed=seed,
             code_version=code_version(),
             library_versions=library_versions(),
-            environment=environment(),
+            environment={**environment(), **compute_environment()},
             device=device,
             started_at=self.started_at,
             ended_at=ended_at,
@@ -359,7 +385,7 @@ def _prefect_run_id() -> str | None:
     return os.environ.get("RETROLOOP_PREFECT_RUN_ID")
 
 
-def check_output_dir(out_dir: str | Path, *, stage: str) -> Path:
+def check_output_dir(out_dir: str | Path, *, stage: str, unmarked_ok: bool = False) -> Path:
     """`out_dir` as an absolute path, if a writer for `stage` may replace it; else
     `ArtifactError` (one line: the path, what it is, what to do), before anything is written.
 
@@ -368,7 +394,10 @@ def check_output_dir(out_dir: str | Path, *, stage: str) -> Path:
     repository root (a `dvc.yaml` or `.git` in it), the repository's `data/`, a folder inside an
     artifact, an artifact another stage wrote (whatever its kind), a file, and a non-empty
     folder that is not an artifact (no `manifest.json`: e.g. a parent of artifacts, or code).
-    An artifact whose manifest does not parse may be replaced (rerunning its stage repairs it)."""
+    An artifact whose manifest does not parse may be replaced (rerunning its stage repairs it).
+    `unmarked_ok` (a stage's own output folder, from `atomic_artifact`) lets a folder without a
+    manifest and without artifacts below be replaced: `dvc repro` deletes a stage's declared
+    outs, the manifest among them, and leaves the rest. `export` checks without it first."""
     given = Path(out_dir)
     final = Path(os.path.abspath(given))  # "." and ".." by name, so the temp dir is a sibling
     resolved, cwd = final.resolve(), Path.cwd().resolve()
@@ -403,6 +432,8 @@ def check_output_dir(out_dir: str | Path, *, stage: str) -> Path:
     nested = next((p for depth in ("*/", "*/*/", "*/*/*/") for p in resolved.glob(depth + MANIFEST)), None)  # fmt: skip
     if nested is not None:
         raise refuse(f"holds artifacts (e.g. {_display(nested.parent)})")
+    if unmarked_ok:
+        return final
     raise refuse("is a folder with files and no manifest.json (not an artifact)")
 
 
@@ -410,12 +441,13 @@ def check_output_dir(out_dir: str | Path, *, stage: str) -> Path:
 def atomic_artifact(out_dir: str | Path, *, stage: str, kind: str) -> Iterator[ArtifactWriter]:
     """Write into `.<name>.tmp-<pid>` beside `out_dir`; rename into place on success.
 
-    `out_dir` is checked first (`check_output_dir`). On any exception, the final rename
+    `out_dir` is checked first (`check_output_dir`, a stage's folder that `dvc repro` emptied
+    of its declared outs allowed). On any exception, the final rename
     included, the temporary directory is removed and `out_dir` is untouched.
     The caller must call `writer.finish(...)` before leaving the block.
     """
     final = Path(out_dir)
-    target = check_output_dir(final, stage=stage)
+    target = check_output_dir(final, stage=stage, unmarked_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"

@@ -124,6 +124,13 @@ def test_stages_get_the_same_check(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     Path("data/prepare/manifest.json").write_text("{")  # cut short: its stage repairs it
     _publish(Path("data/prepare"), "prepare", "model", lambda d: (d / "w").write_text("3"))
     assert read_manifest(Path("data/prepare")).stage == "prepare"
+    # `dvc repro` deletes a stage's declared outs (the manifest among them) and leaves the rest:
+    # the stage replaces that folder; export, given it by a user, does not.
+    Path("data/prepare/manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="is a folder with files and no manifest.json"):
+        check_output_dir("data/prepare", stage="export")
+    _publish(Path("data/prepare"), "prepare", "model", lambda d: (d / "w").write_text("4"))
+    assert read_manifest(Path("data/prepare")).stage == "prepare"
 
 
 def test_a_failed_final_rename_removes_the_temporary_folder_and_keeps_the_old_artifact(
