@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import logging
 import math
 import shutil
@@ -115,9 +116,19 @@ class StepLog:
                 shutil.rmtree(live.dir, ignore_errors=True)  # nothing of this kind was logged
             else:
                 live.end()
+                _sort_summary(Path(live.dir) / "metrics.json")
         if self.sink is not None:
             self.sink.close()
             self.sink = None
+
+
+def _sort_summary(path: Path) -> None:
+    """Rewrite dvclive's summary with sorted keys. dvclive keeps the order in which names were
+    first logged, and a resumed run replays its rows from the checkpoint's JSON (sorted keys),
+    so without this an interrupted run publishes other bytes than an uninterrupted one."""
+    if path.is_file():
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps(summary, indent=4, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def move_logs(src: Path, dst: Path) -> None:

@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from retroloop.artifacts import Manifest, atomic_artifact, input_ref, read_manifest
+from retroloop.canonical import canonicalize
 from retroloop.config import Params
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.models.recurrent import drop_layers
@@ -63,11 +64,15 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["stati
         },
     )
     split = json.loads(Path(paths["split"]).read_text())
+    # Scratch beside the other checkpoints. Its `checkpoints/` survive a kill so the rerun resumes
+    # (the student's hash is in distill's run key: the rebuilt model must hash the same, hence
+    # `canonicalize`); the model and a finished distill's output are rebuilt.
     scratch = Path(out_dir).parent / "checkpoints" / Path(out_dir).name
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    scratch.mkdir(parents=True)
+    for leftover in ("model", "distill"):
+        shutil.rmtree(scratch / leftover, ignore_errors=True)
+    scratch.mkdir(parents=True, exist_ok=True)
     build_static_model(paths["base_model"], split, scratch / "model")
+    canonicalize(scratch / "model")
     trained = None
     if cfg.static.enabled:
         trained = distill.run(

@@ -1,0 +1,74 @@
+"""Resume is invisible (issue 19, item 3): a resumable stage killed after a checkpoint and run
+again publishes the same bytes — the same `content_sha256` and per-file hashes — as a run that
+was never interrupted. Kills are simulated at several points (as `test_distill`'s resume test
+does), including before the first checkpoint and twice in one run.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers_distill import tiny, workdir  # noqa: F401  (fixture)
+
+from retroloop.stages import distill, static
+
+STEPS = 4  # distill.checkpoint_every is 2 in the tiny profile: checkpoints at steps 2 and 4
+
+
+def _kill_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    def die(done: int) -> None:
+        if done == step:
+            raise KeyboardInterrupt(f"simulated kill after step {step}")
+
+    monkeypatch.setattr(distill, "_after_step", die)
+
+
+def _diff(a, b) -> dict[str, tuple[str | None, str | None]]:
+    return {
+        k: (a.files.get(k), b.files.get(k))
+        for k in sorted(set(a.files) | set(b.files))
+        if a.files.get(k) != b.files.get(k)
+    }
+
+
+@pytest.mark.parametrize("kills", [(3,), (1, 3)], ids=["after-checkpoint", "before-and-after"])
+def test_distill_killed_and_resumed_publishes_the_uninterrupted_bytes(
+    workdir,  # noqa: F811
+    monkeypatch,
+    kills,
+) -> None:
+    cfg = tiny(**{"distill.steps": STEPS})
+    ref = distill.run(cfg, out_dir=Path("data/ref"), checkpoint_dir=Path("data/ck_ref"))
+    for step in kills:
+        _kill_at(monkeypatch, step)
+        with pytest.raises(KeyboardInterrupt):
+            distill.run(cfg)
+        assert not Path("data/distill").exists()
+    monkeypatch.setattr(distill, "_after_step", lambda step: None)
+    resumed = distill.run(cfg)
+    assert resumed.content_sha256 == ref.content_sha256, _diff(ref, resumed)
+    assert resumed.files == ref.files
+
+
+def test_static_killed_and_resumed_publishes_the_uninterrupted_bytes(
+    workdir,  # noqa: F811
+    monkeypatch,
+    caplog,
+) -> None:
+    cfg = tiny(**{"static.enabled": True, "distill.steps": STEPS})
+    ref = static.run(cfg)  # at the default path: the adapter config names its scratch folder
+    shutil.move("data/static", "data/ref_static")
+    _kill_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        static.run(cfg)
+    assert not Path("data/static").exists()
+    assert list(Path("data/checkpoints/static/checkpoints").glob("step_*"))  # kept for resume
+    monkeypatch.setattr(distill, "_after_step", lambda step: None)
+    with caplog.at_level(logging.INFO, logger="retroloop.stages.distill"):
+        resumed = static.run(cfg)
+    assert "resuming from" in caplog.text and "(step 2 of 4)" in caplog.text  # not retrained
+    assert resumed.metrics["steps"] == STEPS
+    assert resumed.content_sha256 == ref.content_sha256, _diff(ref, resumed)
