@@ -1,7 +1,8 @@
 """Resume is invisible (issue 19, item 3): a resumable stage killed after a checkpoint and run
 again publishes the same bytes — the same `content_sha256` and per-file hashes — as a run that
-was never interrupted. Kills are simulated at several points (as `test_distill`'s resume test
-does), including before the first checkpoint and twice in one run.
+was never interrupted (distill, static, and cache_teacher, which already did). Kills are simulated
+at several points (as `test_distill`'s resume test does), including before the first checkpoint
+and twice in one run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers_distill import tiny, workdir  # noqa: F401  (fixture)
 
-from retroloop.stages import distill, static
+from retroloop.stages import cache_teacher, distill, static
 
 STEPS = 4  # distill.checkpoint_every is 2 in the tiny profile: checkpoints at steps 2 and 4
 
@@ -71,4 +72,24 @@ def test_static_killed_and_resumed_publishes_the_uninterrupted_bytes(
         resumed = static.run(cfg)
     assert "resuming from" in caplog.text and "(step 2 of 4)" in caplog.text  # not retrained
     assert resumed.metrics["steps"] == STEPS
+    assert resumed.content_sha256 == ref.content_sha256, _diff(ref, resumed)
+
+
+def test_cache_teacher_killed_and_resumed_publishes_the_uninterrupted_bytes(
+    workdir,  # noqa: F811
+    monkeypatch,
+) -> None:
+    cfg = tiny()
+    ref = cache_teacher.run(cfg, out_dir=Path("data/ref_cache"))
+
+    def die_after(index: int) -> None:
+        if index == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(cache_teacher, "_after_shard", die_after)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher.run(cfg, out_dir=Path("data/cache_resumed"))
+    monkeypatch.setattr(cache_teacher, "_after_shard", lambda index: None)
+    resumed = cache_teacher.run(cfg, out_dir=Path("data/cache_resumed"))
+    assert resumed.metrics["shards"] > 2  # the kill left shards to compute
     assert resumed.content_sha256 == ref.content_sha256, _diff(ref, resumed)
