@@ -13,7 +13,9 @@ just wrote (stage tasks have no result cache; this is the second line of defence
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ from prefect import flow
 
 from retroloop.artifacts import read_manifest
 from retroloop.config import STAGES
-from retroloop.errors import ArtifactError
+from retroloop.errors import ArtifactError, BusyError
+from retroloop.runlock import dvc_lock_holder
 from retroloop.stages.common import PATHS
 from tasks.stages import STAGE_TASKS
 
@@ -33,19 +36,32 @@ def dvc_stage_names(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
 
 
-def stage_is_current(name: str, root: Path = Path(".")) -> bool:
-    """True when DVC sees no change in the stage's deps, params or outs."""
+@contextlib.contextmanager
+def _dvc_repo(root: Path) -> Iterator[Any]:
+    """DVC's `Repo`, with its lock error (another `dvc repro` / `dvc exp run` is running here)
+    turned into one line naming `.dvc/tmp/lock` and its holder."""
+    from dvc.lock import LockError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    try:
+        with Repo(str(root)) as repo:
+            yield repo
+    except LockError:
+        raise BusyError(
+            f"another DVC command is running in this repository: {dvc_lock_holder(root)}; "
+            "wait for it to finish (or stop it), then rerun `retroloop run`"
+        ) from None
+
+
+def stage_is_current(name: str, root: Path = Path(".")) -> bool:
+    """True when DVC sees no change in the stage's deps, params or outs."""
+    with _dvc_repo(root) as repo:
         return not repo.status(targets=[name])
 
 
 def commit_stage(name: str, root: Path = Path(".")) -> None:
     """Record the stage's current deps/params/outs in dvc.lock (what `dvc repro` would write)."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
+    with _dvc_repo(root) as repo:
         repo.commit(name, force=True)
 
 

@@ -47,6 +47,10 @@ class DivergedError(RetroloopError):
     """A training run produced a non-finite loss, gradient or weight; nothing was published."""
 
 
+class BusyError(RetroloopError):
+    """Another run in this repository holds what this one needs (a stage's lock, DVC's lock)."""
+
+
 class WriteError(ArtifactError):
     """An output could not be written (disk full, file-size limit); nothing was published."""
 

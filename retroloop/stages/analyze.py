@@ -25,12 +25,14 @@ from retroloop.analysis import RedundancyAccumulator, choose_split
 from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
 from retroloop.config import Params
 from retroloop.models.loading import load_model, load_tokenizer
+from retroloop.runlock import exclusive
 from retroloop.sequences import pad_batch, training_sequences
 from retroloop.stages.common import BASE_MODEL, PATHS, dataset_path, resolve_inputs, setup_run
 
 log = logging.getLogger(__name__)
 
 
+@exclusive("out_dir")
 def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analyze"]) -> Manifest:
     device = setup_run(cfg)
     a = cfg.analyze

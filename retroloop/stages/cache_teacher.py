@@ -32,6 +32,7 @@ from retroloop.artifacts import Manifest, atomic_artifact, input_ref, sha256_fil
 from retroloop.config import Params
 from retroloop.models.head import logits_at
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.runlock import exclusive
 from retroloop.sequences import IGNORE, pad_batch, training_sequences
 from retroloop.stages.common import BASE_MODEL, DATA, PATHS, dataset_path, resolve_inputs, setup_run
 from retroloop.training import seed_for
@@ -45,6 +46,7 @@ def _after_shard(index: int) -> None:
     """Called after each completed shard; tests replace it to simulate a kill."""
 
 
+@exclusive("out_dir", "checkpoint_dir")
 def run(
     cfg: Params,
     *,

@@ -25,12 +25,14 @@ from retroloop.config import Params
 from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.models.recurrent import convert_from_source, drop_layers, equivalence_max_abs_diff
+from retroloop.runlock import exclusive
 from retroloop.sequences import pad_batch, text_sequence
 from retroloop.stages.common import BASE_MODEL, PATHS, dataset_path, resolve_inputs, setup_run
 
 log = logging.getLogger(__name__)
 
 
+@exclusive("out_dir")
 def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["convert"]) -> Manifest:
     device = setup_run(cfg)
     c = cfg.convert

@@ -60,6 +60,7 @@ from retroloop.losses import distill_loss_sums
 from retroloop.models.head import chunked_rows, final_hidden_states, logits_at, output_head
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.models.recurrent import RecurrentForCausalLM, recurrence_mean_at, sample_recurrence
+from retroloop.runlock import exclusive
 from retroloop.sequences import IGNORE, Sequence, pad_batch, training_sequences
 from retroloop.stages.common import (
     BASE_MODEL,
@@ -79,6 +80,7 @@ def _after_step(step: int) -> None:
     """Called after each optimizer step (1-based); tests replace it to simulate a kill."""
 
 
+@exclusive("out_dir", "checkpoint_dir")
 def run(
     cfg: Params,
     *,

@@ -48,6 +48,7 @@ from retroloop.eval.scaling import flops_per_token, held_out, nll_and_kl
 from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
 from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.runlock import exclusive
 from retroloop.stages.common import (
     BASE_MODEL,
     CONVERTED_MODEL,
@@ -88,6 +89,7 @@ class ModelSpec:
     adapter_role: str | None = None
 
 
+@exclusive("out_dir")
 def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evaluate"]) -> Manifest:
     paths = resolve_inputs(
         inputs,

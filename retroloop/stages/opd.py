@@ -55,6 +55,7 @@ from retroloop.onpolicy import (
     student_forward_kwargs,
 )
 from retroloop.rollout import RolloutBatch, RolloutEngine, make_engine, vllm_lora_rank
+from retroloop.runlock import exclusive
 from retroloop.stages.common import (
     BASE_MODEL,
     CONVERTED_MODEL,
@@ -316,6 +317,7 @@ def load_student(base: torch.nn.Module, parent_adapter: Path, p: OpdParams) -> t
     return get_peft_model(base, config)
 
 
+@exclusive("out_dir")
 def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["opd"]) -> Manifest:
     device = setup_run(cfg)
     p = cfg.opd

@@ -24,11 +24,13 @@ from retroloop.artifacts import Manifest, atomic_artifact
 from retroloop.config import Params
 from retroloop.eval.generation import generate_responses
 from retroloop.models.loading import load_source_model, tokenizer_fingerprint
+from retroloop.runlock import exclusive
 from retroloop.stages.common import MODEL_CACHE, PATHS, setup_run
 
 log = logging.getLogger(__name__)
 
 
+@exclusive("out_dir")
 def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepare"]) -> Manifest:
     device = setup_run(cfg)
     p = cfg.prepare

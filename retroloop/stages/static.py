@@ -29,6 +29,7 @@ from retroloop.canonical import canonicalize
 from retroloop.config import Params
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.models.recurrent import drop_layers
+from retroloop.runlock import exclusive
 from retroloop.stages import distill
 from retroloop.stages.common import (
     BASE_MODEL,
@@ -51,6 +52,7 @@ def build_static_model(base_model: Path, split: dict, out: Path) -> None:
     load_tokenizer(base_model).save_pretrained(out)
 
 
+@exclusive("out_dir")
 def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["static"]) -> Manifest:
     device = setup_run(cfg)
     paths = resolve_inputs(
