@@ -277,6 +277,15 @@ def records_to_frame(rows: list[dict[str, Any]], fmt: Format, *, origin: str) ->
     return df
 
 
+def as_documents(df: pl.DataFrame) -> pl.DataFrame:
+    """Records of any format as domain documents (`TEXT_SCHEMA`): a text record is itself, a
+    chat / ifeval / gsm8k record is its prompt and response (worked answer) as one document."""
+    if "text" in df.columns:
+        return df.select("id", "text")
+    text = pl.concat_str([pl.col("prompt"), pl.col("response").fill_null("")], separator="\n")
+    return df.select("id", text.str.strip_chars().alias("text"))
+
+
 def _normalise(row: dict[str, Any], fmt: Format) -> dict[str, Any]:
     match fmt:
         case "text":

@@ -11,7 +11,7 @@ import torch
 
 from retroloop.artifacts import mark_run_started
 from retroloop.config import Params
-from retroloop.errors import ArtifactError
+from retroloop.errors import ArtifactError, ConfigError
 from retroloop.models.loading import resolve_device
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,18 @@ def setup_run(cfg: Params) -> torch.device:
         cfg.seed,
     )
     return device
+
+
+def check_context(model_config, max_seq_len: int, key: str) -> None:
+    """`ConfigError` if `key` asks for longer sequences than the model's context
+    (`max_position_embeddings`): positions past it are untrained, and a huge value would only
+    fail later in an allocation of that many positions."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(context, int) and max_seq_len > context:
+        raise ConfigError(
+            f"{key}: {max_seq_len} is longer than the model's context ({context} tokens, "
+            f"max_position_embeddings); set {key} to at most {context}"
+        )
 
 
 def resolve_inputs(

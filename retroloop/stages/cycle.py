@@ -131,8 +131,15 @@ def load_domain_file(path: Path, fmt: str) -> pl.DataFrame:
             raise DataError(
                 f"--domain-data {path}: empty file; it needs at least 2 documents separated by blank lines"
             )
-        return datasets.records_to_frame([{"text": d} for d in docs], "text", origin=str(path))
-    return datasets.load_local(path, fmt)
+        frame = datasets.records_to_frame([{"text": d} for d in docs], "text", origin=str(path))
+    else:
+        frame = datasets.load_local(path, fmt)
+    if frame.height < 2:  # here, not in the flow's split: one line before Prefect starts
+        raise DataError(
+            f"--domain-data {path}: {frame.height} record; a cycle holds some documents out to "
+            "measure domain perplexity, so it needs at least 2; add records"
+        )
+    return frame
 
 
 def read_inputs(cfg: Params, domain_file: Path, fmt: str = "text") -> CycleState:

@@ -22,10 +22,11 @@ import polars as pl
 from retroloop import datasets
 from retroloop.artifacts import Manifest, atomic_artifact
 from retroloop.config import Params
+from retroloop.errors import ConfigError
 from retroloop.eval.generation import generate_responses
 from retroloop.models.loading import load_source_model, tokenizer_fingerprint
 from retroloop.runlock import exclusive
-from retroloop.stages.common import MODEL_CACHE, PATHS, setup_run
+from retroloop.stages.common import MODEL_CACHE, PATHS, check_context, setup_run
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,17 @@ log = logging.getLogger(__name__)
 def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepare"]) -> Manifest:
     device = setup_run(cfg)
     p = cfg.prepare
+    if p.instructions.format == "text":
+        raise ConfigError(
+            "prepare.instructions.format: 'text' records have no prompts to follow; give the "
+            "instructions in chat, ifeval or gsm8k format (any format works for prepare.domain)"
+        )
+    if (
+        p.model.source == "tiny_random" and p.model.tiny is not None
+    ):  # built in code: its context is known before it trains
+        _check_seq_lens(cfg, p.model.tiny)
     domain = datasets.load_source(p.domain, seed=cfg.seed, key="prepare.domain")
+    domain = datasets.as_documents(domain)  # chat / ifeval / gsm8k: prompt + response
     instruct = datasets.load_source(p.instructions, seed=cfg.seed, key="prepare.instructions")
     corpus = domain["text"].to_list() + instruct["prompt"].to_list()
     splits = {
@@ -46,6 +57,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
     model, tokenizer, provenance = load_source_model(
         p.model, cache_dir=MODEL_CACHE, corpus=corpus, train_texts=train_texts
     )
+    _check_seq_lens(cfg, model.config)
     model.to(device)
 
     with atomic_artifact(out_dir, stage="prepare", kind="model") as w:
@@ -111,3 +123,14 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
             seed=cfg.seed,
             device=str(device),
         )
+
+
+def _check_seq_lens(cfg: Params, model_config) -> None:
+    """Every sequence-length key against the source model's context (DESIGN.md §4: sizes are
+    bounded by what the model supports)."""
+    for key, value in (
+        ("prepare.max_seq_len", cfg.prepare.max_seq_len),
+        ("analyze.max_seq_len", cfg.analyze.max_seq_len),
+        ("cycle.max_seq_len", cfg.cycle.max_seq_len),
+    ):
+        check_context(model_config, value, key)
