@@ -402,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     try:
+        if args.command in ("run", "cycle", "schedule") and not debug:
+            # Prefect prints a failed run's traceback before our one line; `flows` drops it from
+            # the console when it starts Prefect (or now, if this process already has).
+            os.environ["RETROLOOP_QUIET_PREFECT"] = "1"
+            if "flows" in sys.modules:
+                sys.modules["flows"].quiet_prefect_tracebacks()
         return args.func(args)
     except KeyboardInterrupt:
         return fail(

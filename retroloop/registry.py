@@ -98,6 +98,11 @@ def registered_sources(root: Path) -> dict[str, Path]:
 
 def _open_lock(root: Path) -> int:
     """Create the registry and its lock file: the first write, and the writability check."""
+    if (blocker := next((p for p in (Path(root), *Path(root).parents) if p.exists()), None)) and not blocker.is_dir():  # fmt: skip
+        raise ArtifactError(
+            f"cycle.registry: {blocker} is a file, not a folder; point cycle.registry at a "
+            "folder (new or a registry), or move the file"
+        )
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
         probe = Path(root) / f".write-probe-{os.getpid()}"
