@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from retroloop.errors import BusyError
+from retroloop.errors import ArtifactError, BusyError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,6 +64,12 @@ def folder_lock(folder: Path, stage: str) -> Iterator[Path]:
     """Hold `folder`'s lock while the block runs, or raise `BusyError` at once if another
     process (or another run in this one) holds it."""
     path = lock_path(folder)
+    blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ArtifactError(
+            f"{blocker}: is a file, but stage '{stage}' writes in this folder; move or delete "
+            "the file, then rerun"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
