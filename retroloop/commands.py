@@ -157,14 +157,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
-    header = ("status", "adapter", "stage", "teacher", "teacher sha256", "lock sha256", "created")
+    header = ("status", "adapter", "stage", "teacher", "teacher sha256", "lock sha256", "compute",
+              "created")  # fmt: skip
     cells = []
     for row in rows:
         teacher = row["teacher"] or {}
+        # The same params, code and lock give the same hashes on the same device and CPU kernel
+        # level (README, lineage): that pair is what a user compares across machines.
+        compute = " ".join(x for x in (row.get("device"), row.get("cpu_capability")) if x) or "-"
         cells.append((
             row["status"], row["adapter"], row["stage"], teacher.get("path", "-"),
             (teacher.get("content_sha256") or "-")[:12], (row["lock_sha256"] or "-")[:12],
-            row["created"] or (row.get("error") or "-"),
+            compute, row["created"] or (row.get("error") or "-"),
         ))  # fmt: skip
     # Paths are what a user copies into `lineage` / `generate`: never cut, folded or wrapped.
     # A table when it fits the terminal; else one block per adapter, each path on its own line.
@@ -179,9 +183,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         console.print(table)
     else:
         console.print(f"adapters under {escape(str(args.root))}", style="bold")
-        for status, adapter, stage, teacher, teacher_sha, lock_sha, created in cells:
+        for status, adapter, stage, teacher, teacher_sha, lock_sha, compute, created in cells:
             lines = [f"{status:<4} {adapter}  ({stage})", f"     teacher  {teacher}",
-                     f"     teacher sha256 {teacher_sha}  lock sha256 {lock_sha}",
+                     f"     teacher sha256 {teacher_sha}  lock sha256 {lock_sha}  on {compute}",
                      f"     {'created' if status == 'OK' else 'problem'}  {created}"]  # fmt: skip
             for line in lines:
                 console.print(escape(line), soft_wrap=True, highlight=False)

@@ -200,7 +200,7 @@ def audit(root: str | Path = "data") -> list[dict[str, Any]]:
                 {"adapter": _display(found.dir), "stage": "?", "status": "BAD",
                  "error": found.error, "teacher": None, "student": None, "parent_adapter": None,
                  "adapter_sha256": None, "code_version": None, "lock_sha256": None,
-                 "created": None}
+                 "device": None, "cpu_capability": None, "created": None}
             )  # fmt: skip
             continue
         adapters = [rel for rel, kind in manifest.outputs.items() if kind == "adapter"]
@@ -221,6 +221,8 @@ def audit(root: str | Path = "data") -> list[dict[str, Any]]:
                     "parent_adapter": by_role.get("parent_adapter"),
                     "code_version": manifest.code_version,
                     "lock_sha256": manifest.environment.get("lock_sha256"),
+                    "device": manifest.device,
+                    "cpu_capability": manifest.environment.get("cpu_capability"),
                     "created": manifest.ended_at,
                 }
             )

@@ -26,6 +26,17 @@ TINY_PROFILE = REPO_ROOT / "profiles" / "tiny.yaml"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def pytest_report_header(config) -> str:
+    """The CPU kernel level torch dispatches to: a seeded training run ends in a slightly
+    different place on each, so say which one this run's margins were measured on."""
+    import torch
+
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}" + (
+        f" (forced: ATEN_CPU_CAPABILITY={forced})" if forced else " (native)"
+    )
+
+
 @pytest.fixture
 def tiny_cfg():
     from retroloop.config import load_params

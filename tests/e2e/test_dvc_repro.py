@@ -47,6 +47,7 @@ def repo_copy(tiny_built: Built, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return clone_built(tiny_built, tmp_path_factory.mktemp("repro") / "repo")
 
 
+@pytest.mark.learning
 def test_repro_runs_every_stage(
     repo_copy: Path, tiny_built: Built, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -57,11 +58,16 @@ def test_repro_runs_every_stage(
         assert manifest["code_version"] != "unknown"
     assert list((repo_copy / "data" / "evaluate").glob("*.png"))
     # What the method promises, on the trained tiny teacher: conversion moves the model away
-    # from it, distillation and OPD win part of that back (measured: KL 0.067 -> 0.020 / 0.018).
+    # from it, distillation and OPD win part of that back on the held-out documents (exact
+    # KL, teacher-forced). Measured on default, AVX2 and AVX-512 kernels, seeds 0-2
+    # (benchmarks/tiny_margins.py): sampled KL ≥ 0.64, exact KL recovered ≥ 0.20 (distilled)
+    # and ≥ 0.18 (OPD), each ≥ 3× its threshold; distill.lr = opd.lr = 1e-9 recovers 5e-6.
+    # The sampled-KL recovery (2 prompts x 6 tokens) is not asserted: it swings from 0.01 to
+    # 0.6 between seeds.
     evaluated = json.loads((repo_copy / "data" / "evaluate" / "metrics.json").read_text())
-    assert evaluated["models"]["converted"]["kl_to_teacher"] > 0.02
-    assert evaluated["recovery"]["distilled"]["kl_to_teacher"] > 0.2
-    assert evaluated["recovery"]["opd"]["kl_to_teacher"] > 0.2
+    assert evaluated["models"]["converted"]["kl_to_teacher"] > 0.2
+    assert evaluated["recovery"]["distilled"]["domain_forward_kl"] > 0.06
+    assert evaluated["recovery"]["opd"]["domain_forward_kl"] > 0.06
 
     metrics = _sh(["dvc", "metrics", "show", "--json"], repo_copy, stdout_only=True)
     assert "data/evaluate/metrics.json" in metrics

@@ -295,17 +295,21 @@ def test_torchrun_two_ranks_follow_the_single_process_grad_accum_trajectory(work
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.learning
 def test_conversion_loses_and_distillation_wins_back_kl_to_the_trained_teacher(workdir) -> None:  # noqa: F811
-    """The tiny teacher is trained (peaked), so dropping half its layers costs measurable KL, and
-    16 distill steps win most of it back: on the training positions (kl_end vs kl_start) and on
-    held-out documents. Fails with a zero-ish LR (checked: distill.lr=1e-9 keeps kl_end ≈ kl_start)."""
+    """The tiny teacher is trained (held-out NLL < 4 nats), so dropping half its layers costs
+    measurable KL, and 32 distill steps win part of it back: on the training positions (kl_end vs
+    kl_start) and on held-out documents. Each threshold is a gain that distill.lr=1e-9 puts at
+    about 0 (train 0.07: kl_start and kl_end are different batches; held-out 2e-6; R spread 0)
+    and that holds ≥ 3× on default, AVX2 and AVX-512 kernels, seeds 0-2 (benchmarks/
+    tiny_margins.py: converted KL ≥ 0.48, train ≥ 0.76, held-out ≥ 0.23, R spread ≥ 0.0026)."""
     converted = held_out_kl(STUDENT)[1]["kl"]
-    assert converted > 0.01  # conversion raised KL to the teacher (0 for the teacher itself)
+    assert converted > 0.1  # conversion raised KL to the teacher (0 for the teacher itself)
     manifest = distill.run(tiny())
     m = manifest.metrics
-    assert m["kl_end"] < 0.5 * m["kl_start"], m
+    assert 1 - m["kl_end"] / m["kl_start"] > 0.25, m
     after = held_out_kl(STUDENT, Path("data/distill/adapter"), Rs=(1, 2, 4))
-    assert after[1]["kl"] < 0.8 * converted, (converted, after)
+    assert 1 - after[1]["kl"] / converted > 0.08, (converted, after)
     # Recurrence scaling is not flat once the adapter's state half has learned.
     nlls = [after[R]["nll"] for R in (1, 2, 4)]
-    assert max(nlls) - min(nlls) > 1e-4, nlls
+    assert max(nlls) - min(nlls) > 1e-3, nlls

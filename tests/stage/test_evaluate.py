@@ -86,6 +86,7 @@ def pipeline_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.learning
 def test_evaluate_four_models(pipeline_dir, monkeypatch):
     from retroloop.stages import evaluate
 
@@ -129,7 +130,7 @@ def test_evaluate_four_models(pipeline_dir, monkeypatch):
     )
     assert metrics["models"]["teacher"]["domain_nll"] == pytest.approx(reference, rel=1e-5)
     assert metrics["models"]["teacher"]["kl_to_teacher"] == 0.0
-    assert metrics["models"]["converted"]["kl_to_teacher"] > 0
+    assert metrics["models"]["converted"]["kl_to_teacher"] > 0.2  # measured ≥ 0.64 (tiny_margins)
     assert metrics["models"]["converted"]["recurrence"] == cfg.convert.recurrence
     # The adapters change the model, so their NLL differs from the converted model's.
     assert (
@@ -137,8 +138,10 @@ def test_evaluate_four_models(pipeline_dir, monkeypatch):
     )
 
     assert set(metrics["recovery"]) == {"distilled", "opd"}
-    # The tiny teacher is trained (peaked), so conversion loses something on held-out text.
-    assert metrics["models"]["converted"]["domain_nll"] > metrics["models"]["teacher"]["domain_nll"]
+    # The tiny teacher is trained (held-out NLL < 4), so conversion costs NLL on held-out text
+    # (measured ≥ 0.41 nats on every kernel level and seed 0-2, benchmarks/tiny_margins.py).
+    nll = {name: metrics["models"][name]["domain_nll"] for name in ("teacher", "converted")}
+    assert nll["converted"] > nll["teacher"] + 0.1, nll
     assert {"domain_nll", "kl_to_teacher", "ifeval_prompt_strict"} <= set(
         metrics["recovery"]["opd"]
     )
@@ -177,7 +180,7 @@ def test_evaluate_four_models(pipeline_dir, monkeypatch):
     # Exact full-vocabulary KL(teacher ‖ model) on the held-out documents: 0 for the teacher,
     # positive for the conversion; R-independent for the pass-input converted model only.
     assert metrics["models"]["teacher"]["domain_forward_kl"] == 0.0
-    assert metrics["models"]["converted"]["domain_forward_kl"] > 0.01
+    assert metrics["models"]["converted"]["domain_forward_kl"] > 0.1  # measured ≥ 0.48
     assert curves["converted"]["R1"]["domain_forward_kl"] == pytest.approx(
         curves["converted"]["R2"]["domain_forward_kl"]
     )

@@ -1,5 +1,5 @@
 """opd on the tiny looped model: the step's invariants (student = teacher → zero advantage and
-gradient, importance ratio 1, no gradient through prompt tokens), 20 steps lower the reverse KL
+gradient, importance ratio 1, no gradient through prompt tokens), 40 steps lower the reverse KL
 to a perturbed teacher, LoRA rank 1, and the stage's artifact (fresh LoRA and continued parent).
 
 Upstream artifacts come from the real prepare → analyze → convert stages on the tiny profile,
@@ -53,14 +53,14 @@ def workdir(
     return tmp_path
 
 
-def student_with_lora(r: int = 4, randomise_b: bool = False) -> torch.nn.Module:
+def student_with_lora(r: int = 4, randomise_b: bool = False, b_std: float = 0.1) -> torch.nn.Module:
     base = load_model(STUDENT)
     student = get_peft_model(base, lora_config_for(base, r=r, alpha=32, dropout=0.0))
     if randomise_b:
         with torch.no_grad():
             for name, param in student.named_parameters():
                 if "lora_B" in name:
-                    param.normal_(0.0, 0.1)
+                    param.normal_(0.0, b_std)
     return student.eval()
 
 
@@ -139,18 +139,25 @@ def test_prompt_tokens_receive_no_gradient(workdir):
         assert torch.count_nonzero(grad_B_T_H[b, n_p - 1 : n - 1]) > 0
 
 
-def test_twenty_steps_lower_the_exact_reverse_kl_to_a_different_teacher(workdir, tmp_path):
+@pytest.mark.learning
+def test_forty_steps_lower_the_exact_reverse_kl_to_a_different_teacher(workdir, tmp_path):
     # Teacher = the looped model; student = the same model + a LoRA whose B is randomised away
-    # from it (a fresh LoRA would equal the teacher exactly; B ~ N(0, 0.1): the trained tiny
-    # teacher barely moves under a smaller perturbation).
+    # from it (a fresh LoRA would equal the teacher exactly). B ~ N(0, 0.03) puts the student
+    # about 1 nat/token away from the trained tiny teacher. 4 prompts x 4 samples per step and
+    # the vOPD baseline keep the policy gradient's variance low enough that 40 steps cut the
+    # held-out KL by ≥ 0.32 on every kernel level and seed 0-2 (benchmarks/tiny_margins.py;
+    # lr 1e-9: 6e-6). Plain OPD in the same setting: 0.66-0.74 for seeds 0-1, but 0.11-0.44
+    # for seed 2 depending on the kernel; the old B ~ N(0, 0.1), 2 x 2 samples, lr 3e-3 ended
+    # *above* its start for seed 2.
     tok, student, teacher = (
         load_tokenizer(STUDENT),
-        student_with_lora(r=4, randomise_b=True),
+        student_with_lora(r=4, randomise_b=True, b_std=0.03),
         load_model(STUDENT),
     )
     frozen = {k: v.clone() for k, v in student.named_parameters() if not v.requires_grad}
     heldout = prompts("eval", n=4)
-    p = params(steps=20, prompts_per_step=2, lr=3e-3)
+    rollout = RolloutParams(max_new_tokens=8, samples_per_prompt=4, batch_size=16)
+    p = params(steps=40, prompts_per_step=4, lr=1e-3, rollout=rollout, vopd_baseline=True)
     measure = dict(n=2, max_new_tokens=8, top_k=1024, seed=123)
     with fixed_initial_state(student.get_base_model()):
         before = heldout_reverse_kl(student, teacher, tok, heldout, **measure)
@@ -160,12 +167,12 @@ def test_twenty_steps_lower_the_exact_reverse_kl_to_a_different_teacher(workdir,
     )  # fmt: skip
     with fixed_initial_state(student.get_base_model()):
         after = heldout_reverse_kl(student, teacher, tok, heldout, **measure)
-    assert before > 0.0 and after < 0.7 * before, (before, after)
+    assert before > 0.3 and 1 - after / before > 0.1, (before, after)
     assert (
         metrics["heldout_reverse_kl_topk_lb_after"] < metrics["heldout_reverse_kl_topk_lb_before"]
     )
     steps = read_steps(tmp_path / "out")
-    assert steps.height == 20 and steps["sampler_learner_kl"].abs().max() < 1e-4
+    assert steps.height == 40 and steps["sampler_learner_kl"].abs().max() < 1e-4
     assert all(torch.equal(v, frozen[k]) for k, v in student.named_parameters() if k in frozen)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from helpers_distill import held_out_kl, tiny, workdir  # noqa: F401  (fixture)
 
@@ -20,6 +21,7 @@ from retroloop.provenance import verify
 from retroloop.stages import static
 
 
+@pytest.mark.learning
 def test_static_is_the_kept_layers_run_once_and_distils_like_the_looped_student(workdir) -> None:  # noqa: F811
     cfg = tiny(**{"static.enabled": True})
     manifest = static.run(cfg)
@@ -47,11 +49,12 @@ def test_static_is_the_kept_layers_run_once_and_distils_like_the_looped_student(
     assert {k: recorded[k] for k in cfg.section("distill")} == cfg.section("distill")
     m = manifest.metrics
     assert m["trained"] is True and m["steps"] == cfg.distill.steps
-    assert m["kl_end"] < 0.5 * m["kl_start"], m  # it learns (fails with distill.lr ≈ 0)
+    # It learns: gains that distill.lr=1e-9 puts at 0.07 / 2e-6 (tiny_margins.py, ≥ 3× margin).
+    assert 1 - m["kl_end"] / m["kl_start"] > 0.25, m
     model_dir, adapter = Path("data/static/model"), Path("data/static/adapter")
     before = held_out_kl(model_dir, Rs=(None,))[None]["kl"]  # None: a plain model, no R
     after = held_out_kl(model_dir, adapter, Rs=(None,))[None]["kl"]
-    assert after < 0.8 * before, (before, after)
+    assert 1 - after / before > 0.08, (before, after)
 
 
 def test_static_disabled_builds_the_model_but_does_not_train(workdir) -> None:  # noqa: F811

@@ -431,7 +431,8 @@ def test_no_code_from_a_model_directory_runs(part, tmp_path, tiny_model_dir) -> 
 AUDIT_ROWS = [
     {"status": "OK", "adapter": "data/registry/cycles/cycle-0012/adapter", "stage": "cycle",
      "teacher": {"path": "data/registry/cycles/cycle-0011/model", "content_sha256": "ab" * 32},
-     "lock_sha256": "cd" * 32, "created": "2026-11-29T12:00:00+00:00"},
+     "lock_sha256": "cd" * 32, "device": "cpu", "cpu_capability": "AVX2",
+     "created": "2026-11-29T12:00:00+00:00"},
     {"status": "BAD", "adapter": "data/opd/adapter", "stage": "opd", "teacher": None,
      "lock_sha256": None, "created": None, "error": "data/opd/manifest.json: edited"},
 ]  # fmt: skip
@@ -452,6 +453,8 @@ def test_audit_never_cuts_a_path(columns, monkeypatch, capsys) -> None:
     ):
         assert path in words, out  # whole, on one line
     assert "…" not in out and max(len(line) for line in out.splitlines()) <= columns
+    # The compute each adapter was trained on: hashes agree only on the same kernel level.
+    assert "AVX2" in words, out
 
 
 def test_set_reaches_a_flow_through_a_validated_params_file(tmp_path, monkeypatch) -> None:
