@@ -70,6 +70,9 @@ def folder_lock(folder: Path, stage: str) -> Iterator[Path]:
             f"{blocker}: is a file, but stage '{stage}' writes in this folder; move or delete "
             "the file, then rerun"
         )
+    # Folders made only to hold the lock are removed again if the run leaves them empty: a
+    # stage refused on bad input must not leave a `data/` behind.
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -100,6 +103,9 @@ def folder_lock(folder: Path, stage: str) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # while still holding it: a waiting opener re-checks the inode
         os.close(fd)
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):  # not empty: the run wrote there; keep it
+                folder.rmdir()
 
 
 def exclusive(*folder_args: str) -> Callable[[F], F]:

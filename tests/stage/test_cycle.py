@@ -233,7 +233,7 @@ def _bogus_config(workdir: Path, tmp_path: Path) -> Path:
     [
         ("bogus_config", ModelError, "cycle.teacher: .*bogus does not load"),
         ("other_tokenizer", MismatchError, "cycle.teacher: .*differ"),
-        ("unwritable_registry", ArtifactError, "cycle.registry: .* is not writable"),
+        ("unwritable_registry", ArtifactError, "cycle.registry: .*a-file is a file, not a folder"),
         ("teacher_not_a_model", ModelError, "cycle.teacher: .* is neither a model"),
     ],
 )
