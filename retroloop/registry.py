@@ -68,6 +68,12 @@ def cycle_dirs(root: Path) -> list[Path]:
     return [p for p in _numbered(root) if (p / "manifest.json").is_file()]
 
 
+def untracked_cycles(root: Path) -> list[Path]:
+    """Registered cycles with no `cycle-NNNN.dvc` beside them, oldest first: the one being
+    registered, and any whose cycle was killed between its rename and its `dvc add`."""
+    return [p for p in cycle_dirs(root) if not p.with_name(p.name + ".dvc").is_file()]
+
+
 def _numbered(root: Path) -> list[Path]:
     """Every `cycles/cycle-NNNN` directory, registered or not, by number."""
     found = Path(root).joinpath("cycles").glob(f"{CYCLE_PREFIX}*")

@@ -87,7 +87,7 @@ def sft_baseline(state: CycleState, snapshot: dict) -> dict[str, Any]:
 def register(state: CycleState, claim: registry.Claim, work_dir: str) -> str:
     """Publish the cycle, put it under DVC, then show its phase table and report on the run."""
     out = cycle.register(state, claim, Path(work_dir))
-    track_with_dvc(out)
+    track_registered(claim.root)
     publish_report(state, out)
     return str(out)
 
@@ -110,6 +110,20 @@ def track_with_dvc(cycle_dir: Path) -> Path | None:
     with Repo(root) as repo:
         repo.add([str(cycle_dir)])
     return cycle_dir.with_name(cycle_dir.name + ".dvc")
+
+
+def track_registered(root: Path) -> list[Path]:
+    """`dvc add` every registered cycle that has no .dvc file yet, oldest first: the one just
+    registered, and any whose cycle was killed between its rename and its `dvc add` (under the
+    registry lock, so no other cycle is adding it). Outside a DVC repository: one warning."""
+    added, untracked = [], registry.untracked_cycles(root)
+    for cycle_dir in untracked:
+        if (dvc_file := track_with_dvc(cycle_dir)) is None:
+            break
+        if cycle_dir != untracked[-1]:
+            log.warning("%s had no .dvc file (its cycle was killed before `dvc add`): added %s", cycle_dir, dvc_file)  # fmt: skip
+        added.append(dvc_file)
+    return added
 
 
 def publish_report(state: CycleState, out: Path) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.cycle import track_with_dvc
+from tasks.cycle import track_registered, track_with_dvc
 from tests.conftest import REPO_ROOT
 
 
@@ -54,3 +54,24 @@ def test_outside_a_dvc_repository_the_cycle_is_left_untracked(tmp_path: Path, ca
     cycle.mkdir(parents=True)
     assert track_with_dvc(cycle) is None
     assert "not tracked" in caplog.text
+
+
+def test_a_cycle_killed_before_its_dvc_add_is_tracked_by_the_next(tmp_path: Path) -> None:
+    """Issue 19: kill -9 between the registry rename and `dvc add` left cycle 1 registered with
+    no .dvc file, and the next cycle only added its own."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh("git", "init", "-q", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    root = repo / "data" / "registry"
+    for name in ("cycle-0001", "cycle-0002", "cycle-0003"):
+        (root / "cycles" / name / "adapter").mkdir(parents=True)
+        (root / "cycles" / name / "adapter" / "w.bin").write_bytes(name.encode())
+    for name in ("cycle-0001", "cycle-0002"):  # 3 has no manifest: not registered
+        (root / "cycles" / name / "manifest.json").write_text("{}")
+
+    added = track_registered(root)  # what cycle 2's register runs (cycle 1 was killed)
+    cycles = root / "cycles"
+    assert added == [cycles / "cycle-0001.dvc", cycles / "cycle-0002.dvc"]
+    assert all(p.is_file() for p in added) and not (cycles / "cycle-0003.dvc").exists()
+    assert track_registered(root) == []  # nothing left to add
