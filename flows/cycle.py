@@ -59,8 +59,7 @@ def cycle_flow(
 ) -> dict[str, Any]:
     """One cycle: mid-train on `domain_data`, measure forgetting, recover with OPD, register."""
     os.environ["RETROLOOP_PREFECT_RUN_ID"] = str(flow_run.get_id() or "")
-    timeout_s = load_params(params_path).cycle.slot_timeout_s
-    with library_logs_to_prefect(), gpu_slot(timeout_s=timeout_s):
+    with library_logs_to_prefect(), gpu_slot():
         state = read_inputs(params_path, domain_data, fmt)
         with (
             registry.claim_next_cycle(state.cfg.cycle.registry) as claim,

@@ -367,12 +367,6 @@ class CycleParams(Strict):
     opd_steps: int = Field(10, gt=0)
     eval_records: int = Field(8, gt=0)
     watch_dir: str = Field("data/incoming", description="folder the scheduled flow watches")
-    slot_timeout_s: float = Field(
-        3600.0,
-        gt=0.0,
-        description="seconds a cycle waits for the Prefect 'gpu' concurrency slot, then fails "
-        "in one line naming `prefect gcl delete gpu`",
-    )
 
 
 class LoggingParams(Strict):

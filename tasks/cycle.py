@@ -16,17 +16,40 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from retroloop import registry
 from retroloop.config import load_params
 from retroloop.stages import cycle
 from retroloop.stages.cycle import CycleState
-from tasks.slot import GPU_LIMIT, gpu_slot  # noqa: F401  (the flow's slot lives in tasks/slot.py)
 
+GPU_LIMIT = "gpu"
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- Prefect plumbing
+
+
+@contextlib.contextmanager
+def gpu_slot(name: str = GPU_LIMIT) -> Iterator[None]:
+    """Hold one slot of the global concurrency limit `name`, creating it (limit 1) if the server
+    has none. `strict=True`: a cycle never runs unthrottled because the limit is missing, and
+    a second cycle on the same server waits here for the first. The slot is a lease the
+    server takes back when its holder dies (kill -9 included)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another cycle created it first
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+            log.info("created the global concurrency limit %r (limit 1)", name)
+    with concurrency(name, occupy=1, strict=True):
+        yield
 
 
 @contextlib.contextmanager
