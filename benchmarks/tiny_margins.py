@@ -158,24 +158,9 @@ def _opd_forty_steps(broken: bool) -> tuple[float, float]:
 
 def _held_out(model_dir: Path, adapter: Path | None, Rs) -> dict:
     """Exact held-out NLL and KL(teacher ‖ model) per R (None: a plain model) on the eval docs."""
-    import polars as pl
-    from peft import PeftModel
+    from retroloop.eval.scaling import held_out_scores
 
-    from retroloop.eval.scaling import held_out, nll_and_kl
-    from retroloop.models.loading import load_model, load_tokenizer
-
-    teacher = load_model("data/prepare/model")
-    docs = pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"].to_list()
-    data = held_out(
-        teacher, load_tokenizer("data/prepare/model"), docs, max_seq_len=64, batch_size=4
-    )
-    model = load_model(model_dir)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-    return {
-        R: nll_and_kl(model, data, use_cache=False, **({} if R is None else {"num_recurrence": R}))
-        for R in Rs
-    }
+    return held_out_scores(model_dir, adapter, Rs)
 
 
 def _cell(level: str, seed: int, broken: bool, sets: list[str]) -> dict:

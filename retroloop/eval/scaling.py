@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -120,3 +121,35 @@ def scaling_rows(
         row = nll_and_kl(model, data, use_cache=False)
         rows.append({"R": None, **row, "flops_per_token": flops_per_token(model)})
     return rows
+
+
+def held_out_scores(
+    model_dir: str | Path,
+    adapter: str | Path | None = None,
+    Rs: Sequence[int | None] = (1,),
+    *,
+    teacher_dir: str | Path = "data/prepare/model",
+    eval_docs: str | Path = "data/prepare/datasets/domain_eval.parquet",
+    max_seq_len: int = 64,
+    batch_size: int = 4,
+) -> dict[int | None, dict[str, float]]:
+    """`nll_and_kl` per R for a saved model (+ a PEFT adapter, merged) against a saved teacher
+    on a Parquet file of held-out documents (its `text` column); R = None scores a plain model
+    (no `num_recurrence`). What the learning tests and `benchmarks/tiny_margins.py` measure."""
+    import polars as pl
+    from peft import PeftModel
+
+    from retroloop.models.loading import load_model, load_tokenizer
+
+    docs = pl.read_parquet(eval_docs)["text"].to_list()
+    teacher = load_model(teacher_dir)
+    data = held_out(
+        teacher, load_tokenizer(teacher_dir), docs, max_seq_len=max_seq_len, batch_size=batch_size
+    )
+    model = load_model(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    return {
+        R: nll_and_kl(model, data, use_cache=False, **({} if R is None else {"num_recurrence": R}))
+        for R in Rs
+    }

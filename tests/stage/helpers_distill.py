@@ -50,21 +50,6 @@ def workdir(
 def held_out_kl(model_dir: Path, adapter: Path | None = None, Rs=(1,)) -> dict:
     """Exact held-out KL(teacher ‖ model) and NLL per R on the prepared eval documents (run in
     a workdir). R = None scores a plain model (no `num_recurrence`)."""
-    import polars as pl
-    from peft import PeftModel
+    from retroloop.eval.scaling import held_out_scores
 
-    from retroloop.eval.scaling import held_out, nll_and_kl
-    from retroloop.models.loading import load_model, load_tokenizer
-
-    teacher = load_model("data/prepare/model")
-    docs = pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"].to_list()
-    data = held_out(
-        teacher, load_tokenizer("data/prepare/model"), docs, max_seq_len=64, batch_size=4
-    )
-    model = load_model(model_dir)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-    return {
-        R: nll_and_kl(model, data, use_cache=False, **({} if R is None else {"num_recurrence": R}))
-        for R in Rs
-    }
+    return held_out_scores(model_dir, adapter, Rs)
