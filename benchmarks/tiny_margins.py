@@ -60,6 +60,7 @@ def measure(seed: int, workdir: Path, broken: bool, sets: dict) -> dict[str, flo
     import torch
 
     from retroloop.config import load_params
+    from retroloop.eval.scaling import held_out_scores
     from retroloop.stages import (
         analyze,
         cache_teacher,
@@ -79,14 +80,14 @@ def measure(seed: int, workdir: Path, broken: bool, sets: dict) -> dict[str, flo
     prep = prepare.run(cfg).metrics
     for stage in (analyze, convert, cache_teacher):
         stage.run(cfg)
-    kl = _held_out(Path("data/convert/model"), None, Rs=(1,))[1]["kl"]
+    kl = held_out_scores(Path("data/convert/model"), None, Rs=(1,))[1]["kl"]
     opd_before, opd_after = _opd_forty_steps(broken)
-    teacher_nll = _held_out(Path("data/prepare/model"), None, Rs=(None,))[None]["nll"]
+    teacher_nll = held_out_scores(Path("data/prepare/model"), None, Rs=(None,))[None]["nll"]
     d = distill.run(cfg).metrics
-    after = _held_out(Path("data/convert/model"), Path("data/distill/adapter"), Rs=(1, 2, 4))
+    after = held_out_scores(Path("data/convert/model"), Path("data/distill/adapter"), Rs=(1, 2, 4))
     s = static.run(cfg).metrics
-    s_before = _held_out(Path("data/static/model"), None, Rs=(None,))[None]["kl"]
-    s_after = _held_out(Path("data/static/model"), Path("data/static/adapter"), Rs=(None,))
+    s_before = held_out_scores(Path("data/static/model"), None, Rs=(None,))[None]["kl"]
+    s_after = held_out_scores(Path("data/static/model"), Path("data/static/adapter"), Rs=(None,))
     opd.run(cfg)
     e = evaluate.run(cfg).metrics
     models, recovery = e["models"], e["recovery"]
@@ -154,13 +155,6 @@ def _opd_forty_steps(broken: bool) -> tuple[float, float]:
     with fixed_initial_state(student.get_base_model()):
         after = heldout_reverse_kl(student, teacher, tok, heldout, **measure)
     return before, after
-
-
-def _held_out(model_dir: Path, adapter: Path | None, Rs) -> dict:
-    """Exact held-out NLL and KL(teacher ‖ model) per R (None: a plain model) on the eval docs."""
-    from retroloop.eval.scaling import held_out_scores
-
-    return held_out_scores(model_dir, adapter, Rs)
 
 
 def _cell(level: str, seed: int, broken: bool, sets: list[str]) -> dict:
