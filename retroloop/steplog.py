@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,22 @@ def _sort_summary(path: Path) -> None:
     if path.is_file():
         summary = json.loads(path.read_text(encoding="utf-8"))
         path.write_text(json.dumps(summary, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def edge_steps(n: int, fraction: float) -> int:
+    """How many of `n` steps make a run's first / last window (`logging.summary_fraction`):
+    `round(fraction · n)`, at least 1. The `*_start` / `*_end` summary metrics of distill,
+    static, OPD and the tiny model's training are means over these windows."""
+    return max(1, round(fraction * n))
+
+
+def edge_means(values: Sequence[float], fraction: float) -> tuple[float, float]:
+    """(mean of the first, mean of the last) `edge_steps(len(values), fraction)` values;
+    NaN for no values."""
+    if not values:
+        return math.nan, math.nan
+    k = edge_steps(len(values), fraction)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
 def move_logs(src: Path, dst: Path) -> None:

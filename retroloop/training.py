@@ -8,7 +8,10 @@ Checkpoint layout (one directory per step, written to a temporary name and renam
     step_N/optimizer.safetensors   optimizer state tensors, keys "<param index>.<name>"
     step_N/optimizer.json          optimizer param groups (hyper-parameters)
     step_N/trainer_state.json      step, data position, run key, the metric rows so far, ...
-No pickle anywhere (DESIGN.md §3).
+    step_N/...                     whatever else a loop keeps (`extra`: OPD's rollouts, RNG state)
+No pickle anywhere (DESIGN.md §3). `Checkpoints` is the resume protocol every loop follows:
+find the newest checkpoint of the same run, save every `checkpoint_every` steps and at the last,
+clear the step folders once the artifact is published.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from retroloop.artifacts import write_json_atomic
+from retroloop.artifacts import now_iso, write_json_atomic
 from retroloop.errors import DivergedError
 
 log = logging.getLogger(__name__)
@@ -178,8 +181,10 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write `root/step_<step>` atomically and delete older step directories."""
+    """Write `root/step_<step>` atomically and delete older step directories. `extra(dir)`
+    writes a loop's own files into the step directory before it is renamed into place."""
     root = Path(root)
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp-{os.getpid()}"
@@ -202,6 +207,8 @@ def save_checkpoint(
     save_file(tensors, tmp / "optimizer.safetensors")
     write_json_atomic(tmp / "optimizer.json", opt["param_groups"])
     write_json_atomic(tmp / STATE_JSON, {"step": step, **state})
+    if extra is not None:
+        extra(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -256,3 +263,56 @@ def load_checkpoint(
             group["betas"] = tuple(group["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     return json.loads((path / STATE_JSON).read_text())
+
+
+def run_key(*parts: Any) -> str:
+    """The identity of a training run (its parameters, its inputs' content hashes): a
+    checkpoint is resumed only by a run with the same key."""
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """The resume protocol of a training loop (distill, static, OPD): `root/step_N` every
+    `every` optimizer steps and at the last, resumed only by a run with the same `key`, cleared
+    once the run's artifact is published (the folder stays, with a note of the run). `None` as
+    `root` turns checkpointing off (the cycle's in-memory phases)."""
+
+    root: Path | None
+    key: str
+    every: int
+    steps: int
+
+    def resume(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[Path, dict[str, Any]] | None:
+        """(checkpoint, trainer state) with weights and optimizer restored, or None."""
+        if self.root is None or (path := latest_checkpoint(self.root, self.key)) is None:
+            return None
+        return path, load_checkpoint(path, model, optimizer)
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based) ends with a checkpoint."""
+        return self.root is not None and (step % self.every == 0 or step == self.steps)
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        extra: Callable[[Path], None] | None = None,
+    ) -> Path:
+        assert self.root is not None
+        return save_checkpoint(
+            self.root, step, model, optimizer, {"run_key": self.key, **state}, extra
+        )
+
+    def complete(self, note: dict[str, Any]) -> None:
+        """Nothing is left to resume: drop the step folders, keep `last_run.json`."""
+        if self.root is None:
+            return
+        for old in Path(self.root).glob("step_*"):
+            shutil.rmtree(old, ignore_errors=True)
+        note = {"run_key": self.key, "steps": self.steps, **note, "completed_at": now_iso()}
+        write_json_atomic(Path(self.root) / "last_run.json", note)

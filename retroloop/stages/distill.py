@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -50,9 +49,7 @@ from retroloop.artifacts import (
     atomic_artifact,
     find_manifest_dir,
     input_ref,
-    now_iso,
     read_manifest,
-    write_json_atomic,
 )
 from retroloop.config import Params
 from retroloop.errors import ArtifactError, ConfigError, DataError
@@ -71,7 +68,7 @@ from retroloop.stages.common import (
     resolve_inputs,
     setup_run,
 )
-from retroloop.steplog import StepLog, move_logs
+from retroloop.steplog import StepLog, edge_steps, move_logs
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +90,8 @@ def run(
     env = training.init_distributed(device)
     if env.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
-    d, sched = cfg.distill, cfg.convert.schedule
-    online = d.distillation and d.teacher == "online"
-    cached = d.distillation and d.teacher == "cached"
-    defaults = {
-        "student": CONVERTED_MODEL,
-        "train_instruct": dataset_path("instruct", "train"),
-        "train_domain": dataset_path("domain", "train"),
-        "teacher_cache": PATHS["cache_teacher"],
-        "teacher": BASE_MODEL,
-    }
-    paths = resolve_inputs(inputs, defaults)
-    roles = list(defaults)[:3] + ["teacher_cache"] * cached + ["teacher"] * online
-    refs = [input_ref(role, paths[role]) for role in roles]
+    d = cfg.distill
+    paths, refs = _inputs(inputs, d)
     tokenizer = load_tokenizer(paths["student"])
     seqs = training_sequences(
         tokenizer,
@@ -117,141 +103,156 @@ def run(
         raise DataError(
             f"{paths['train_instruct']}, {paths['train_domain']}: no training sequence with a trainable token"
         )
+    cached = d.distillation and d.teacher == "cached"
     cache = open_cache(paths, tokenizer, seqs, d.temperature, d.divergence) if cached else None
     teacher = None
-    if online:
+    if d.distillation and d.teacher == "online":
         teacher_fp = {"tokenizer": tokenizer_fingerprint(load_tokenizer(paths["teacher"]))}
         tc.check_compatible(teacher_fp, tokenizer, str(paths["teacher"]))
         teacher = load_model(paths["teacher"], cfg.dtype, device)
     model = load_student(paths["student"], cfg, device)
-    looped = isinstance(model.get_base_model() if d.lora.enabled else model, RecurrentForCausalLM)
-    params = [p for _, p in training.trainable_parameters(model)]
-    optimizer = training.make_optimizer(model, d.lr, d.weight_decay)
-
-    # Derived quantities (nanoGPT style), logged before anything trains.
-    N = len(seqs)
-    micro_per_step = d.grad_accum * env.world_size  # micro-batches in one optimizer step
-    global_batch = d.batch_size * micro_per_step  # sequences per optimizer step
-    n_targets = [sum(label != IGNORE for label in s.labels[1:]) for s in seqs]
-    n_trainable = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    log.info(
-        "distill: %d sequences; effective batch %d = %d per micro-batch × %d accum × %d ranks; "
-        "~%.0f tokens/step (%.0f trained); %d steps ≈ %.2f epochs; trainable %d / %d (%.3f%%); "
-        "lora=%s distillation=%s teacher=%s D=%s looped=%s",
-        N, global_batch, d.batch_size, d.grad_accum, env.world_size,
-        global_batch * sum(len(s.input_ids) for s in seqs) / N, global_batch * sum(n_targets) / N,
-        d.steps, d.steps * global_batch / N, n_trainable, n_total, 100 * n_trainable / n_total,
-        d.lora.enabled, d.distillation, d.teacher, d.divergence, looped,
-    )  # fmt: skip
+    loop = _Loop(cfg, env, device, model, seqs, cache, teacher, tokenizer.pad_token_id, log_name)
+    loop.log_plan()
 
     # Resume: the newest checkpoint of a run with the same inputs and parameters.
     run_params = {
         **cfg.section("distill"),
-        "schedule": sched.model_dump(),
+        "schedule": cfg.convert.schedule.model_dump(),
         "max_seq_len": cfg.prepare.max_seq_len,
     }
     params_sha256 = _sha256([run_params])
     run_key = _sha256([params_sha256, [r.content_sha256 for r in refs]])
-    rows: list[dict] = []
-    start = 0
-    if (ckpt := training.latest_checkpoint(checkpoint_dir, run_key)) is not None:
-        state = training.load_checkpoint(ckpt, model, optimizer)
-        start, rows = state["step"], state["rows"]
+    ckpts = training.Checkpoints(checkpoint_dir, run_key, d.checkpoint_every, d.steps)
+    start, rows = 0, []
+    if (found := ckpts.resume(model, loop.optimizer)) is not None:
+        (ckpt, state), start = found, found[1]["step"]
+        rows = state["rows"]
         log.info("resuming from %s (step %d of %d)", ckpt, start, d.steps)
-    training.broadcast_from_main_(params, env)
-    order = DataOrder(N, cfg.seed)
+    training.broadcast_from_main_(loop.params, env)
     # Per-step metrics go to dvclive live, in the checkpoint folder until the artifact is
     # written; a resumed run replays the checkpoint's rows first (rank 0 only).
     steplog = None
     if env.is_main:
         steplog = StepLog(checkpoint_dir, name=log_name, params=cfg.logging, rows=rows)
-
-    bar = tqdm(
-        range(start, d.steps),
-        desc="distill",
-        unit="step",
-        initial=start,
-        total=d.steps,
-        disable=not env.is_main,
-    )
+    bar = tqdm(range(start, d.steps), desc="distill", unit="step", initial=start, total=d.steps,
+               disable=not env.is_main)  # fmt: skip
     for step in bar:
-        t0 = time.perf_counter()
-        mu = recurrence_mean_at(
-            step, d.steps, sched.mean_start, sched.mean_end, sched.ramp_fraction
-        )
-        R = None
-        if looped:
-            gen = torch.Generator().manual_seed(training.seed_for(cfg.seed, "recurrence", step))
-            R = sample_recurrence(mu, sched.sigma, gen, sched.max_recurrence)
-        # Micro-batch j of this step holds global positions [(step·M + j)·b, +b); rank r takes
-        # j = a·W + r. Each loss is weighted by its share of the step's trained tokens, so the
-        # summed gradient is the gradient of the token mean over the whole global batch.
-        batches = [
-            order.take((step * micro_per_step + j) * d.batch_size, d.batch_size)
-            for j in range(micro_per_step)
-        ]
-        step_targets = max(sum(n_targets[i] for mb in batches for i in mb), 1)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kl (token-weighted), input tokens
-        for a in range(d.grad_accum):
-            j = a * env.world_size + env.rank
-            torch.manual_seed(training.seed_for(cfg.seed, "micro-batch", step, j))  # s_0, dropout
-            mb = batches[j]
-            rows_mb = [cache.rows(i) for i in mb] if cache is not None else None
-            loss, stats, n_in = micro_batch_loss(model, [seqs[i] for i in mb], tokenizer.pad_token_id, d, R, sched.bptt_k, device, teacher, rows_mb)  # fmt: skip
-            weight = sum(n_targets[i] for i in mb) / step_targets
-            (loss * weight).backward()
-            sums += torch.tensor(
-                [stats["loss"] * weight, stats["ce"] * weight, stats["kl"] * weight, n_in],
-                dtype=torch.float64,
-            )
-        training.all_reduce_grads_(params, env)
-        training.all_reduce_sum_([sums], env)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, d.max_grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        loss_, ce, kl, tokens = sums.tolist()
-        training.stop_if_not_finite(
-            log_name, step + 1, loss=loss_, grad_norm=grad_norm, params=params, lr=d.lr,
-            lr_key="distill.lr", checkpoint_dir=checkpoint_dir,
-        )  # fmt: skip
-        lr = optimizer.param_groups[0]["lr"]
-        rows.append(
-            {"step": step + 1, "loss": loss_, "ce": ce, "kl": kl, "lr": lr,
-             "tokens_per_s": tokens / (time.perf_counter() - t0), "recurrence": R or 0, "mu": mu}
-        )  # fmt: skip
+        rows.append(loop.step(step, checkpoint_dir))
         if steplog is not None:
             steplog.log(rows[-1])
         if (step + 1) % d.log_every == 0:
-            bar.set_postfix(loss=f"{loss_:.4f}", kl=f"{kl:.4f}", R=R or 0)
-        if (step + 1) % d.checkpoint_every == 0 or step + 1 == d.steps:
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", kl=f"{rows[-1]['kl']:.4f}", R=rows[-1]["recurrence"])  # fmt: skip
+        if ckpts.due(step + 1):
             if env.is_main:
-                state = {"run_key": run_key, "data_position": (step + 1) * global_batch, "rows": rows,
+                state = {"data_position": (step + 1) * loop.global_batch, "rows": rows,
                          "rng": "derived from (seed, step, micro-batch): nothing to restore"}  # fmt: skip
-                training.save_checkpoint(checkpoint_dir, step + 1, model, optimizer, state)
+                ckpts.save(step + 1, model, loop.optimizer, state)
             training.barrier(env)
         _after_step(step + 1)
 
     if env.is_main:
         steplog.close()
-        manifest = _write_artifact(cfg, out_dir, env, model, tokenizer, refs, rows, run_params, params_sha256, device, n_trainable, checkpoint_dir)  # fmt: skip
+        manifest = _write_artifact(cfg, out_dir, env, model, tokenizer, refs, rows, run_params, params_sha256, device, loop.n_trainable, checkpoint_dir)  # fmt: skip
         # Complete: nothing left to resume. The folder stays (dvc `persist`) with a note of the run.
-        for old in Path(checkpoint_dir).glob("step_*"):
-            shutil.rmtree(old, ignore_errors=True)
-        note = {
-            "run_key": run_key,
-            "steps": d.steps,
-            "artifact": str(out_dir),
-            "content_sha256": manifest.content_sha256,
-            "completed_at": now_iso(),
-        }
-        write_json_atomic(Path(checkpoint_dir) / "last_run.json", note)
+        note = {"artifact": str(out_dir), "content_sha256": manifest.content_sha256}
+        ckpts.complete(note)
     training.barrier(env)
     if not env.is_main:
         manifest = read_manifest(out_dir)
     training.shutdown(env)
     return manifest
+
+
+def _inputs(inputs: dict | None, d) -> tuple[dict[str, Path], list]:
+    """The input paths (defaults for the missing roles) and the verified refs of those used."""
+    defaults = {
+        "student": CONVERTED_MODEL,
+        "train_instruct": dataset_path("instruct", "train"),
+        "train_domain": dataset_path("domain", "train"),
+        "teacher_cache": PATHS["cache_teacher"],
+        "teacher": BASE_MODEL,
+    }
+    paths = resolve_inputs(inputs, defaults)
+    cached = d.distillation and d.teacher == "cached"
+    online = d.distillation and d.teacher == "online"
+    roles = list(defaults)[:3] + ["teacher_cache"] * cached + ["teacher"] * online
+    return paths, [input_ref(role, paths[role]) for role in roles]
+
+
+class _Loop:
+    """One distill run's optimizer step. Micro-batch j of step s holds global positions
+    [(s·M + j)·b, +b); rank r takes j = a·W + r. Each loss is weighted by its share of the
+    step's trained tokens, so the summed gradient is the gradient of the token mean over the
+    whole global batch."""
+
+    def __init__(self, cfg, env, device, model, seqs, cache, teacher, pad_id, log_name) -> None:
+        self.cfg, self.d, self.sched = cfg, cfg.distill, cfg.convert.schedule
+        self.env, self.device, self.model, self.seqs = env, device, model, seqs
+        self.cache, self.teacher, self.pad_id, self.log_name = cache, teacher, pad_id, log_name
+        base = model.get_base_model() if self.d.lora.enabled else model
+        self.looped = isinstance(base, RecurrentForCausalLM)
+        self.params = [p for _, p in training.trainable_parameters(model)]
+        self.optimizer = training.make_optimizer(model, self.d.lr, self.d.weight_decay)
+        self.micro_per_step = self.d.grad_accum * env.world_size  # micro-batches per step
+        self.global_batch = self.d.batch_size * self.micro_per_step  # sequences per step
+        self.n_targets = [sum(label != IGNORE for label in s.labels[1:]) for s in seqs]
+        self.n_trainable = sum(p.numel() for p in self.params)
+        self.order = DataOrder(len(seqs), cfg.seed)
+
+    def log_plan(self) -> None:
+        """Derived quantities (nanoGPT style), logged before anything trains."""
+        d, env, seqs, N, gb = self.d, self.env, self.seqs, len(self.seqs), self.global_batch
+        n_total = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "distill: %d sequences; effective batch %d = %d per micro-batch × %d accum × %d ranks; "
+            "~%.0f tokens/step (%.0f trained); %d steps ≈ %.2f epochs; trainable %d / %d (%.3f%%); "
+            "lora=%s distillation=%s teacher=%s D=%s looped=%s",
+            N, gb, d.batch_size, d.grad_accum, env.world_size,
+            gb * sum(len(s.input_ids) for s in seqs) / N, gb * sum(self.n_targets) / N,
+            d.steps, d.steps * gb / N, self.n_trainable, n_total, 100 * self.n_trainable / n_total,
+            d.lora.enabled, d.distillation, d.teacher, d.divergence, self.looped,
+        )  # fmt: skip
+
+    def step(self, step: int, checkpoint_dir: Path) -> dict:
+        """Optimizer step `step` (0-based) → its metric row (1-based `step`)."""
+        d, sched, env, seed = self.d, self.sched, self.env, self.cfg.seed
+        t0 = time.perf_counter()
+        mu = recurrence_mean_at(step, d.steps, sched.mean_start, sched.mean_end, sched.ramp_fraction)  # fmt: skip
+        R = None
+        if self.looped:
+            gen = torch.Generator().manual_seed(training.seed_for(seed, "recurrence", step))
+            R = sample_recurrence(mu, sched.sigma, gen, sched.max_recurrence)
+        batches = [
+            self.order.take((step * self.micro_per_step + j) * d.batch_size, d.batch_size)
+            for j in range(self.micro_per_step)
+        ]
+        step_targets = max(sum(self.n_targets[i] for mb in batches for i in mb), 1)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kl (token-weighted), input tokens
+        for a in range(d.grad_accum):
+            j = a * env.world_size + env.rank
+            torch.manual_seed(training.seed_for(seed, "micro-batch", step, j))  # s_0, dropout
+            mb = batches[j]
+            rows_mb = [self.cache.rows(i) for i in mb] if self.cache is not None else None
+            loss, stats, n_in = micro_batch_loss(self.model, [self.seqs[i] for i in mb], self.pad_id, d, R, sched.bptt_k, self.device, self.teacher, rows_mb)  # fmt: skip
+            weight = sum(self.n_targets[i] for i in mb) / step_targets
+            (loss * weight).backward()
+            sums += torch.tensor(
+                [stats["loss"] * weight, stats["ce"] * weight, stats["kl"] * weight, n_in],
+                dtype=torch.float64,
+            )
+        training.all_reduce_grads_(self.params, env)
+        training.all_reduce_sum_([sums], env)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, d.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_, ce, kl, tokens = sums.tolist()
+        training.stop_if_not_finite(
+            self.log_name, step + 1, loss=loss_, grad_norm=grad_norm, params=self.params, lr=d.lr,
+            lr_key="distill.lr", checkpoint_dir=checkpoint_dir,
+        )  # fmt: skip
+        lr = self.optimizer.param_groups[0]["lr"]
+        return {"step": step + 1, "loss": loss_, "ce": ce, "kl": kl, "lr": lr,
+                "tokens_per_s": tokens / (time.perf_counter() - t0), "recurrence": R or 0, "mu": mu}  # fmt: skip
 
 
 class DataOrder:
@@ -396,8 +397,8 @@ def _write_artifact(
         move_logs(log_dir, w.dir)
         w.outputs = {name: name, "dvclive": "report"}
         steps = pl.DataFrame(rows)
-        tenth = max(1, round(0.1 * len(rows)))  # kl_start / kl_end: first / last 10% of steps
-        head, tail = steps.head(tenth), steps.tail(tenth)
+        edge = edge_steps(len(rows), cfg.logging.summary_fraction)  # *_start / *_end windows
+        head, tail = steps.head(edge), steps.tail(edge)
         w.metrics = {
             "steps": len(rows),
             "kl_start": float(head["kl"].mean()),
