@@ -314,12 +314,19 @@ class OpdParams(Strict):
     vopd_top_k: int = Field(32, gt=0)
     reward_weight: float = Field(0.0, ge=0.0, description="IFEval pass/fail added to the advantage")
     max_grad_norm: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (constant LR)")
     recurrence: int | None = Field(
         None, ge=1, description="R for the looped student; null = config default"
     )
     lora: LoraParams = LoraParams()
     rollout: RolloutParams = RolloutParams()
     geometry_every: int = Field(5, gt=0, description="steps between subspace diagnostics")
+    heldout_prompts: int = Field(
+        8, ge=0, description="fixed eval prompts of the before/after reverse KL (0 = none)"
+    )
+    checkpoint_every: int = Field(
+        5, gt=0, description="steps between resumable checkpoints (data/checkpoints/opd)"
+    )
 
 
 # --------------------------------------------------------------------------- evaluate / cycle
@@ -372,13 +379,17 @@ class CycleParams(Strict):
 class LoggingParams(Strict):
     """Per-step metrics: dvclive always writes them beside each artifact (`retroloop.steplog`);
     `sink` also streams them to TensorBoard or MLflow (optional extras). Outputs do not depend
-    on this section, so no stage lists it in dvc.yaml."""
+    on `sink`, `dir`, `experiment`; `summary_fraction` sets the `*_start` / `*_end` summary
+    metrics, so the training stages list `logging.summary_fraction` in dvc.yaml."""
 
     sink: Literal["none", "tensorboard", "mlflow"] = Field(
         "none", description="also log every step to TensorBoard or MLflow (pip extra of that name)"
     )
     dir: str = Field("runs", description="TensorBoard log folder: one sub-folder per run")
     experiment: str = Field("retroloop", description="MLflow experiment (MLFLOW_TRACKING_URI)")
+    summary_fraction: float = Field(
+        0.1, gt=0.0, le=0.5, description="share of steps averaged into *_start / *_end metrics"
+    )
 
 
 class Params(Strict):
