@@ -107,6 +107,12 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evalu
             stage = PRODUCER.get(role)
             hint = f"run `retroloop stage {stage}` first" if stage else "pass an existing path"
             raise ArtifactError(f"{path}: evaluate input '{role}' does not exist; {hint}")
+    # The static baseline (stage `static`): the same kept layers, R = 1, no loop, same budget.
+    static_dir = Path((inputs or {}).get("static", PATHS["static"]))
+    static = cfg.static.enabled and (static_dir / "adapter" / "adapter_config.json").is_file()
+    if static:
+        paths["static_model"] = static_dir / "model"
+        paths["static_adapter"] = static_dir / "adapter"
     verify_inputs(paths)  # before anything is read: a tampered input is refused, not consumed
     specs = {
         "teacher": ModelSpec(paths["teacher"], model_role="teacher"),
@@ -124,12 +130,10 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evalu
             adapter_role="opd_adapter",
         ),
     }
-    # The static baseline (stage `static`): the same kept layers, R = 1, no loop, same budget.
-    static_dir = Path((inputs or {}).get("static", PATHS["static"]))
-    if cfg.static.enabled and (static_dir / "adapter" / "adapter_config.json").is_file():
+    if static:
         specs["static"] = ModelSpec(
-            static_dir / "model",
-            static_dir / "adapter",
+            paths["static_model"],
+            paths["static_adapter"],
             model_role="static_model",
             adapter_role="static_adapter",
         )

@@ -270,3 +270,47 @@ def test_real_ifeval_and_gsm8k_on_any_model_set(pipeline_dir, monkeypatch):
         assert m["gsm8k_accuracy"] == 0.5 and m["gsm8k_questions"] == 4
     report = (Path("data/evaluate_real") / "report.md").read_text()
     assert "| base |" in report and "| looped_r3 |" in report
+
+
+def _static_artifact(out: Path) -> Path:
+    """A `static` artifact (model + adapter, with its manifest) as the static stage writes it."""
+    from retroloop.artifacts import atomic_artifact
+
+    with atomic_artifact(out, stage="static", kind="model") as w:
+        shutil.copytree("data/convert/model", w.dir / "model")
+        shutil.copytree("data/distill/adapter", w.dir / "adapter")
+        w.finish(params={}, params_sha256="", seed=0, device="cpu")
+    return out
+
+
+class _Loaded(Exception):
+    """Raised by the stubbed loaders: evaluate got past verification and began to read."""
+
+
+def test_tampered_static_artifact_is_refused_before_anything_loads(
+    pipeline_dir, monkeypatch, tmp_path
+):
+    """The static baseline (data/static, found by evaluate itself) is an input like the others:
+    verified before any model is loaded. The intact artifact gets past verification (the stub
+    loader is reached); the tampered one is refused naming the file, and nothing is loaded."""
+    from retroloop.stages import evaluate
+
+    shutil.copytree(pipeline_dir / "data", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+
+    def loader(*args, **kwargs):
+        raise _Loaded(args[0] if args else None)
+
+    monkeypatch.setattr(evaluate, "load_model", loader)
+    monkeypatch.setattr(evaluate, "load_tokenizer", loader)
+    cfg = load_params(TINY)
+    assert cfg.static.enabled
+    static = _static_artifact(Path("data/static"))
+    with pytest.raises(_Loaded):  # intact: verification passes, loading begins
+        evaluate.run(cfg, out_dir=Path("data/never"))
+
+    weights = static / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match=r"adapter_model\.safetensors.*'static_adapter'"):
+        evaluate.run(cfg, out_dir=Path("data/never"))
+    assert not Path("data/never").exists()
