@@ -115,7 +115,7 @@ class DatasetSource(Strict):
     hf_id: str | None = None
     hf_split: str = "train"
     format: Literal["text", "chat", "ifeval", "gsm8k"] = "text"
-    max_records: int = Field(400, gt=0, description="records kept after shuffling (train + eval)")
+    max_records: int = Field(200, gt=0, description="records kept after shuffling (train + eval)")
 
     @model_validator(mode="after")
     def _source_has_its_fields(self) -> DatasetSource:
@@ -128,7 +128,7 @@ class DatasetSource(Strict):
 class TeacherResponses(Strict):
     """The teacher writes the responses of the instruction set (the distillation targets)."""
 
-    max_new_tokens: int = Field(96, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(8, gt=0)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
 
@@ -137,11 +137,11 @@ class PrepareParams(Strict):
     model: ModelSource = ModelSource()
     domain: DatasetSource = DatasetSource(name="pydoc", format="text")
     instructions: DatasetSource = DatasetSource(
-        name="ifeval_synthetic", format="ifeval", max_records=120
+        name="ifeval_synthetic", format="ifeval", max_records=48
     )
     eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of records held out")
     teacher_responses: TeacherResponses = TeacherResponses()
-    max_seq_len: int = Field(256, gt=8, description="tokens per training sequence")
+    max_seq_len: int = Field(128, gt=8, description="tokens per training sequence")
 
 
 # --------------------------------------------------------------------------- analyze / convert
@@ -198,9 +198,9 @@ class SplitSpec(Strict):
 
 
 class AnalyzeParams(Strict):
-    calibration_records: int = Field(32, gt=0, description="sequences used for the statistics")
+    calibration_records: int = Field(16, gt=0, description="sequences used for the statistics")
     batch_size: int = Field(4, gt=0)
-    max_seq_len: int = Field(256, gt=8)
+    max_seq_len: int = Field(128, gt=8)
     split: SplitSpec = SplitSpec()
 
 
@@ -217,7 +217,7 @@ class RecurrenceSchedule(Strict):
     ramp_fraction: float = Field(0.5, ge=0.0, le=1.0)
     sigma: float = Field(0.5, ge=0.0)
     bptt_k: int = Field(2, gt=0)
-    max_recurrence: int = Field(8, gt=0, description="cap on the sampled R (memory guard)")
+    max_recurrence: int = Field(4, gt=0, description="cap on the sampled R (memory guard)")
 
 
 class ConvertParams(Strict):
@@ -244,7 +244,7 @@ class CacheTeacherParams(Strict):
     tail_samples: int = Field(
         2, ge=0, description="teacher draws from its tail per position (unbiased forward KL)"
     )
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(2.0, gt=0.0)
     batch_size: int = Field(4, gt=0)
     shard_sequences: int = Field(16, gt=0, description="sequences per safetensors shard")
 
@@ -261,14 +261,14 @@ class LoraParams(Strict):
 
 
 class DistillParams(Strict):
-    steps: int = Field(40, gt=0)
+    steps: int = Field(16, gt=0)
     batch_size: int = Field(4, gt=0, description="sequences per micro-batch")
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-4, gt=0.0, description="constant; ~10x the full fine-tuning LR for LoRA")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
-    alpha: float = Field(0.1, ge=0.0, le=1.0, description="weight of CE; (1-alpha) on T^2 * D")
-    temperature: float = Field(1.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of CE; (1-alpha) on T^2 * D")
+    temperature: float = Field(2.0, gt=0.0)
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
     distillation: bool = Field(True, description="off = CE only (the reference design's 4 modes)")
@@ -281,7 +281,7 @@ class DistillParams(Strict):
         0, ge=0, description="LM head + loss in chunks of this many positions (0 = one chunk)"
     )
     lora: LoraParams = LoraParams()
-    checkpoint_every: int = Field(20, gt=0, description="steps between resumable checkpoints")
+    checkpoint_every: int = Field(8, gt=0, description="steps between resumable checkpoints")
     log_every: int = Field(1, gt=0)
 
 
@@ -297,7 +297,7 @@ class StaticParams(Strict):
 
 class RolloutParams(Strict):
     backend: Literal["transformers", "vllm"] = "transformers"
-    max_new_tokens: int = Field(48, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     samples_per_prompt: int = Field(2, gt=0)
@@ -305,8 +305,8 @@ class RolloutParams(Strict):
 
 
 class OpdParams(Strict):
-    steps: int = Field(10, gt=0)
-    prompts_per_step: int = Field(4, gt=0)
+    steps: int = Field(4, gt=0)
+    prompts_per_step: int = Field(2, gt=0)
     lr: float = Field(1e-4, gt=0.0)
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="discount of the per-token advantage")
     kl_coef: float = Field(1.0, ge=0.0, description="scale of the reverse-KL advantage")
@@ -320,7 +320,7 @@ class OpdParams(Strict):
     )
     lora: LoraParams = LoraParams()
     rollout: RolloutParams = RolloutParams()
-    geometry_every: int = Field(5, gt=0, description="steps between subspace diagnostics")
+    geometry_every: int = Field(2, gt=0, description="steps between subspace diagnostics")
     heldout_prompts: int = Field(
         8, ge=0, description="fixed eval prompts of the before/after reverse KL (0 = none)"
     )
@@ -333,16 +333,16 @@ class OpdParams(Strict):
 
 
 class EvaluateParams(Strict):
-    ifeval_prompts: int = Field(24, gt=0)
+    ifeval_prompts: int = Field(8, gt=0)
     ifeval_path: str | None = Field(
         None, description="real IFEval input_data.jsonl; null = built-in"
     )
     gsm8k_path: str | None = Field(None, description="GSM8K jsonl; null = skip the GSM8K metric")
-    gsm8k_questions: int = Field(16, gt=0)
-    max_new_tokens: int = Field(96, gt=0)
+    gsm8k_questions: int = Field(8, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(8, gt=0)
-    nll_records: int = Field(16, gt=0)
-    kl_prompts: int = Field(8, gt=0)
+    nll_records: int = Field(8, gt=0)
+    kl_prompts: int = Field(4, gt=0)
     kl_max_new_tokens: int = Field(32, gt=0)
     recurrence_scaling: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [1, 2, 4, 8],
@@ -371,7 +371,7 @@ class CycleParams(Strict):
     )
     midtrain_steps: int = Field(20, gt=0)
     midtrain_lr: float = Field(2e-4, gt=0.0)
-    opd_steps: int = Field(10, gt=0)
+    opd_steps: int = Field(8, gt=0)
     eval_records: int = Field(8, gt=0)
     watch_dir: str = Field("data/incoming", description="folder the scheduled flow watches")
 

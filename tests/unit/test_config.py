@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,6 +23,55 @@ REPO = Path(__file__).resolve().parents[2]
 )
 def test_every_profile_validates(path: Path) -> None:
     assert isinstance(load_params(path), Params)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every leaf of a nested mapping (a None section is a leaf)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}{key}.")
+    return {k.removesuffix("."): v for k, v in out.items()}
+
+
+def test_params_yaml_is_the_schema_defaults_every_key_shown() -> None:
+    """One source of defaults (issue 22): params.yaml shows every key of the schema, each with
+    the schema's default, so a short params file gets the documented science and the two
+    cannot drift (they disagreed on 22 keys, distill.alpha 0.1 vs 0.5 among them)."""
+    shown = _flat(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")))
+    schema = _flat(Params().model_dump())
+    missing = sorted(set(schema) - set(shown))
+    assert not missing, f"params.yaml: add {missing} (with their schema defaults and units)"
+    differ = [
+        f"{key}: schema {schema[key]!r}, params.yaml {shown[key]!r}"
+        for key in sorted(schema)
+        if not _same(schema[key], shown[key])
+    ]
+    assert not differ, "schema defaults and params.yaml disagree: " + "; ".join(differ)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of one type, except that YAML's 32 is the schema's float 32.0 (True is not 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "profiles").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_profile_shows_every_key(path: Path) -> None:
+    """A profile is what `dvc repro` reads as params.yaml (`cp profiles/tiny.yaml params.yaml`)
+    and DVC's `params:` deps see only the keys the file shows (a declared key that is missing
+    fails the repro), so a profile is a complete file: the defaults with its overrides written
+    in, never a key left to the schema, whose default could then change under it unseen."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    resolved = _flat(load_params(path).model_dump())
+    missing = sorted(set(resolved) - set(_flat(raw)))
+    assert not missing, f"{path.name}: add {missing} (the values it runs with today)"
 
 
 def test_default_profile_is_smollm2_from_the_wheel() -> None:
