@@ -30,9 +30,23 @@ _FLOOR = torch.finfo(torch.float32).min  # stand-in for log 0 inside products
 _TAIL_MAX_LSE = math.log1p(-torch.finfo(torch.float32).eps)  # tail mass >= eps
 
 
+def _kl_terms(logp_N_C: Tensor, logq_N_C: Tensor) -> Tensor:
+    """p_c (log p_c − log q_c) per outcome, with both inputs already clamped to be finite."""
+    return logp_N_C.exp() * (logp_N_C - logq_N_C)
+
+
 def _kl(logp_N_C: Tensor, logq_N_C: Tensor) -> Tensor:
     """KL(P‖Q) = Σ_c p_c (log p_c − log q_c), with both inputs already clamped to be finite."""
-    return (logp_N_C.exp() * (logp_N_C - logq_N_C)).sum(-1)
+    return _kl_terms(logp_N_C, logq_N_C).sum(-1)
+
+
+def kl_terms(logp_N_C: Tensor, logq_N_C: Tensor) -> Tensor:
+    """The per-outcome terms p_c (log p_c − log q_c) of KL(P‖Q) → `[N, C]` fp32.
+
+    `kl_terms(p, q).sum(-1)` is `divergence_from_logprobs(p, q, "forward_kl")`; the terms are
+    for a caller that reduces a whole batch at once (`eval.scaling`'s token-weighted mean KL).
+    """
+    return _kl_terms(logp_N_C.float().clamp_min(_FLOOR), logq_N_C.float().clamp_min(_FLOOR))
 
 
 def divergence_from_logprobs(
@@ -311,13 +325,21 @@ def reverse_kl_topk_lower_bound(
     return divergence_from_logprobs(teacher_N_C, student_N_C, "reverse_kl")
 
 
-def sampled_reverse_kl(
+def reverse_kl_single_sample(
     sampler_logp_B_T: Tensor, teacher_logp_B_T: Tensor, mask_B_T: Tensor
 ) -> Tensor:
-    """Single-sample estimate of KL(π_S‖π_T): mean over mask of log π_S(y_t) − log π_T(y_t)."""
+    """Single-sample Monte-Carlo estimate of KL(π_S‖π_T) from the sampled tokens' log-probs only:
+    mean over mask of log π_S(y_t) − log π_T(y_t), y_t ~ π_S (unbiased, can be negative).
+
+    Not `eval.likelihood.reverse_kl_exact_on_samples`, which sums the exact full-vocabulary KL
+    at each sampled position (≥ 0, needs both models' logits)."""
     mask = mask_B_T.bool()
     diff_B_T = torch.where(mask, sampler_logp_B_T.float() - teacher_logp_B_T.float(), 0.0)
     return diff_B_T.sum() / mask.sum().clamp_min(1)
+
+
+# The old name, kept until `retroloop.onpolicy` imports `reverse_kl_single_sample`.
+sampled_reverse_kl = reverse_kl_single_sample
 
 
 def entropy_from_logits(logits_N_V: Tensor) -> Tensor:

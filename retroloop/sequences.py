@@ -1,4 +1,5 @@
-"""Token sequences from the prepared datasets, shared by analyze, cache_teacher and distill.
+"""Token sequences from the prepared datasets, shared by analyze, cache_teacher and distill,
+and the one home of padding (`pad_id`, `pad_right`, `pad_left`, `pad_batch`).
 
 cache_teacher and distill must see byte-identical sequences in the same order (the cache
 is indexed by sequence number), so both build them here and nowhere else.
@@ -89,15 +90,41 @@ def training_sequences(
     return [s for s in seqs if any(label != IGNORE for label in s.labels[1:])]
 
 
-def pad_batch(seqs: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids_B_T, attention_mask_B_T, labels_B_T)."""
-    T = max(len(s.input_ids) for s in seqs)
-    ids_B_T = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask_B_T = torch.zeros((len(seqs), T), dtype=torch.long)
-    labels_B_T = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        n = len(s.input_ids)
-        ids_B_T[i, :n] = torch.tensor(s.input_ids)
-        mask_B_T[i, :n] = 1
-        labels_B_T[i, :n] = torch.tensor(s.labels)
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The one pad-id rule: the tokenizer's pad token, else its eos (what `load_tokenizer` sets
+    when a tokenizer has no pad token), else 0. Padding sits under a zero attention mask, so the
+    id never changes an output; pad = eos keeps `generate`'s `pad_token_id` a real token."""
+    for tok in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok is not None:
+            return tok
+    return 0
+
+
+def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_B_T, mask_B_T) with the sequences flush left: default position ids count from 0,
+    for teacher-forced scoring and training."""
+    return _pad(seqs, pad, left=False)
+
+
+def pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_B_T, mask_B_T) with the sequences flush right: a decoder-only `generate` continues
+    every row from the right edge."""
+    return _pad(seqs, pad, left=True)
+
+
+def _pad(seqs: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids_B_T = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask_B_T = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids_B_T[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask_B_T[row, cols] = 1
+    return ids_B_T, mask_B_T
+
+
+def pad_batch(seqs: list[Sequence], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids_B_T, attention_mask_B_T, labels_B_T); labels padded with −100."""
+    ids_B_T, mask_B_T = pad_right([s.input_ids for s in seqs], pad)
+    labels_B_T, _ = pad_right([s.labels for s in seqs], IGNORE)
     return ids_B_T, mask_B_T, labels_B_T

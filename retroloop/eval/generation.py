@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from retroloop.artifacts import write_json_atomic
 from retroloop.datasets import chat_messages
 from retroloop.errors import ModelError
+from retroloop.sequences import pad_id, pad_left
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -46,10 +47,6 @@ def encode_chat_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) 
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """End-of-turn ids: the model's generation config and the tokenizer's eos."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -57,18 +54,6 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) ->
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids_B_T, mask_B_T) with the sequences flush right."""
-    width = max(len(s) for s in seqs)
-    ids_B_T = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask_B_T = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        if seq:
-            ids_B_T[row, width - len(seq) :] = torch.tensor(seq)
-            mask_B_T[row, width - len(seq) :] = 1
-    return ids_B_T, mask_B_T
 
 
 def until_eos(tokens: list[int], eos: list[int]) -> tuple[list[int], bool]:
@@ -157,7 +142,7 @@ def generate_responses(
     responses: list[str] = [""] * len(prompts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generate", unit="batch", leave=False):
-        ids_B_P, mask_B_P = left_pad([encoded[i] for i in batch], pad)
+        ids_B_P, mask_B_P = pad_left([encoded[i] for i in batch], pad)
         out_B_T = model.generate(
             input_ids=ids_B_P.to(device),
             attention_mask=mask_B_P.to(device),

@@ -1,10 +1,12 @@
-"""Likelihood metrics: per-token NLL (perplexity = exp) and sampled reverse KL to a teacher.
+"""Likelihood metrics: per-token NLL (perplexity = exp) and reverse KL to a teacher on samples.
 
-`sampled_reverse_kl` is the on-policy forgetting measure of OPD (DESIGN.md §5): the student
+`reverse_kl_exact_on_samples` is the on-policy forgetting measure of OPD (DESIGN.md §5): the student
 samples at temperature 1 (top-k 0, top-p 1) from the chat-templated prompt, then student and
 teacher each run one forward pass over the same token ids and the per-token reverse KL
 KL(pi_student || pi_teacher) is computed exactly over the full vocabulary at every generated
 position (the sampled eos included, what follows it excluded), averaged over generated tokens.
+Not `losses.reverse_kl_single_sample`, the training loop's one-sample Monte-Carlo estimate
+log π_S(y_t) − log π_T(y_t) from the sampled tokens' log-probs alone.
 """
 
 from __future__ import annotations
@@ -17,24 +19,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from retroloop.errors import MismatchError
-from retroloop.eval.generation import (
-    encode_chat_prompts,
-    eos_token_ids,
-    left_pad,
-    pad_id,
-    sampling_kwargs,
-)
-
-
-def right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids_B_T, mask_B_T) with the sequences flush left (default position ids stay right)."""
-    width = max(len(s) for s in seqs)
-    ids_B_T = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask_B_T = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids_B_T[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask_B_T[row, : len(seq)] = 1
-    return ids_B_T, mask_B_T
+from retroloop.eval.generation import encode_chat_prompts, eos_token_ids, sampling_kwargs
+from retroloop.losses import divergence_from_logprobs
+from retroloop.sequences import pad_id, pad_left, pad_right
 
 
 @torch.inference_mode()
@@ -60,7 +47,7 @@ def nll_per_token(
     total, count = 0.0, 0
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
     for batch in tqdm(batches, desc="nll", unit="batch", leave=False):
-        ids_B_T, mask_B_T = right_pad(batch, pad_id(tokenizer))
+        ids_B_T, mask_B_T = pad_right(batch, pad_id(tokenizer))
         ids_B_T, mask_B_T = ids_B_T.to(device), mask_B_T.to(device)
         logits_B_T_V = model(
             input_ids=ids_B_T, attention_mask=mask_B_T, **(forward_kwargs or {})
@@ -80,7 +67,7 @@ def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @torch.inference_mode()
-def sampled_reverse_kl(
+def reverse_kl_exact_on_samples(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -105,7 +92,7 @@ def sampled_reverse_kl(
     total, count = 0.0, 0
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
     for b, batch in enumerate(tqdm(batches, desc="reverse KL", unit="batch", leave=False)):
-        ids_B_P, mask_B_P = left_pad(batch, pad)
+        ids_B_P, mask_B_P = pad_left(batch, pad)
         with _fork_rng(device):
             torch.manual_seed(seed + b)
             out_B_T = student.generate(
@@ -125,7 +112,7 @@ def sampled_reverse_kl(
             kept = until_eos_inclusive(tokens, eos)
             seqs.append(prompt + kept)
             spans.append((len(prompt), len(kept)))
-        ids_B_T, mask_B_T = right_pad(seqs, pad)
+        ids_B_T, mask_B_T = pad_right(seqs, pad)
         ids_B_T, mask_B_T = ids_B_T.to(device), mask_B_T.to(device)
         # The logit at position t predicts token t + 1: targets are the sampled tokens.
         target_B_T = torch.zeros_like(mask_B_T, dtype=torch.bool)
@@ -147,9 +134,8 @@ def sampled_reverse_kl(
             )
         logp_s_N_V = F.log_softmax(student_N_V.float(), dim=-1)
         logp_t_N_V = F.log_softmax(teacher_N_V.float(), dim=-1)
-        p_s_N_V = logp_s_N_V.exp()
-        # 0 * log 0 = 0: where the student puts no mass, the term vanishes (avoids 0 * -inf).
-        kl_N = torch.where(p_s_N_V > 0, p_s_N_V * (logp_s_N_V - logp_t_N_V), 0.0).sum(-1)
+        # 0 · log 0 = 0: where the student puts no mass the term vanishes (losses' clamp).
+        kl_N = divergence_from_logprobs(logp_t_N_V, logp_s_N_V, "reverse_kl")
         total += kl_N.sum().item()
         count += kl_N.numel()
     return total / count if count else 0.0

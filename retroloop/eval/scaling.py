@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from retroloop.eval.likelihood import right_pad
+from retroloop.losses import kl_terms
+from retroloop.sequences import pad_id, pad_right
 
 
 @dataclass
@@ -48,11 +49,11 @@ def held_out(
     encoded = [e for e in encoded if len(e) >= 2]
     if not encoded:
         raise ValueError("held_out: no text has two or more tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     batches, teacher_logp = [], []
     device = next(teacher.parameters()).device
     for i in range(0, len(encoded), batch_size):
-        ids_B_T, mask_B_T = right_pad(encoded[i : i + batch_size], pad)
+        ids_B_T, mask_B_T = pad_right(encoded[i : i + batch_size], pad)
         logits_B_T_V = teacher(
             input_ids=ids_B_T.to(device), attention_mask=mask_B_T.to(device)
         ).logits
@@ -76,8 +77,7 @@ def nll_and_kl(model: torch.nn.Module, data: HeldOut, **forward_kwargs) -> dict[
         logp_N_V = F.log_softmax(logits_B_T_V[:, :-1][keep_B_T].float(), dim=-1)
         targets_N = ids_B_T[:, 1:][keep_B_T]
         nll_sum += float(-logp_N_V.gather(-1, targets_N[:, None]).sum())
-        t_logp = t_logp_N_V.to(device).float()
-        kl_sum += float((t_logp.exp() * (t_logp - logp_N_V)).sum())
+        kl_sum += float(kl_terms(t_logp_N_V.to(device), logp_N_V).sum())
         count += int(targets_N.numel())
     return {"nll": nll_sum / count, "kl": kl_sum / count}
 

@@ -38,7 +38,7 @@ from retroloop.config import EvaluateParams
 from retroloop.eval import gsm8k as gsm8k_eval
 from retroloop.eval import ifeval
 from retroloop.eval.generation import generate_responses
-from retroloop.eval.likelihood import nll_per_token, sampled_reverse_kl
+from retroloop.eval.likelihood import nll_per_token, reverse_kl_exact_on_samples
 from retroloop.eval.scaling import HeldOut, flops_per_token, nll_and_kl
 from retroloop.sequences import render_chat
 
@@ -242,7 +242,7 @@ def evaluate_model(
             out["kl_to_teacher"] = 0.0
         elif data.kl_prompts:
             out["kl_to_teacher"] = float(
-                sampled_reverse_kl(
+                reverse_kl_exact_on_samples(
                     model,
                     teacher,
                     tokenizer,

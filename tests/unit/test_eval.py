@@ -1,4 +1,4 @@
-"""retroloop.eval: IFEval grading, GSM8K answers, cached generation, NLL and sampled reverse KL."""
+"""retroloop.eval: IFEval grading, GSM8K answers, cached generation, NLL and the exact reverse KL on samples."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from retroloop.datasets import CHAT_SCHEMA, builtin_dataset
 from retroloop.errors import DataError
 from retroloop.eval import gsm8k, ifeval
 from retroloop.eval.generation import generate_responses
-from retroloop.eval.likelihood import nll_per_token, sampled_reverse_kl
+from retroloop.eval.likelihood import nll_per_token, reverse_kl_exact_on_samples
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 IFEVAL = SHARED_DATA / "ifeval" / "input_data.jsonl"
@@ -298,10 +298,10 @@ def test_nll_matches_hand_computed_cross_entropy(tiny):
     assert math.log(len(tok)) * 0.8 < got < math.log(len(tok)) * 1.2  # random init ~ uniform
 
 
-def test_sampled_reverse_kl_of_a_model_against_itself_is_zero(tiny):
+def test_reverse_kl_exact_on_samples_of_a_model_against_itself_is_zero(tiny):
     model, other, tok = tiny
     kw = dict(max_new_tokens=6, batch_size=2, seed=0)
-    assert abs(sampled_reverse_kl(model, model, tok, PROMPTS, **kw)) <= 1e-6
-    a = sampled_reverse_kl(model, other, tok, PROMPTS, **kw)
-    b = sampled_reverse_kl(model, other, tok, PROMPTS, **kw)
+    assert abs(reverse_kl_exact_on_samples(model, model, tok, PROMPTS, **kw)) <= 1e-6
+    a = reverse_kl_exact_on_samples(model, other, tok, PROMPTS, **kw)
+    b = reverse_kl_exact_on_samples(model, other, tok, PROMPTS, **kw)
     assert a == b > 0  # seeded sampling: reproducible; different weights: positive

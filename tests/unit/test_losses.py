@@ -13,10 +13,11 @@ from retroloop.losses import (
     distill_loss,
     divergence_from_logprobs,
     entropy_from_logits,
+    kl_terms,
     opd_advantages,
     opd_pg_loss,
+    reverse_kl_single_sample,
     reverse_kl_topk_lower_bound,
-    sampled_reverse_kl,
     teacher_topk_tail,
     topk_tail_logprobs,
 )
@@ -75,6 +76,20 @@ def test_divergence_matches_float64_reference(kind: str, beta: float) -> None:
     got = divergence_from_logprobs(t.log_softmax(-1), s.log_softmax(-1), kind, beta)
     want = _ref_divergence(_probs64(t), _probs64(s), kind, beta)
     np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_kl_terms_sum_to_forward_kl_and_keep_zero_mass_finite() -> None:
+    """The per-outcome terms are the one KL formula: summed per row they are forward KL (the
+    reference and `divergence_from_logprobs`), and 0 · log 0 terms are 0, not NaN."""
+    t, s = _logits(6, 9, seed=7), _logits(6, 9, seed=8)
+    t[0, :3] = float("-inf")  # the teacher puts no mass on three outcomes
+    t_logp, s_logp = t.log_softmax(-1), s.log_softmax(-1)
+    terms = kl_terms(t_logp, s_logp)
+    assert terms.shape == (6, 9) and terms.dtype == torch.float32
+    assert torch.isfinite(terms).all() and (terms[0, :3] == 0).all()
+    torch.testing.assert_close(terms.sum(-1), divergence_from_logprobs(t_logp, s_logp, "forward_kl"))  # fmt: skip
+    want = _ref_divergence(_probs64(t), _probs64(s), "forward_kl")
+    np.testing.assert_allclose(terms.sum(-1).double().numpy(), want, rtol=1e-5, atol=1e-7)
 
 
 def test_jsd_endpoints_are_forward_and_reverse_kl() -> None:
@@ -396,7 +411,7 @@ def test_no_generated_tokens_gives_zero_loss_with_grad() -> None:
     loss = opd_pg_loss(learner, learner.detach(), adv, mask)
     loss.backward()
     assert loss.item() == 0.0 and loss.requires_grad and (learner.grad == 0).all()
-    assert sampled_reverse_kl(learner, torch.randn(2, 4), mask).item() == 0.0
+    assert reverse_kl_single_sample(learner, torch.randn(2, 4), mask).item() == 0.0
 
 
 def test_per_token_advantage_reward_and_baseline() -> None:
@@ -456,11 +471,11 @@ def test_advantages_are_detached() -> None:
     assert not adv.requires_grad
 
 
-def test_sampled_reverse_kl_and_entropy() -> None:
+def test_reverse_kl_single_sample_and_entropy() -> None:
     sampler, teacher = torch.randn(2, 5, generator=_gen(30)), torch.randn(2, 5, generator=_gen(31))
     mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
     want = (sampler - teacher)[mask.bool()].mean()
-    torch.testing.assert_close(sampled_reverse_kl(sampler, teacher, mask), want)
+    torch.testing.assert_close(reverse_kl_single_sample(sampler, teacher, mask), want)
 
     logits = _logits(4, 10, seed=32)
     p = _probs64(logits)
