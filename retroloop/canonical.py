@@ -9,10 +9,14 @@ Two kinds of run-to-run noise used to reach hashed files (DESIGN.md §3):
 
 `canonicalize(dir)` fixes the first in place; `split_run_dependent` / `split_run_columns`
 move the second into `run.json` / `run_<name>.csv`, which the content hash leaves out.
+
+`json_sha256` is the one hash of parameters (a manifest's `params_sha256`) and of the keys
+built from them (resume folders, generation caches).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -25,6 +29,13 @@ RUN_PREFIX = "run_"
 _RUN_KEY = re.compile(r"(^seconds$|_s$|_seconds$|^teacher_scoring_share$)")
 # adapter_config.json keys that PEFT writes from Python sets (order carries no meaning).
 _SET_KEYS = ("target_modules", "modules_to_save", "exclude_modules")
+
+
+def json_sha256(obj: Any) -> str:
+    """sha256 of `obj` as canonical JSON: sorted keys, json's default separators and ASCII
+    escapes, values JSON cannot write (paths, enums) as `str`. Changing any of these changes
+    every recorded `params_sha256`, so they are fixed here, once."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def is_run_dependent(key: str) -> bool:

@@ -101,6 +101,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `retroloop` parser: global flags, then one sub-command per `_<name>_command`, in
+    the order `retroloop --help` lists them."""
     parser = _Parser(
         prog="retroloop",
         description=DESCRIPTION,
@@ -114,29 +116,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the full traceback of any failure (also: RETROLOOP_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _stage_command,
+        _run_command,
+        _cycle_command,
+        _schedule_command,
+        _lineage_command,
+        _audit_command,
+        _verify_command,
+        _export_command,
+        _generate_command,
+        _bench_command,
+    ):
+        add(sub)
+    return parser
 
-    def command(
-        name: str, summary: str, description: str, examples: str
-    ) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name,
-            help=summary,
-            description=f"{summary[0].upper()}{summary[1:]}.\n\n{description}",
-            epilog=f"examples:\n{examples}\n\n{EXIT_CODES}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
 
-    def with_params(p: argparse.ArgumentParser, set_help: str = SET_HELP) -> None:
-        p.add_argument(
-            "--params",
-            type=Path,
-            default=Path("params.yaml"),
-            metavar="FILE",
-            help="params file, validated before anything runs (default: params.yaml)",
-        )
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+def _command(
+    sub, name: str, summary: str, description: str, examples: str
+) -> argparse.ArgumentParser:
+    """One sub-command with its summary, description, examples and the exit codes."""
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=f"{summary[0].upper()}{summary[1:]}.\n\n{description}",
+        epilog=f"examples:\n{examples}\n\n{EXIT_CODES}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
-    p = command(
+
+def _with_params(p: argparse.ArgumentParser, set_help: str = SET_HELP) -> None:
+    """--params FILE and repeatable --set KEY=VALUE."""
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        metavar="FILE",
+        help="params file, validated before anything runs (default: params.yaml)",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
+def _stage_command(sub) -> None:
+    p = _command(
+        sub,
         "stage",
         "run one pipeline stage (what dvc.yaml calls)",
         "Reads its inputs under data/, writes data/<stage>/ atomically with a manifest, and\n"
@@ -147,10 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         "  retroloop stage prepare\n  retroloop stage distill --set distill.steps=4",
     )
     p.add_argument("name", choices=STAGES, metavar="NAME", help=f"one of: {', '.join(STAGES)}")
-    with_params(p, SET_HELP + "; DVC does not see it")
+    _with_params(p, SET_HELP + "; DVC does not see it")
     p.set_defaults(func=commands.cmd_stage)
 
-    p = command(
+
+def _run_command(sub) -> None:
+    p = _command(
+        sub,
         "run",
         "run the whole pipeline as a Prefect flow",
         "One task run per stage in dvc.yaml's order. Stages `dvc status` calls current are\n"
@@ -161,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  retroloop run\n  retroloop run --force\n"
         "  retroloop run --set distill.steps=4   # every stage reruns; dvc.lock untouched",
     )
-    with_params(
+    _with_params(
         p,
         SET_HELP + "; bypasses DVC: every stage reruns and dvc.lock is not updated "
         "(to record overrides in dvc.lock use `dvc exp run -S KEY=VALUE`)",
@@ -171,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.cmd_run)
 
-    p = command(
+
+def _cycle_command(sub) -> None:
+    p = _command(
+        sub,
         "cycle",
         "run one continual-learning cycle on new domain data, now",
         "Mid-trains the current model's LoRA on the domain file, measures forgetting, recovers\n"
@@ -196,10 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="format of --domain-data: text ('text' field), chat ('prompt'/'response' or "
         "'messages'), gsm8k ('question' + worked 'answer' as one document); default text",
     )
-    with_params(p)
+    _with_params(p)
     p.set_defaults(func=commands.cmd_cycle)
 
-    p = command(
+
+def _schedule_command(sub) -> None:
+    p = _command(
+        sub,
         "schedule",
         "serve the cycle flow on a cron schedule (Prefect)",
         "Serves a Prefect deployment that, at every tick, runs one cycle per new file in the\n"
@@ -218,10 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--name", default="retroloop-cycle", help="deployment name (default: retroloop-cycle)"
     )
-    with_params(p)
+    _with_params(p)
     p.set_defaults(func=commands.cmd_schedule)
 
-    p = command(
+
+def _lineage_command(sub) -> None:
+    p = _command(
+        sub,
         "lineage",
         "show the provenance tree of one artifact",
         "Walks the manifests back from ARTIFACT to the base model, teacher cache and datasets,\n"
@@ -234,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the tree as JSON on stdout")
     p.set_defaults(func=commands.cmd_lineage)
 
-    p = command(
+
+def _audit_command(sub) -> None:
+    p = _command(
+        sub,
         "audit",
         "list every adapter with the teacher that produced it",
         "One row per adapter under --root (pipeline stages and registered cycles): its status\n"
@@ -251,7 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     p.set_defaults(func=commands.cmd_audit)
 
-    p = command(
+
+def _verify_command(sub) -> None:
+    p = _command(
+        sub,
         "verify",
         "re-hash artifacts and report mismatches",
         "Re-hashes every file of each artifact against its manifest and each recorded input\n"
@@ -274,7 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.cmd_verify)
 
-    p = command(
+
+def _export_command(sub) -> None:
+    p = _command(
+        sub,
         "export",
         "merge an adapter into its base model: a self-contained model directory",
         "Writes a transformers save_pretrained directory (+ manifest naming the adapter) that\n"
@@ -292,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.cmd_export)
 
-    p = command(
+
+def _generate_command(sub) -> None:
+    p = _command(
+        sub,
         "generate",
         "generate text from a model (+ adapter) at any recurrence",
         "Streams the reply to stdout as it is produced and prints tokens/s to stderr. The\n"
@@ -341,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT", help="the user message")
     p.set_defaults(func=commands.cmd_generate)
 
-    p = command(
+
+def _bench_command(sub) -> None:
+    p = _command(
+        sub,
         "bench",
         "run a side-by-side benchmark that prints ratios",
         "recurrence: forward tokens/s of the looped model at R = 1..8 against its source;\n"
@@ -359,9 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    with_params(p)
+    _with_params(p)
     p.set_defaults(func=commands.cmd_bench)
-    return parser
 
 
 # --------------------------------------------------------------------------- errors

@@ -11,14 +11,13 @@ tokenizer tokens, "steps" are optimizer steps.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from retroloop.canonical import json_sha256
 from retroloop.errors import ConfigError
 
 STAGES: tuple[str, ...] = (
@@ -425,8 +424,8 @@ class Params(Strict):
         return {"seed": self.seed, "dtype": self.dtype, name: getattr(self, name).model_dump()}
 
     def section_sha256(self, name: str) -> str:
-        blob = json.dumps(self.section(name), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """The manifest's `params_sha256`: `canonical.json_sha256` of `section(name)`."""
+        return json_sha256(self.section(name))
 
 
 def _format_error(err: ValidationError, source: str) -> str:

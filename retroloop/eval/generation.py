@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from retroloop.artifacts import write_json_atomic
+from retroloop.canonical import json_sha256
 from retroloop.datasets import chat_messages
 from retroloop.errors import ModelError
 from retroloop.sequences import pad_id, pad_left
@@ -93,8 +94,7 @@ def cache_key(
             (tokenizer.chat_template or "").encode()
         ).hexdigest(),
     }
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest(), payload
+    return json_sha256(payload), payload
 
 
 @torch.inference_mode()

@@ -26,7 +26,7 @@ from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
 from retroloop.config import Params
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.runlock import exclusive
-from retroloop.sequences import pad_batch, training_sequences
+from retroloop.sequences import Sequence, pad_batch, pad_id, training_sequences
 from retroloop.stages.common import BASE_MODEL, PATHS, dataset_path, resolve_inputs, setup_run
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 @exclusive("out_dir")
 def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analyze"]) -> Manifest:
     device = setup_run(cfg)
-    a = cfg.analyze
     paths = resolve_inputs(
         inputs,
         {
@@ -47,22 +46,38 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
     verify_inputs(paths)  # before anything is read: a tampered input is refused, not consumed
     model = load_model(paths["base_model"], cfg.dtype, device)
     tokenizer = load_tokenizer(paths["base_model"])
-    layers = model.model.layers
-    N = len(layers)
+    seqs = calibration_sequences(tokenizer, paths, cfg.analyze)
+    table = layer_scores(model, tokenizer, seqs, batch_size=cfg.analyze.batch_size, device=device)
+    N = len(model.model.layers)
+    split = choose_split(cfg.analyze.split, N, table)
+    log.info("split: %s", split.rule)
+    return _publish(cfg, out_dir, paths, table, split, N, len(seqs), str(device))
 
+
+def calibration_sequences(tokenizer, paths: dict[str, Path], a) -> list[Sequence]:
+    """The first `a.calibration_records` training sequences, chat and domain interleaved so a
+    small calibration budget sees both (`a`: the `analyze` params)."""
     seqs = training_sequences(
         tokenizer,
         pl.read_parquet(paths["calibration_instruct"]),
         pl.read_parquet(paths["calibration_domain"]),
         a.max_seq_len,
     )
-    # Interleave chat and domain sequences so a small calibration budget sees both.
     half = len(seqs) // 2
     mixed = [s for pair in zip(seqs[:half], seqs[half:], strict=False) for s in pair] + seqs[
         2 * half :
     ]
-    seqs = mixed[: a.calibration_records]
+    return mixed[: a.calibration_records]
 
+
+def layer_scores(
+    model, tokenizer, seqs: list[Sequence], *, batch_size: int, device
+) -> pl.DataFrame:
+    """Block Influence and angular distance per layer (`RedundancyAccumulator.table`), from the
+    decoder layers' own inputs and outputs (hooks; DESIGN.md §5: not `output_hidden_states`,
+    whose last entry is after the final norm)."""
+    layers = model.model.layers
+    N = len(layers)
     acc = RedundancyAccumulator(num_layers=N, max_n=N - 1)
     captured: list[torch.Tensor] = []
     hooks = [
@@ -76,9 +91,9 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
     ]
     try:
         with torch.no_grad():
-            for start in tqdm(range(0, len(seqs), a.batch_size), desc="analyze", unit="batch"):
+            for start in tqdm(range(0, len(seqs), batch_size), desc="analyze", unit="batch"):
                 ids_B_T, mask_B_T, _ = pad_batch(
-                    seqs[start : start + a.batch_size], tokenizer.pad_token_id
+                    seqs[start : start + batch_size], pad_id(tokenizer)
                 )
                 captured.clear()
                 model(
@@ -91,11 +106,20 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
     finally:
         for hook in hooks:
             hook.remove()
+    return acc.table()
 
-    table = acc.table()
-    split = choose_split(a.split, N, table)
-    log.info("split: %s", split.rule)
 
+def _publish(
+    cfg: Params,
+    out_dir: Path,
+    paths: dict[str, Path],
+    table: pl.DataFrame,
+    split,
+    N: int,
+    n_sequences: int,
+    device: str,
+) -> Manifest:
+    """Write the scores, the per-layer BI plot data, split.json, the figure and the manifest."""
     with atomic_artifact(out_dir, stage="analyze", kind="analysis") as w:
         for role in ("base_model", "calibration_instruct", "calibration_domain"):
             w.add_input(role, paths[role])
@@ -125,7 +149,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
         )
         w.metrics = {
             "num_layers": N,
-            "calibration_sequences": len(seqs),
+            "calibration_sequences": n_sequences,
             "calibration_tokens": int(
                 table.filter((pl.col("variant") == "all_tokens") & (pl.col("n") == 1))["tokens"][0]
             ),
@@ -136,7 +160,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["analy
             params=cfg.section("analyze"),
             params_sha256=cfg.section_sha256("analyze"),
             seed=cfg.seed,
-            device=str(device),
+            device=device,
         )
 
 

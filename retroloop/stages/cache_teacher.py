@@ -16,7 +16,6 @@ Batches never cross a shard boundary, so a recomputed shard is bit-identical to 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -29,11 +28,12 @@ from tqdm import tqdm
 
 from retroloop import teacher_cache as tc
 from retroloop.artifacts import Manifest, atomic_artifact, input_ref, sha256_file, write_json_atomic
+from retroloop.canonical import json_sha256
 from retroloop.config import Params
 from retroloop.models.head import logits_at
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.runlock import exclusive
-from retroloop.sequences import IGNORE, pad_batch, training_sequences
+from retroloop.sequences import IGNORE, pad_batch, pad_id, training_sequences
 from retroloop.stages.common import BASE_MODEL, DATA, PATHS, dataset_path, resolve_inputs, setup_run
 from retroloop.training import seed_for
 
@@ -74,25 +74,8 @@ def run(
     )
     model = load_model(paths["teacher"], cfg.dtype, device)
     vocab = model.get_output_embeddings().weight.shape[0]
-    k = vocab if c.full_vocab else min(c.top_k, vocab)
-    if c.top_k > vocab and not c.full_vocab:
-        log.warning(
-            "cache_teacher.top_k=%d exceeds the vocabulary (%d); storing k=%d", c.top_k, vocab, k
-        )
-    fingerprint = tokenizer_fingerprint(tokenizer)
-
-    # Completed shards of an earlier, interrupted run with the same inputs and parameters.
-    key_blob = json.dumps(
-        {
-            "format": tc.FORMAT,
-            "params": cfg.section("cache_teacher"),
-            "max_seq_len": cfg.prepare.max_seq_len,
-            "inputs": [r.content_sha256 for r in refs],
-        },
-        sort_keys=True,
-    )
-    side = Path(checkpoint_dir) / hashlib.sha256(key_blob.encode()).hexdigest()[:16]
-    side.mkdir(parents=True, exist_ok=True)
+    k = _stored_k(c, vocab)
+    side = _side_dir(cfg, refs, checkpoint_dir)
     n_shards = -(-len(seqs) // c.shard_sequences)
     log.info(
         "teacher cache: %d sequences, %d shards of %d, k=%d, T=%g, %d B/position, side dir %s",
@@ -105,54 +88,125 @@ def run(
     for s in tqdm(range(n_shards), desc="cache_teacher", unit="shard"):
         first = s * c.shard_sequences
         chunk = seqs[first : first + c.shard_sequences]
-        name = f"shard_{s:05d}.safetensors"
-        done_json = side / f"shard_{s:05d}.json"
-        done = json.loads(done_json.read_text()) if done_json.is_file() else None
-        if (
-            done is not None
-            and (side / name).is_file()
-            and sha256_file(side / name) == done["sha256"]
-        ):
-            log.debug("reusing %s", side / name)
-        else:
-            gen = torch.Generator(device).manual_seed(seed_for(cfg.seed, "tail-samples", s))
-            rows = teacher_rows(model, tokenizer, chunk, device, c, k, gen)
-            sha = tc.write_shard(side / name, tc.concat(rows), {"first_sequence": str(first)})
-            done = {
-                "sha256": sha,
-                "lengths": [len(r) for r in rows],
-                "payload_bytes": sum(r.payload_bytes() for r in rows),
-            }
-            write_json_atomic(done_json, done)
+        done = _shard(model, tokenizer, chunk, side, s, device=device, cfg=cfg, k=k)
         shard_meta.append(done)
-        offset = 0
-        for j, (seq, length) in enumerate(zip(chunk, done["lengths"], strict=True)):
-            index_rows.append(
-                {
-                    "seq": first + j,
-                    "sequence_id": seq.id,
-                    "tokens_sha256": tc.sequence_sha256(seq),
-                    "shard": f"{tc.SHARDS}/{name}",
-                    "offset": offset,
-                    "length": length,
-                    "shard_sha256": done["sha256"],
-                }
-            )
-            offset += length
+        index_rows += _index_rows(chunk, first, _shard_name(s), done)
         _after_shard(s)
 
+    shape = {"k": k, "vocab": vocab, "n_sequences": len(seqs)}
+    manifest = _publish(
+        cfg,
+        out_dir,
+        side,
+        refs,
+        index_rows,
+        shard_meta,
+        shape,
+        tokenizer_fingerprint(tokenizer),
+        str(device),
+    )
+    shutil.rmtree(side, ignore_errors=True)
+    log.info(
+        "teacher cache: %d positions, %.1f B/position",
+        manifest.metrics["tokens"], manifest.metrics["bytes_per_token"],
+    )  # fmt: skip
+    return manifest
+
+
+def _stored_k(c, vocab: int) -> int:
+    """How many log-probs per position the cache stores (`c`: the `cache_teacher` params)."""
+    k = vocab if c.full_vocab else min(c.top_k, vocab)
+    if c.top_k > vocab and not c.full_vocab:
+        log.warning(
+            "cache_teacher.top_k=%d exceeds the vocabulary (%d); storing k=%d", c.top_k, vocab, k
+        )
+    return k
+
+
+def _side_dir(cfg: Params, refs: list, checkpoint_dir: Path) -> Path:
+    """The folder of completed shards of an earlier, interrupted run with the same inputs and
+    parameters (created if new)."""
+    key = {
+        "format": tc.FORMAT,
+        "params": cfg.section("cache_teacher"),
+        "max_seq_len": cfg.prepare.max_seq_len,
+        "inputs": [r.content_sha256 for r in refs],
+    }
+    side = Path(checkpoint_dir) / json_sha256(key)[:16]
+    side.mkdir(parents=True, exist_ok=True)
+    return side
+
+
+def _shard_name(s: int) -> str:
+    return f"shard_{s:05d}.safetensors"
+
+
+def _shard(model, tokenizer, chunk, side: Path, s: int, *, device, cfg: Params, k: int) -> dict:
+    """Shard `s` in `side`: reused when an earlier run completed it (its hash checks out),
+    else computed and written. Returns its record {sha256, lengths, payload_bytes}."""
+    name = _shard_name(s)
+    done_json = side / f"shard_{s:05d}.json"
+    done = json.loads(done_json.read_text()) if done_json.is_file() else None
+    if done is not None and (side / name).is_file() and sha256_file(side / name) == done["sha256"]:
+        log.debug("reusing %s", side / name)
+        return done
+    first = s * cfg.cache_teacher.shard_sequences
+    gen = torch.Generator(device).manual_seed(seed_for(cfg.seed, "tail-samples", s))
+    rows = teacher_rows(model, tokenizer, chunk, device, cfg.cache_teacher, k, gen)
+    sha = tc.write_shard(side / name, tc.concat(rows), {"first_sequence": str(first)})
+    done = {
+        "sha256": sha,
+        "lengths": [len(r) for r in rows],
+        "payload_bytes": sum(r.payload_bytes() for r in rows),
+    }
+    write_json_atomic(done_json, done)
+    return done
+
+
+def _index_rows(chunk, first: int, name: str, done: dict) -> list[dict]:
+    """One index row per sequence of a shard: where its positions lie in the shard."""
+    rows, offset = [], 0
+    for j, (seq, length) in enumerate(zip(chunk, done["lengths"], strict=True)):
+        rows.append(
+            {
+                "seq": first + j,
+                "sequence_id": seq.id,
+                "tokens_sha256": tc.sequence_sha256(seq),
+                "shard": f"{tc.SHARDS}/{name}",
+                "offset": offset,
+                "length": length,
+                "shard_sha256": done["sha256"],
+            }
+        )
+        offset += length
+    return rows
+
+
+def _publish(
+    cfg: Params,
+    out_dir: Path,
+    side: Path,
+    refs: list,
+    index_rows: list[dict],
+    shard_meta: list[dict],
+    shape: dict,
+    fingerprint: dict,
+    device: str,
+) -> Manifest:
+    """Copy the shards into the artifact (re-verifying each copy), write the index, cache.json,
+    the metrics and the manifest. `shape`: k, vocab and the number of sequences."""
+    c = cfg.cache_teacher
+    k, vocab = shape["k"], shape["vocab"]
     positions = sum(r["length"] for r in index_rows)
     payload = sum(m["payload_bytes"] for m in shard_meta)
     with atomic_artifact(out_dir, stage="cache_teacher", kind="teacher_cache") as w:
         w.inputs.extend(refs)
         (w.dir / tc.SHARDS).mkdir()
         tail_sum, tail_max = 0.0, 0.0
-        for s in range(n_shards):
-            name = f"shard_{s:05d}.safetensors"
+        for s, meta in enumerate(shard_meta):
+            name = _shard_name(s)
             shutil.copyfile(side / name, w.dir / tc.SHARDS / name)
-            rows = tc.read_shard(
-                w.dir / tc.SHARDS / name, shard_meta[s]["sha256"]
-            )  # verify the copy
+            rows = tc.read_shard(w.dir / tc.SHARDS / name, meta["sha256"])  # verify the copy
             tail_N = tc.tail_mass(rows)
             tail_sum += float(tail_N.sum())
             tail_max = max(tail_max, float(tail_N.max()) if len(tail_N) else 0.0)
@@ -181,9 +235,9 @@ def run(
             + (w.dir / tc.INDEX).stat().st_size
         )
         w.metrics = {
-            "sequences": len(seqs),
+            "sequences": shape["n_sequences"],
             "tokens": positions,
-            "shards": n_shards,
+            "shards": len(shard_meta),
             "k": k,
             "full_vocab": c.full_vocab,
             "tail_samples": meta["tail_samples"],
@@ -196,17 +250,12 @@ def run(
             "teacher_sha256": refs[0].content_sha256,
             **fingerprint,
         }
-        manifest = w.finish(
+        return w.finish(
             params=cfg.section("cache_teacher"),
             params_sha256=cfg.section_sha256("cache_teacher"),
             seed=cfg.seed,
-            device=str(device),
+            device=device,
         )
-    shutil.rmtree(side, ignore_errors=True)
-    log.info(
-        "teacher cache: %d positions, %.1f B/position", positions, w.metrics["bytes_per_token"]
-    )
-    return manifest
 
 
 @torch.no_grad()
@@ -218,7 +267,7 @@ def teacher_rows(
     out: list[tc.TeacherRows] = []
     for start in range(0, len(chunk), c.batch_size):
         batch = chunk[start : start + c.batch_size]
-        ids_B_T, mask_B_T, labels_B_T = pad_batch(batch, tokenizer.pad_token_id)
+        ids_B_T, mask_B_T, labels_B_T = pad_batch(batch, pad_id(tokenizer))
         keep_B_T = F.pad(labels_B_T[:, 1:] != IGNORE, (0, 1), value=False)  # t predicts t+1
         logits_N_V = logits_at(model, keep_B_T.to(device), ids_B_T.to(device), mask_B_T.to(device))
         counts = keep_B_T.sum(-1).tolist()

@@ -365,3 +365,20 @@ def test_an_input_that_is_not_an_artifact_is_compared_by_its_bytes(
     Path("incoming/adapter.bin").unlink()
     Path("incoming").rmdir()
     assert "no longer exists" in verify(Path("data/opd"))[0]
+
+
+def test_json_sha256_is_the_one_params_hash_and_its_value_is_pinned() -> None:
+    """Every `params_sha256` (and each key built from params) is `canonical.json_sha256`: key
+    order does not matter, non-JSON values hash as their `str`, and the digest is pinned, so a
+    change of separators, escaping or sorting (which would move every recorded params hash
+    and rerun the pipeline) fails here first."""
+    from retroloop.canonical import json_sha256
+    from retroloop.config import load_params
+
+    obj = {"b": 1, "a": [1.5, "x", None], "p": Path("data/x"), "é": True}
+    pinned = "11db2d553979a990df269db016962bca0d27cf383fad00ad6bba42d894f8ce50"
+    assert json_sha256(obj) == pinned
+    assert json_sha256(dict(reversed(obj.items()))) == pinned
+    assert json_sha256({**obj, "p": "data/x"}) == pinned
+    cfg = load_params(Path(__file__).resolve().parents[2] / "profiles" / "tiny.yaml")
+    assert cfg.section_sha256("distill") == json_sha256(cfg.section("distill"))
