@@ -10,6 +10,11 @@ transformers, which keeps one contiguous range for the whole batch, not a per-ro
 Works for any Hugging Face causal LM whose `get_decoder()` returns the body (Llama, Qwen2, …),
 for `RecurrentForCausalLM` (its `final_hidden_states`), and for either wrapped by PEFT: LoRA
 layers are injected into the modules in place, so calling the body directly still applies them.
+
+A family that soft-caps its final logits (Gemma-2/3: logits = c·tanh(logits / c), in its causal
+LM's forward, not in its head) gets a head that does the same (`SoftcappedHead`), so these
+helpers, and everything that applies `output_head` itself (distill's chunked loss), give the
+model's own logits.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+
+from retroloop.models.recurrent import final_logit_softcap, softcap_logits
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -42,12 +49,26 @@ def final_hidden_states(
     return out.last_hidden_state
 
 
+class SoftcappedHead(nn.Module):
+    """head(h), then the family's final-logit soft-cap c·tanh(· / c)."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        super().__init__()
+        self.head, self.cap = head, float(cap)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return softcap_logits(self.head(hidden), self.cap)
+
+
 def output_head(model: nn.Module) -> nn.Module:
-    """The LM head (`get_output_embeddings()`), PEFT-wrapped or not."""
-    head = _unwrapped(model).get_output_embeddings()
+    """The LM head (`get_output_embeddings()`), PEFT-wrapped or not; with the final-logit soft-cap
+    for a family that has one (`SoftcappedHead`)."""
+    base = _unwrapped(model)
+    head = base.get_output_embeddings()
     if head is None:
         raise TypeError(f"{type(model).__name__} has no output embeddings (not a causal LM?)")
-    return head
+    cap = final_logit_softcap(base)
+    return head if cap is None else SoftcappedHead(head, cap)
 
 
 def logits_at(

@@ -1,4 +1,5 @@
-"""Retrofitted depth recurrence for Llama-family decoders (Llama, Qwen2; SmolLM2 is Llama).
+"""Retrofitted depth recurrence for any dense decoder transformers ships (Llama, Qwen2/3, OLMo-2,
+Mistral, Gemma-2/3, Phi-3, SmolLM3, ...), built from the source's own classes.
 
 The model (McLeish et al. 2025, "retrofitted recurrence", §3; Geiping et al. 2025, Huginn, eq. 1):
 
@@ -18,7 +19,24 @@ dropped layers removed at R = 1 (a random frozen adapter, the reference code's d
 
 KV cache: one entry per (iteration, layer). Cache slot of prelude layer i is i, of coda layer
 j is P + j, of block layer j at iteration k is P + C + k·B + j, so any R works with one
-lazily growing `DynamicCache`; R must stay the same across calls that share a cache.
+lazily growing `DynamicCache`; R must stay the same across calls that share a cache (the cache
+records the R it was filled with and any other R is refused). Every slot keeps the full keys/values,
+sliding-window layers included: the window lives in the mask.
+
+Families (DESIGN.md §5): the decoder layer, final norm and rotary embedding are the source's own
+classes, looked up from its config (`source_family`: the transformers base model built on the meta
+device), never from an allow-list. Layers keep their source index at construction, so what a layer
+reads from its index (Qwen2/3 and Gemma layer types, SmolLM3's no-rope layers) stays the source's.
+What a family keeps outside its decoder layers is carried over by explicit hooks:
+
+- embedding scale (`RecurrentConfig.embed_scale`, Gemma-2/3 multiply by √h inside the embedding);
+- final-logit soft-capping (`final_logit_softcap`, Gemma-2/3: logits = c·tanh(logits / c));
+- a rotary embedding per layer type (Gemma-3: local and global rope, `SourceFamily.rope_per_layer_type`);
+- attention masks per layer type (`layer_attention_types`: sliding-window layers of Mistral, Phi-3,
+  Gemma-2/3 and Qwen2/3 `layer_types` get transformers' `create_sliding_window_causal_mask`).
+
+What cannot be honoured (MoE blocks, attention types other than full / sliding window, decoders
+without `layers`/`norm`/`rotary_emb`, multipliers outside the layers) is a one-line `ModelError`.
 
 Training samples R per step (`sample_recurrence`, Huginn §3: rate ~ LogNormal, R = Poisson + 1),
 ramps its mean (`recurrence_mean_at`) and backpropagates through the last `bptt_k` iterations
@@ -30,6 +48,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +56,24 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from retroloop.errors import ConfigError, ModelError
+from retroloop.losses import divergence_from_logprobs
 
-SUPPORTED_SOURCES = ("llama", "qwen2")
+# The families the test suite converts (tests/unit/test_families.py); others that pass
+# `source_family`'s checks convert too, and convert's equivalence tolerance catches what they miss.
+TESTED_FAMILIES = (
+    "llama", "qwen2", "qwen3", "olmo2", "mistral", "gemma2", "gemma3_text", "phi3", "smollm3",
+)  # fmt: skip
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# Config keys of families that scale activations outside their decoder layers in ways the looped
+# model does not reproduce (Granite's embedding/logit multipliers, Cohere's logit scale, MiniCPM).
+_UNSUPPORTED_MULTIPLIERS = ("embedding_multiplier", "logits_scaling", "logit_scale", "scale_emb")
 ADAPTER_INITS = ("pass_input", "repeat_block")
 # transformers 5.24 renamed the KV cache argument `past_key_values` to `cache` everywhere
 # (model and decoder-layer kwargs, create_causal_mask, model outputs); 5.23 knows only the old
@@ -64,6 +93,8 @@ class RecurrentConfig(PretrainedConfig):
     """Config of a looped model: the source config plus the split and the recurrence settings.
 
     `num_hidden_layers` counts the physical decoder layers (P + B + C), not the unrolled depth.
+    `embed_scale` (Gemma: the embeddings × √h, the source embedding's own scale) is set only for a
+    family that scales (an extra key, so a Llama conversion's config.json is what it always was).
     """
 
     model_type = "retroloop_recurrent"
@@ -115,20 +146,141 @@ class RecurrentConfig(PretrainedConfig):
         return CONFIG_MAPPING[self.source_model_type].from_dict(dict(self.source_config or {}))
 
 
-def _source_classes(model_type: str) -> tuple[type, type, type]:
-    """(decoder layer, RMSNorm, rotary embedding) classes of a supported source family."""
-    match model_type:
-        case "llama":
-            from transformers.models.llama import modeling_llama as m
-
-            return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
-        case "qwen2":
-            from transformers.models.qwen2 import modeling_qwen2 as m
-
-            return m.Qwen2DecoderLayer, m.Qwen2RMSNorm, m.Qwen2RotaryEmbedding
-    raise ModelError(
-        f"model_type {model_type!r} is not a supported Llama-family decoder; supported: {', '.join(SUPPORTED_SOURCES)}"
+def _unsupported(model_type: str, missing: str) -> ModelError:
+    return ModelError(
+        f"model_type {model_type!r} cannot be looped: {missing}; tested families: "
+        f"{', '.join(TESTED_FAMILIES)}"
     )
+
+
+@dataclass(frozen=True)
+class SourceFamily:
+    """The source's own classes the looped model is built from, and what they need around them."""
+
+    model_type: str
+    layer_cls: type  # the decoder layer, built as layer_cls(config, source_layer_index)
+    norm_cls: type  # the final norm, built as norm_cls(hidden, eps=config.rms_norm_eps)
+    rope_cls: type  # the rotary embedding, built as rope_cls(config=config)
+    rope_per_layer_type: bool  # forward(x, position_ids, layer_type) (Gemma-3: local/global rope)
+    attn_implementations: frozenset[str]  # the attention kernels the source family supports
+
+
+_FAMILIES: dict[str, SourceFamily] = {}
+
+
+def source_family(config: PretrainedConfig) -> SourceFamily:
+    """Look up a source's classes from its config: transformers' base model for that config class,
+    built on the meta device (no memory, no weights), and the classes of its modules.
+
+    A `ModelError` naming the model type and what is missing when the looped model cannot
+    reproduce it: no decoder model in transformers, no `layers`/`norm`/`rotary_emb`, an
+    embedding that does more than scale, a MoE block, an attention type other than full or
+    sliding window, an activation multiplier outside the layers."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type in _FAMILIES:
+        return _FAMILIES[model_type]
+    for key in _UNSUPPORTED_MULTIPLIERS:
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            raise _unsupported(
+                model_type, f"its config's {key!r} scales outside the decoder layers"
+            )
+    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+        raise _unsupported(model_type, "a mixture-of-experts block (router and experts)")
+    base_cls = MODEL_MAPPING.get(type(config), None)
+    if base_cls is None or getattr(config, "num_hidden_layers", None) is None:
+        raise _unsupported(model_type, "no decoder-only base model class in transformers")
+    try:
+        with torch.device("meta"):
+            base = base_cls(copy.deepcopy(config))
+    except Exception as err:  # a config transformers itself cannot build
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise _unsupported(model_type, f"its base model does not build ({first})") from None
+    needs = {"layers": nn.ModuleList, "embed_tokens": nn.Embedding, "norm": nn.Module}
+    for name, cls in needs.items():
+        if not isinstance(getattr(base, name, None), cls):
+            raise _unsupported(model_type, f"its decoder has no {name!r} ({cls.__name__})")
+    if not isinstance(getattr(base, "rotary_emb", None), nn.Module):
+        raise _unsupported(model_type, "no shared rotary embedding ('rotary_emb')")
+    embed = base.embed_tokens
+    if type(embed).forward is not nn.Embedding.forward and not hasattr(embed, "scalar_embed_scale"):
+        raise _unsupported(model_type, f"its embedding {type(embed).__name__} does more than scale")
+    layer = base.layers[0]
+    if not hasattr(layer, "self_attn") or not hasattr(layer.self_attn, "layer_idx"):
+        raise _unsupported(model_type, "a decoder layer without a `self_attn` attention block")
+    moe = [
+        n
+        for n, mod in layer.named_modules()
+        if "expert" in n or "moe" in type(mod).__name__.lower()
+    ]
+    if moe:
+        raise _unsupported(model_type, f"a mixture-of-experts block ({moe[0]})")
+    bad = sorted(set(layer_attention_types(config)) - set(LAYER_TYPES))
+    if bad:
+        raise _unsupported(
+            model_type, f"attention type {bad[0]!r} (supported: {', '.join(LAYER_TYPES)})"
+        )
+    if getattr(config, "rms_norm_eps", None) is None:
+        raise _unsupported(model_type, "no rms_norm_eps (the final norm is not an RMSNorm)")
+    rope_cls = type(base.rotary_emb)
+    kernels = {"eager"}
+    kernels |= {"sdpa"} if base_cls._supports_sdpa else set()
+    kernels |= (
+        {"flash_attention_2", "flash_attention_3"} if base_cls._supports_flash_attn else set()
+    )
+    kernels |= {"flex_attention"} if getattr(base_cls, "_supports_flex_attn", False) else set()
+    family = SourceFamily(
+        model_type=model_type,
+        layer_cls=type(layer),
+        norm_cls=type(base.norm),
+        rope_cls=rope_cls,
+        rope_per_layer_type="layer_type" in inspect.signature(rope_cls.forward).parameters,
+        attn_implementations=frozenset(kernels),
+    )
+    _FAMILIES[model_type] = family
+    return family
+
+
+def layer_attention_types(config: PretrainedConfig) -> list[str]:
+    """The attention type of every source layer, as the source's own model builds its masks:
+    `config.layer_types` where the family has them (Qwen2/3, Gemma-2/3, SmolLM3), else one
+    sliding window for every layer when `config.sliding_window` is set (Mistral, Phi-3), else
+    full attention."""
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    if getattr(config, "sliding_window", None) is not None:
+        return ["sliding_attention"] * n
+    return ["full_attention"] * n
+
+
+def final_logit_softcap(model: nn.Module) -> float | None:
+    """The final-logit soft-cap c of a source (its config) or a looped model (its source's config):
+    logits = c·tanh(logits / c) (Gemma-2/3); None for families without one."""
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, RecurrentConfig):
+        return (cfg.source_config or {}).get("final_logit_softcapping")
+    return getattr(cfg, "final_logit_softcapping", None)
+
+
+def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """c·tanh(logits / c), in the source's own order of operations (Gemma2ForCausalLM.forward)."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding whose output is multiplied by `embed_scale` (Gemma: √h), cast to the weight's
+    dtype first as Gemma's own embedding does (so bf16 rounds √h the same way)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx, embed_scale: float):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.embed_scale = float(embed_scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.embed_scale, device=self.weight.device).to(self.weight.dtype)
+        return super().forward(input_ids) * scale
 
 
 class RecurrentModel(nn.Module):
@@ -136,19 +288,34 @@ class RecurrentModel(nn.Module):
 
     def __init__(self, config: RecurrentConfig):
         super().__init__()
-        layer_cls, norm_cls, rope_cls = _source_classes(config.source_model_type)
         self.layer_config = config.layer_config()
         self.layer_config._attn_implementation = config._attn_implementation
         lc, h = self.layer_config, config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, h, config.pad_token_id)
-        # Layers keep their source index at construction (Qwen2 reads its layer type from it);
-        # the cache slot is set per call in `forward`.
-        self.prelude = nn.ModuleList(layer_cls(lc, i) for i in config.prelude_layers)
+        self.family = family = source_family(lc)
+        embed_scale = getattr(config, "embed_scale", None)
+        if embed_scale is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, h, config.pad_token_id)
+        else:
+            self.embed_tokens = ScaledEmbedding(
+                config.vocab_size, h, config.pad_token_id, embed_scale
+            )
+        # Layers keep their source index at construction (Qwen2/3 and Gemma read their layer type
+        # from it, SmolLM3 whether it uses rope); the cache slot is set per call in `forward`.
+        self.prelude = nn.ModuleList(family.layer_cls(lc, i) for i in config.prelude_layers)
         self.adapter = nn.Linear(2 * h, h, bias=False)  # A([s ; e]); init: see adapter_weight
-        self.block = nn.ModuleList(layer_cls(lc, i) for i in config.block_layers)
-        self.coda = nn.ModuleList(layer_cls(lc, i) for i in config.coda_layers)
-        self.norm = norm_cls(h, eps=lc.rms_norm_eps)
-        self.rotary_emb = rope_cls(config=lc)
+        self.block = nn.ModuleList(family.layer_cls(lc, i) for i in config.block_layers)
+        self.coda = nn.ModuleList(family.layer_cls(lc, i) for i in config.coda_layers)
+        self.norm = family.norm_cls(h, eps=lc.rms_norm_eps)
+        self.rotary_emb = family.rope_cls(config=lc)
+        types = layer_attention_types(lc)
+        self.attention_types = {
+            name: [types[i] for i in idx]
+            for name, idx in (
+                ("prelude", config.prelude_layers),
+                ("block", config.block_layers),
+                ("coda", config.coda_layers),
+            )
+        }
 
 
 class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
@@ -158,7 +325,7 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
     config: RecurrentConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer"]
+    _no_split_modules: list[str] = []  # set per instance: the source family's decoder layer
     _skip_keys_device_placement = [CACHE_KWARG]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -167,11 +334,20 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: RecurrentConfig):
         super().__init__(config)
         self.model = RecurrentModel(config)
+        self._no_split_modules = [self.model.family.layer_cls.__name__]
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if module is self.model.rotary_emb:
+            # Non-persistent buffers are rebuilt on load, and transformers' generic init knows only
+            # a single `inv_freq`: take every buffer from a fresh copy of the source's own class
+            # (Gemma-3 keeps one inv_freq per layer type).
+            with torch.device("cpu"):
+                fresh = self.model.family.rope_cls(config=self.model.layer_config)
+            for name, buffer in fresh.named_buffers(recurse=False):
+                init.copy_(getattr(module, name), buffer)
         if module is self.model.adapter:
             weight = adapter_weight(
                 self.config.adapter_init,
@@ -209,6 +385,7 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache=use_cache, num_recurrence=num_recurrence, bptt_k=bptt_k,
         )  # fmt: skip
         logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+        logits = softcap_logits(logits, final_logit_softcap(self))
         loss = None
         if labels is not None:
             loss = self.loss_function(
@@ -244,47 +421,74 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         s_{k+1} ≈ s_k), so every slot keeps the same length and later tokens can run all R.
         """
         m, cfg = self.model, self.config
-        # The layers read their config's attention implementation: follow set_attn_implementation.
-        m.layer_config._attn_implementation = cfg._attn_implementation
+        # The layers read their config's attention implementation: follow set_attn_implementation,
+        # falling back to eager where the source family has no such kernel (Gemma-2's soft-capped
+        # attention has no sdpa path, yet the looped model loads with sdpa by default).
+        impl = cfg._attn_implementation
+        m.layer_config._attn_implementation = (
+            impl if impl in m.family.attn_implementations else "eager"
+        )
         R = cfg.recurrence if num_recurrence is None else num_recurrence
         if R < 1 or (bptt_k is not None and bptt_k < 1):
             raise ConfigError(f"num_recurrence ({R}) and bptt_k ({bptt_k}) must be >= 1")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = m.embed_tokens(input_ids)
+            inputs_embeds = m.embed_tokens(input_ids)  # × embed_scale for Gemma (ScaledEmbedding)
         if use_cache and cache is None:
             cache = DynamicCache()
         P, B, C = len(m.prelude), len(m.block), len(m.coda)
         if cache is not None:
-            _reserve_slots(cache, P + C + R * B)
+            _reserve_slots(cache, P, B, C, R)
         T = inputs_embeds.shape[1]
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past).unsqueeze(0)
-        mask = create_causal_mask(
-            config=m.layer_config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **{CACHE_KWARG: cache},
-        )
-        rope = m.rotary_emb(inputs_embeds, position_ids=position_ids)
+        # One mask per attention type the kept layers use (transformers' own mask builders, as the
+        # source model's forward does); every cache slot holds full keys, so one mask fits all.
+        needed = sorted({t for types in m.attention_types.values() for t in types})
+        mask_fns = {"full_attention": create_causal_mask,
+                    "sliding_attention": create_sliding_window_causal_mask}  # fmt: skip
+        masks = {
+            t: mask_fns[t](
+                config=m.layer_config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **{CACHE_KWARG: cache},
+            )
+            for t in needed
+        }
+        if m.family.rope_per_layer_type:  # Gemma-3: local and global layers rotate differently
+            ropes = {t: m.rotary_emb(inputs_embeds, position_ids, t) for t in needed}
+        else:
+            rope = m.rotary_emb(inputs_embeds, position_ids=position_ids)
+            ropes = dict.fromkeys(needed, rope)
 
-        def run(layers: nn.ModuleList, hidden: torch.Tensor, first_slot: int) -> torch.Tensor:
-            for j, layer in enumerate(layers):
+        def run(name: str, hidden: torch.Tensor, first_slot: int) -> torch.Tensor:
+            for j, (layer, kind) in enumerate(
+                zip(getattr(m, name), m.attention_types[name], strict=True)
+            ):
+                source_idx = layer.self_attn.layer_idx
                 layer.self_attn.layer_idx = first_slot + j  # the cache slot this call writes
-                hidden = layer(
-                    hidden,
-                    attention_mask=mask,
-                    position_ids=position_ids,
-                    use_cache=cache is not None,
-                    **{CACHE_KWARG: cache},
-                    position_embeddings=rope,
-                )
+                try:
+                    hidden = layer(
+                        hidden,
+                        attention_mask=masks[kind],
+                        position_ids=position_ids,
+                        use_cache=cache is not None,
+                        **{CACHE_KWARG: cache},
+                        position_embeddings=ropes[kind],
+                    )
+                finally:  # the layer keeps its source index between calls
+                    layer.self_attn.layer_idx = source_idx
             return hidden
 
-        e = run(m.prelude, inputs_embeds, 0)
+        def head_logp(h_B_1_H: torch.Tensor) -> torch.Tensor:
+            logits = softcap_logits(self.lm_head(m.norm(h_B_1_H)), final_logit_softcap(self))
+            return F.log_softmax(logits.float(), dim=-1)
+
+        e = run("prelude", inputs_embeds, 0)
         s = self.initial_state(e)
         n_grad = R if bptt_k is None else min(bptt_k, R)
         grad_enabled = torch.is_grad_enabled()
@@ -292,21 +496,24 @@ class RecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         prev_logp = None
         for k in range(R):
             with torch.set_grad_enabled(grad_enabled and k >= R - n_grad):
-                s = run(m.block, m.adapter(torch.cat([s, e], dim=-1)), P + C + k * B)
+                s = run("block", m.adapter(torch.cat([s, e], dim=-1)), P + C + k * B)
             if probe and k < R - 1:
-                h_last = run(m.coda, s, P)[:, -1:]
+                h_last = run("coda", s, P)[:, -1:]
                 if cache is not None:
                     for j in range(C):
                         cache.layers[P + j].crop(-T)
-                logp = F.log_softmax(self.lm_head(m.norm(h_last)).float(), dim=-1)
+                logp = head_logp(h_last)
                 if prev_logp is not None:
-                    kl = F.kl_div(prev_logp, logp, log_target=True, reduction="none").sum(-1)
+                    # KL(p_k ‖ p_{k−1}) per row, losses.py's one home for the formula.
+                    kl = divergence_from_logprobs(
+                        logp.flatten(0, 1), prev_logp.flatten(0, 1), "forward_kl"
+                    )
                     if kl.max().item() < cfg.early_exit_kl:
                         if cache is not None:
                             _fill_skipped(cache, P + C, B, k, R, T)
                         break
                 prev_logp = logp
-        return m.norm(run(m.coda, s, P)), cache
+        return m.norm(run("coda", s, P)), cache
 
     def initial_state(self, e_B_T_H: torch.Tensor) -> torch.Tensor:
         """s_0 = c + TruncNormal(0, σ²) clipped at ±3σ (Huginn §3), from the global torch RNG,
@@ -352,17 +559,26 @@ def adapter_weight(init_name: str, hidden: int, dtype=None, device=None) -> torc
     )
 
 
-def _reserve_slots(cache: Cache, n_slots: int) -> None:
-    """Grow a DynamicCache to `n_slots` layers (one that `generate` sized from the config too)."""
+def _reserve_slots(cache: Cache, P: int, B: int, C: int, R: int) -> None:
+    """Grow a DynamicCache to the P + C + R·B slots of R iterations (one that `generate` sized
+    from the config too) and refuse a cache filled at another R: its coda would read keys and
+    values of two different depths. The cache records its R (`retroloop_recurrence`); a cache
+    without the record is checked by which slots hold tokens."""
     if not isinstance(cache, DynamicCache):
         raise ValueError(f"the looped model needs a DynamicCache, got {type(cache).__name__}")
-    while len(cache.layers) < n_slots:
+    if cache.get_seq_length(0):  # checked before the cache grows: a refusal leaves it as it was
+        filled = getattr(cache, "retroloop_recurrence", None)
+        if filled is None:  # which slots hold tokens tells the R they were written with
+            used = sum(1 for i in range(len(cache.layers)) if cache.get_seq_length(i))
+            filled = (used - P - C) // B if B else R
+        if filled != R:
+            raise ConfigError(
+                f"num_recurrence: this KV cache was filled at R = {filled} and cannot be reused "
+                f"at R = {R}; keep num_recurrence the same across calls that share one cache"
+            )
+    while len(cache.layers) < P + C + R * B:
         cache.layers.append(DynamicLayer())
-    seen = cache.get_seq_length(0)
-    if seen and cache.get_seq_length(n_slots - 1) != seen:
-        raise ValueError(
-            "num_recurrence must stay the same across forward calls that share one KV cache"
-        )
+    cache.retroloop_recurrence = R
 
 
 def _fill_skipped(
@@ -380,14 +596,13 @@ def _fill_skipped(
 
 
 def _check_source(source_model: nn.Module) -> PretrainedConfig:
+    """The source's config, once its family can be looped (`source_family`) and the instance has
+    the decoder the family builds (`model.layers`)."""
     cfg = getattr(source_model, "config", None)
     model_type = getattr(cfg, "model_type", "?")
-    if model_type not in SUPPORTED_SOURCES or not hasattr(
-        getattr(source_model, "model", None), "layers"
-    ):
-        raise ModelError(
-            f"model_type {model_type!r} is not a supported Llama-family causal LM; supported: {', '.join(SUPPORTED_SOURCES)}"
-        )
+    if cfg is None or not hasattr(getattr(source_model, "model", None), "layers"):
+        raise _unsupported(model_type, "not a causal LM with a `model.layers` decoder")
+    source_family(cfg)
     return cfg
 
 
@@ -418,7 +633,7 @@ def convert_from_source(
     source_path: str = "",
     source_sha256: str = "",
 ) -> RecurrentForCausalLM:
-    """Build the looped model from a Llama / Qwen2 causal LM, copying (not sharing) its weights.
+    """Build the looped model from a decoder causal LM, copying (not sharing) its weights.
 
     `prelude`, `block`, `coda` are source layer indices; they must be increasing, disjoint and
     ordered prelude < block < coda; layers in none of them are dropped. `adapter_init`:
@@ -448,12 +663,8 @@ def convert_from_source(
         raise ConfigError(f"convert.state_init_std: must be >= 0, got {state_init_std}")
     if early_exit_kl is not None and early_exit_kl <= 0:
         raise ConfigError(f"convert.early_exit_kl: must be > 0 or null, got {early_exit_kl}")
-    layer_types = getattr(src_cfg, "layer_types", None) or ["full_attention"] * n
-    sliding = [i for idx in parts.values() for i in idx if layer_types[i] != "full_attention"]
-    if sliding:
-        raise ModelError(
-            f"source layer {sliding[0]} uses {layer_types[sliding[0]]!r}; only full-attention layers can be looped"
-        )
+    embed = source_model.model.embed_tokens
+    embed_scale = getattr(embed, "scalar_embed_scale", None)  # Gemma's ScaledWordEmbedding
 
     config = RecurrentConfig(
         source_config=src_cfg.to_dict(),
@@ -467,12 +678,13 @@ def convert_from_source(
         state_init_std=state_init_std,
         early_exit_kl=early_exit_kl,
         adapter_init=adapter_init,
+        **({} if embed_scale in (None, 1, 1.0) else {"embed_scale": float(embed_scale)}),
         tie_word_embeddings=bool(getattr(src_cfg, "tie_word_embeddings", False)),
         attn_implementation=src_cfg._attn_implementation,
     )
     model = RecurrentForCausalLM(config)
     src, dst = source_model.model, model.model
-    dst.embed_tokens.load_state_dict(src.embed_tokens.state_dict())
+    dst.embed_tokens.load_state_dict({"weight": src.embed_tokens.weight})
     for name in ("prelude", "block", "coda"):
         for layer, i in zip(getattr(dst, name), parts[name], strict=True):
             layer.load_state_dict(src.layers[i].state_dict())

@@ -263,8 +263,32 @@ def test_cache_holds_one_entry_per_iteration_and_layer():
     cache = out[CACHE_KWARG]
     assert len(cache.layers) == 1 + 1 + 3 * 2
     assert {layer.get_seq_length() for layer in cache.layers} == {8}
-    with pytest.raises(ValueError, match="num_recurrence"):
-        looped(input_ids=ids_B_T[:, :1], cache=cache, use_cache=True, num_recurrence=4)
+    assert cache.retroloop_recurrence == 3
+    # Any other R is refused, a smaller one too (its coda would read slots of two depths), and
+    # the refusal leaves the cache as it was.
+    for other in (4, 2, 1):
+        with pytest.raises(ConfigError, match=f"filled at R = 3 .* at R = {other}"):
+            looped(input_ids=ids_B_T[:, :1], cache=cache, use_cache=True, num_recurrence=other)
+        assert {layer.get_seq_length() for layer in cache.layers} == {8}
+    # A cache without the record (e.g. rebuilt by hand) is judged by the slots that hold tokens.
+    del cache.retroloop_recurrence
+    with pytest.raises(ConfigError, match="filled at R = 3"):
+        looped(input_ids=ids_B_T[:, :1], cache=cache, use_cache=True, num_recurrence=2)
+    with torch.no_grad():  # the same R goes on
+        looped(input_ids=ids_B_T[:, :1], cache=cache, use_cache=True, num_recurrence=3)
+    assert {layer.get_seq_length() for layer in cache.layers} == {9}
+
+
+def test_layers_keep_their_source_index_after_a_call():
+    looped = convert_from_source(
+        tiny_source(), prelude=[0], block=[2, 3], coda=[5], state_init_std=0.0
+    )
+    ids_B_T, mask_B_T = batch(left_pad=0)
+    with torch.no_grad():
+        looped(input_ids=ids_B_T, attention_mask=mask_B_T, use_cache=True, num_recurrence=3)
+    m = looped.model
+    got = [layer.self_attn.layer_idx for layer in [*m.prelude, *m.block, *m.coda]]
+    assert got == [0, 2, 3, 5]
 
 
 def test_recurrence_changes_the_output_once_the_adapter_mixes_state():
@@ -411,10 +435,18 @@ def test_non_llama_source_raises_model_error():
         convert_from_source(gpt2, prelude=[0], block=[1], coda=[])
 
 
-def test_sliding_window_qwen2_layers_are_rejected():
+def test_sliding_window_qwen2_layers_are_looped_with_their_window():
+    # Layers 2.. slide over 4 tokens of the 8 (Qwen2's max_window_layers), so the block and coda
+    # need the sliding mask; a plain causal mask (what the looped model built before) differs.
     source = tiny_source("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=2)
-    with pytest.raises(ModelError, match="sliding"):
-        convert_from_source(source, prelude=[0], block=[2, 3], coda=[5])
+    assert source.config.layer_types[2:] == ["sliding_attention"] * 4
+    looped = convert_from_source(source, prelude=[0], block=[2, 3], coda=[5], recurrence=1)
+    reference = drop_layers(source, [0, 2, 3, 5])
+    ids_B_T, mask_B_T = batch()
+    assert equivalence_max_abs_diff(looped, reference, ids_B_T, mask_B_T) <= 1e-5
+    looped.model.attention_types = {k: ["full_attention"] * len(v)
+                                    for k, v in looped.model.attention_types.items()}  # fmt: skip
+    assert equivalence_max_abs_diff(looped, reference, ids_B_T, mask_B_T) > 1e-3
 
 
 def test_forward_rejects_zero_recurrence_or_bptt():
