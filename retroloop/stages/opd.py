@@ -25,20 +25,22 @@ noise, which the per-step `sampler_learner_kl` (dvclive) measures.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from retroloop import training
 from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
 from retroloop.config import LoggingParams, OpdParams, Params
 from retroloop.errors import ConfigError, DataError
@@ -59,13 +61,14 @@ from retroloop.runlock import exclusive
 from retroloop.stages.common import (
     BASE_MODEL,
     CONVERTED_MODEL,
+    DATA,
     DISTILL_ADAPTER,
     PATHS,
     dataset_path,
     resolve_inputs,
     setup_run,
 )
-from retroloop.steplog import StepLog
+from retroloop.steplog import StepLog, edge_steps
 from retroloop.training import seed_for, stop_if_not_finite
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,29 @@ OUTPUTS = {
     "geometry.parquet": "report",
     "geometry.png": "report",
 }
-HELDOUT_PROMPTS = 8  # fixed held-out prompts for the before/after reverse KL
+OPD_CHECKPOINTS = DATA / "checkpoints" / "opd"  # resumable step_N (outside the artifact)
+
+
+def _after_step(step: int) -> None:
+    """Called after each OPD step (1-based, after its checkpoint); tests replace it to
+    simulate a kill."""
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from step to step; a checkpoint holds all of it, so a resumed
+    run continues bit for bit (the rollout seeds derive from the step, `seed_for`)."""
+
+    rng: np.random.Generator  # the seeded epochs over the prompts
+    order: list[int] = field(default_factory=list)  # this epoch's prompts not yet used
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per step done
+    rollouts: list[pl.DataFrame] = field(default_factory=list)  # one per step done
+    kl_before: float | None = None
+    guard: dict[str, Any] | None = None  # the first start's run-time guard figures
+
+    @property
+    def step(self) -> int:
+        return len(self.rows)
 
 
 def train_opd(
@@ -98,6 +123,7 @@ def train_opd(
     model_dir: Path | None = None,
     logging_params: LoggingParams | None = None,
     steplog: StepLog | None = None,
+    checkpoints: training.Checkpoints | None = None,
 ) -> dict[str, Any]:
     """On-policy distillation of a PEFT `student` (trainable LoRA) against `teacher`.
 
@@ -110,9 +136,72 @@ def train_opd(
     the student's adapter, saved after every step (ignored by the transformers backend).
     Every step is logged through `steplog` (a caller's, e.g. the cycle's; else one of its own
     in `out_dir_tmp`, closed here, with `logging_params`' optional sink).
+    `checkpoints` (steps = `opd_params.steps`, a key naming the student, teacher and prompts)
+    saves a resumable checkpoint every `every` steps and resumes from the newest; the caller
+    calls its `complete` once the artifact is published. None: no checkpoints.
     """
     p, out_dir = opd_params, Path(out_dir_tmp)
     out_dir.mkdir(parents=True, exist_ok=True)
+    trainable = _check_inputs(student, tokenizer, prompts_df, p, teacher_tokenizer, checkpoints)
+    teacher.eval().requires_grad_(False)
+    student.eval()  # see the module docstring: sampler and learner run the same function
+    base = student.get_base_model() if hasattr(student, "get_base_model") else student
+    s_kwargs = student_forward_kwargs(base, p.recurrence)
+    engine = engine or make_engine(  # vllm samples from `model_dir` + the student's adapter
+        p.rollout, student, tokenizer, generate_kwargs=s_kwargs, seed=seed,
+        model_dir=model_dir, max_lora_rank=vllm_lora_rank(student),
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)  # constant LR
+    tracker = GeometryTracker(student, since_start=True)  # ΔW since these (resume: same) weights
+    loop = _Loop(p, student, teacher, tokenizer, engine, optimizer, trainable, prompts_df.to_dicts(),
+                 seed, s_kwargs, teacher_kwargs, log_prefix, out_dir)  # fmt: skip
+    loop.log_plan()
+    progress = _Progress(np.random.default_rng(seed))
+    if checkpoints is not None and (found := checkpoints.resume(student, optimizer)) is not None:
+        _restore(progress, tracker, *found)
+        log.info("resuming from %s (step %d of %d)", found[0], progress.step, p.steps)
+    own_log = steplog is None
+    if steplog is None:
+        steplog = StepLog(out_dir, name=log_prefix, params=logging_params)
+    for row in progress.rows:  # a resumed run replays the steps done (dvclive only)
+        steplog.log(row, sink=False)
+    heldout = dict(seed=seed, student_kwargs=s_kwargs, teacher_kwargs=teacher_kwargs,
+                   n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens,
+                   top_k=p.vopd_top_k)  # fmt: skip
+    teacher_base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
+    with fixed_initial_state(base), fixed_initial_state(teacher_base):  # a looped teacher too
+        # Before any sampling counts (and again on resume, in this process): the sampler's
+        # cached decoding and the teacher's scoring must agree with plain cache-free forwards.
+        guard = loop.guard(heldout_prompts)
+        if progress.guard is None:  # a first start; a resumed run keeps the first's figures
+            progress.guard = guard
+            if heldout_prompts:
+                progress.kl_before = heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)  # fmt: skip
+            tracker.snapshot(0)
+        loop.push_adapter(progress.step)
+        bar = tqdm(range(progress.step + 1, p.steps + 1), desc=log_prefix, unit="step",
+                   initial=progress.step, total=p.steps)  # fmt: skip
+        for step in bar:
+            row = loop.step(step, progress)
+            steplog.log(row)
+            if step % p.geometry_every == 0 or step == p.steps:
+                tracker.snapshot(step)
+            if checkpoints is not None and checkpoints.due(step):
+                _save(checkpoints, step, student, optimizer, progress, tracker)
+            bar.set_postfix(kl=f"{row['reverse_kl_topk_lb']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
+            _after_step(step)
+        kl_after = None
+        if heldout_prompts:
+            kl_after = heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)
+    if own_log:
+        steplog.close()
+    geometry = _write_outputs(out_dir, student, progress, tracker)
+    fraction = (logging_params or LoggingParams()).summary_fraction
+    return _summary(p, progress, geometry, kl_after, loop.n_trainable, fraction)
+
+
+def _check_inputs(student, tokenizer, prompts_df, p: OpdParams, teacher_tokenizer, checkpoints):
+    """Refuse what `train_opd` cannot run on (one line each); its trainable parameters."""
     if teacher_tokenizer is not None:
         check_same_tokenizer(tokenizer, teacher_tokenizer)
     need = ["prompt"] + (["instruction_id_list", "kwargs"] if p.reward_weight > 0 else [])
@@ -127,118 +216,142 @@ def train_opd(
         raise ConfigError(
             "opd: the student has no trainable parameters (load the adapter with is_trainable=True)"
         )
-    rows = prompts_df.to_dicts()
-    teacher.eval().requires_grad_(False)
-    student.eval()  # see the module docstring: sampler and learner run the same function
-    base = student.get_base_model() if hasattr(student, "get_base_model") else student
-    s_kwargs = student_forward_kwargs(base, p.recurrence)
-    engine = engine or make_engine(  # vllm samples from `model_dir` + the student's adapter
-        p.rollout, student, tokenizer, generate_kwargs=s_kwargs, seed=seed,
-        model_dir=model_dir, max_lora_rank=vllm_lora_rank(student),
-    )  # fmt: skip
-    optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)  # constant LR
-    tracker = GeometryTracker(student, since_start=True)
-    n_trainable = sum(q.numel() for q in trainable)
-    n_all = sum(q.numel() for q in student.parameters())
-    log.info(
-        "%s: %d steps x %d prompts x %d samples = %d rollouts/step (<= %d new tokens each); "
-        "trainable %d of %d parameters (%.3f%%); recurrence %s; lr %g",
-        log_prefix, p.steps, p.prompts_per_step, p.rollout.samples_per_prompt,
-        p.prompts_per_step * p.rollout.samples_per_prompt, p.rollout.max_new_tokens,
-        n_trainable, n_all, 100 * n_trainable / n_all, p.recurrence or "default", p.lr,
-    )  # fmt: skip
-    heldout = dict(
-        n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens, top_k=p.vopd_top_k
-    )
-    heldout |= dict(seed=seed, student_kwargs=s_kwargs, teacher_kwargs=teacher_kwargs)
+    if checkpoints is not None and checkpoints.steps != p.steps:
+        raise ConfigError(f"opd: checkpoints for {checkpoints.steps} steps, the run has {p.steps}")
+    return trainable
 
-    def push_adapter(step: int) -> None:
-        """vLLM samples from adapter files: hand it the current adapter (no-op otherwise)."""
-        if hasattr(engine, "set_adapter"):
-            student.save_pretrained(out_dir / ".rollout_adapter" / f"step-{step}")
-            engine.set_adapter(out_dir / ".rollout_adapter" / f"step-{step}")
 
-    own_log = steplog is None
-    if steplog is None:
-        steplog = StepLog(out_dir, name=log_prefix, params=logging_params)
-    rng, order, step_rows, rollouts = np.random.default_rng(seed), [], [], []
-    teacher_base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
-    with fixed_initial_state(base), fixed_initial_state(teacher_base):  # a looped teacher too
-        # Before any sampling counts: the sampler's cached decoding and the teacher's scoring
-        # must agree with plain cache-free forwards (retroloop.guards).
-        guard = check_rollouts(
-            engine, student, teacher, (heldout_prompts or [r["prompt"] for r in rows])[:GUARD_PROMPTS],
-            pad_id=tokenizer.pad_token_id, seed=seed_for(seed, "opd-guard", 0),
-            student_kwargs=s_kwargs, teacher_kwargs=teacher_kwargs,
+class _Loop:
+    """One OPD run's pieces: sample → reward → score + update → log, one step at a time."""
+
+    def __init__(self, p, student, teacher, tokenizer, engine, optimizer, trainable, rows, seed,
+                 s_kwargs, teacher_kwargs, log_prefix, out_dir) -> None:  # fmt: skip
+        self.p, self.student, self.teacher, self.tokenizer = p, student, teacher, tokenizer
+        self.engine, self.optimizer, self.trainable, self.rows = engine, optimizer, trainable, rows
+        self.seed, self.s_kwargs, self.teacher_kwargs = seed, s_kwargs, teacher_kwargs
+        self.log_prefix, self.out_dir = log_prefix, out_dir
+        self.n_trainable = sum(q.numel() for q in trainable)
+
+    def log_plan(self) -> None:
+        p, n_all = self.p, sum(q.numel() for q in self.student.parameters())
+        log.info(
+            "%s: %d steps x %d prompts x %d samples = %d rollouts/step (<= %d new tokens each); "
+            "trainable %d of %d parameters (%.3f%%); recurrence %s; lr %g",
+            self.log_prefix, p.steps, p.prompts_per_step, p.rollout.samples_per_prompt,
+            p.prompts_per_step * p.rollout.samples_per_prompt, p.rollout.max_new_tokens,
+            self.n_trainable, n_all, 100 * self.n_trainable / n_all, p.recurrence or "default", p.lr,
         )  # fmt: skip
-        kl_before = (
-            heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)
-            if heldout_prompts
-            else None
-        )
-        tracker.snapshot(0)
-        push_adapter(0)
-        for step in (progress := tqdm(range(1, p.steps + 1), desc=log_prefix, unit="step")):
-            while len(order) < p.prompts_per_step:  # seeded epochs over the prompts
-                order += rng.permutation(len(rows)).tolist()
-            picked = [rows[i] for i in order[: p.prompts_per_step]]
-            order = order[p.prompts_per_step :]
-            tic = time.perf_counter()
-            batch = engine.sample(
-                [r["prompt"] for r in picked], n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens,
-                temperature=p.rollout.temperature, top_p=p.rollout.top_p, seed=seed_for(seed, "opd-rollout", step),
-            )  # fmt: skip
-            rewards = ifeval_rewards(tokenizer, batch, picked) if p.reward_weight > 0 else None
-            stats = opd_step(
-                student, teacher, batch, optimizer, p, pad_id=tokenizer.pad_token_id, rewards=rewards,
-                student_kwargs=s_kwargs, teacher_kwargs=teacher_kwargs,
-            )  # fmt: skip
-            stop_if_not_finite(
-                log_prefix, step, loss=stats["loss"], grad_norm=stats["grad_norm"],
-                params=trainable, lr=p.lr, lr_key="opd.lr",
-            )  # fmt: skip
-            push_adapter(step)
-            step_s, n_tok = time.perf_counter() - tic, batch.num_completion_tokens
-            teacher_lp = stats.pop("teacher_logprobs")
-            rollouts.append(_rollout_frame(step, batch, teacher_lp, rewards, picked, tokenizer))
-            row = {"step": step, **stats, "rollout_s": batch.seconds, "step_s": step_s}
-            row["tokens"], row["tokens_per_s"] = n_tok, n_tok / step_s
-            row["rollout_tokens_per_s"] = n_tok / max(batch.seconds, 1e-9)
-            row["response_length"] = n_tok / len(batch)
-            row["finished_fraction"] = float(np.mean(batch.finished))
-            row["reward"] = float(np.mean(rewards)) if rewards is not None else math.nan
-            step_rows.append(row)
-            steplog.log(row)
-            if step % p.geometry_every == 0 or step == p.steps:
-                tracker.snapshot(step)
-            progress.set_postfix(
-                kl=f"{row['reverse_kl_topk_lb']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}"
-            )
-        kl_after = (
-            heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)
-            if heldout_prompts
-            else None
-        )
 
-    if own_log:
-        steplog.close()
-    steps_df, geometry = pl.DataFrame(step_rows), tracker.frame()
-    pl.concat(rollouts).write_parquet(out_dir / "rollouts.parquet")
+    def guard(self, heldout_prompts: list[str] | None) -> dict[str, Any]:
+        """`retroloop.guards`' run-time check of the sampler and the teacher's scoring."""
+        prompts = (heldout_prompts or [r["prompt"] for r in self.rows])[:GUARD_PROMPTS]
+        return check_rollouts(
+            self.engine, self.student, self.teacher, prompts, pad_id=self.tokenizer.pad_token_id,
+            seed=seed_for(self.seed, "opd-guard", 0), student_kwargs=self.s_kwargs,
+            teacher_kwargs=self.teacher_kwargs,
+        )  # fmt: skip
+
+    def push_adapter(self, step: int) -> None:
+        """vLLM samples from adapter files: hand it the current adapter (no-op otherwise)."""
+        if hasattr(self.engine, "set_adapter"):
+            self.student.save_pretrained(self.out_dir / ".rollout_adapter" / f"step-{step}")
+            self.engine.set_adapter(self.out_dir / ".rollout_adapter" / f"step-{step}")
+
+    def step(self, step: int, progress: _Progress) -> dict[str, Any]:
+        """OPD step `step` (1-based): its metric row; its rollouts go to `progress`."""
+        p, tokenizer = self.p, self.tokenizer
+        while len(progress.order) < p.prompts_per_step:  # seeded epochs over the prompts
+            progress.order += progress.rng.permutation(len(self.rows)).tolist()
+        picked = [self.rows[i] for i in progress.order[: p.prompts_per_step]]
+        progress.order = progress.order[p.prompts_per_step :]
+        tic = time.perf_counter()
+        batch = self.engine.sample(
+            [r["prompt"] for r in picked], n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens,
+            temperature=p.rollout.temperature, top_p=p.rollout.top_p, seed=seed_for(self.seed, "opd-rollout", step),
+        )  # fmt: skip
+        rewards = ifeval_rewards(tokenizer, batch, picked) if p.reward_weight > 0 else None
+        stats = opd_step(
+            self.student, self.teacher, batch, self.optimizer, p, pad_id=tokenizer.pad_token_id,
+            rewards=rewards, student_kwargs=self.s_kwargs, teacher_kwargs=self.teacher_kwargs,
+        )  # fmt: skip
+        stop_if_not_finite(
+            self.log_prefix, step, loss=stats["loss"], grad_norm=stats["grad_norm"],
+            params=self.trainable, lr=p.lr, lr_key="opd.lr",
+        )  # fmt: skip
+        self.push_adapter(step)
+        step_s, n_tok = time.perf_counter() - tic, batch.num_completion_tokens
+        teacher_lp = stats.pop("teacher_logprobs")
+        progress.rollouts.append(_rollout_frame(step, batch, teacher_lp, rewards, picked, tokenizer))  # fmt: skip
+        row = {"step": step, **stats, "rollout_s": batch.seconds, "step_s": step_s}
+        row["tokens"], row["tokens_per_s"] = n_tok, n_tok / step_s
+        row["rollout_tokens_per_s"] = n_tok / max(batch.seconds, 1e-9)
+        row["response_length"] = n_tok / len(batch)
+        row["finished_fraction"] = float(np.mean(batch.finished))
+        row["reward"] = float(np.mean(rewards)) if rewards is not None else math.nan
+        progress.rows.append(row)
+        return row
+
+
+def _save(ckpts, step, student, optimizer, progress: _Progress, tracker: GeometryTracker) -> None:
+    """Checkpoint `step`: adapter + optimizer (`training.save_checkpoint`), the prompt sampler
+    and the summary's inputs (trainer_state.json), the rollouts so far, the geometry tracker's
+    subspaces and the torch RNG (safetensors)."""
+    state = {
+        "rows": progress.rows,
+        "order": progress.order,
+        "prompt_rng": progress.rng.bit_generator.state,
+        "kl_before": progress.kl_before,
+        "guard": progress.guard,
+        "geometry_rows": tracker.rows,
+    }
+
+    def extra(directory: Path) -> None:
+        pl.concat(progress.rollouts).write_parquet(directory / "rollouts.parquet")
+        tensors = {f"prev.{k}": v for k, v in tracker._prev.items()}
+        tensors |= {f"w_top.{k}": v for k, v in tracker._w_top.items()}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "geometry.safetensors")  # fmt: skip
+        save_file({"torch_cpu": torch.random.get_rng_state()}, directory / "rng.safetensors")
+
+    ckpts.save(step, student, optimizer, state, extra)
+
+
+def _restore(progress: _Progress, tracker: GeometryTracker, path: Path, state: dict) -> None:
+    """Undo `_save` into a fresh run (weights and optimizer are already restored)."""
+    progress.rows, progress.order = state["rows"], state["order"]
+    progress.rng.bit_generator.state = state["prompt_rng"]
+    progress.kl_before, progress.guard = state["kl_before"], state["guard"]
+    progress.rollouts = pl.read_parquet(path / "rollouts.parquet").partition_by(
+        "step", maintain_order=True
+    )
+    tracker.rows = state["geometry_rows"]
+    for key, value in load_file(path / "geometry.safetensors").items():
+        kind, name = key.split(".", 1)
+        (tracker._prev if kind == "prev" else tracker._w_top)[name] = value
+    torch.random.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
+
+
+def _write_outputs(out_dir: Path, student, progress: _Progress, tracker) -> pl.DataFrame:
+    """The artifact's files (`OUTPUTS` but dvclive, which the step log wrote); the geometry."""
+    geometry = tracker.frame()
+    pl.concat(progress.rollouts).write_parquet(out_dir / "rollouts.parquet")
     geometry.write_parquet(out_dir / "geometry.parquet")
     plot_geometry(geometry, out_dir / "geometry.png")
     student.save_pretrained(out_dir / "adapter")
     shutil.rmtree(out_dir / ".rollout_adapter", ignore_errors=True)
+    return geometry
 
-    edge = max(
-        1, round(0.1 * p.steps)
-    )  # reverse_kl_topk_lb_start / _end: means over the first / last 10%
+
+def _summary(p, progress: _Progress, geometry, kl_after, n_trainable, fraction) -> dict[str, Any]:
+    """The run's metrics; `*_start` / `*_end` are means over the first / last `fraction`."""
+    steps_df = pl.DataFrame(progress.rows)
+    edge = edge_steps(p.steps, fraction)
     total_s, tokens = steps_df["step_s"].sum(), steps_df["tokens"].sum()
     final = geometry.filter(pl.col("step") == p.steps).fill_nan(None)
     return {
         "steps": p.steps,
         "reverse_kl_topk_lb_start": steps_df["reverse_kl_topk_lb"].head(edge).mean(),
         "reverse_kl_topk_lb_end": steps_df["reverse_kl_topk_lb"].tail(edge).mean(),
-        "heldout_reverse_kl_topk_lb_before": kl_before,
+        "heldout_reverse_kl_topk_lb_before": progress.kl_before,
         "heldout_reverse_kl_topk_lb_after": kl_after,
         "sampled_reverse_kl_mean": steps_df["reverse_kl_sampled"].mean(),
         "sampler_learner_kl_mean": steps_df["sampler_learner_kl"].mean(),
@@ -251,7 +364,7 @@ def train_opd(
         "trainable_parameters": n_trainable,
         "geometry_effective_rank": final["effective_rank"].mean(),
         "geometry_overlap_top_r": final["overlap_top_r"].mean(),
-        "guard_rollouts": guard,
+        "guard_rollouts": progress.guard,
     }
 
 
@@ -317,8 +430,14 @@ def load_student(base: torch.nn.Module, parent_adapter: Path, p: OpdParams) -> t
     return get_peft_model(base, config)
 
 
-@exclusive("out_dir")
-def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["opd"]) -> Manifest:
+@exclusive("out_dir", "checkpoint_dir")
+def run(
+    cfg: Params,
+    *,
+    inputs: dict | None = None,
+    out_dir: Path = PATHS["opd"],
+    checkpoint_dir: Path = OPD_CHECKPOINTS,
+) -> Manifest:
     device = setup_run(cfg)
     p = cfg.opd
     defaults = {
@@ -341,28 +460,28 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["opd"]
     prompts = pl.read_parquet(paths["train_data"])
     heldout = None
     if paths["heldout"].is_file():
-        heldout = pl.read_parquet(paths["heldout"])["prompt"].head(HELDOUT_PROMPTS).to_list()
+        heldout = pl.read_parquet(paths["heldout"])["prompt"].head(p.heldout_prompts).to_list()
     engine = None
     if p.rollout.backend == "vllm":  # the student's model dir; train_opd hands it each adapter
-        r = p.lora.r
-        if has_parent:
-            r = json.loads((paths["parent_adapter"] / "adapter_config.json").read_text())["r"]
-        rank = max(8, 1 << (r - 1).bit_length())  # vLLM accepts powers of two from 8 up
         engine = make_engine(
-            p.rollout, None, None, model_dir=paths["student"], max_lora_rank=rank, seed=cfg.seed
-        )
+            p.rollout, None, None, model_dir=paths["student"],
+            max_lora_rank=vllm_lora_rank(student), seed=cfg.seed,
+        )  # fmt: skip
 
     with atomic_artifact(out_dir, stage="opd", kind="adapter") as w:
         roles = ["student", "teacher", "train_data"]
         roles += (["parent_adapter"] if has_parent else []) + (["heldout"] if heldout else [])
-        for role in roles:
-            w.add_input(role, paths[role])
+        refs = [w.add_input(role, paths[role]) for role in roles]
+        section, sha = cfg.section("opd"), cfg.section_sha256("opd")
+        key = training.run_key(sha, [(r.role, r.content_sha256) for r in refs])
+        checkpoints = training.Checkpoints(checkpoint_dir, key, p.checkpoint_every, p.steps)
         metrics = train_opd(
             student, teacher, tokenizer, prompts, p, seed=cfg.seed, out_dir_tmp=w.dir,
             teacher_tokenizer=teacher_tokenizer, heldout_prompts=heldout, engine=engine,
-            logging_params=cfg.logging,
+            logging_params=cfg.logging, checkpoints=checkpoints,
         )  # fmt: skip
         w.outputs.update(OUTPUTS)
         w.metrics = {**metrics, **tokenizer_fingerprint(tokenizer)}
-        section, sha = cfg.section("opd"), cfg.section_sha256("opd")
-        return w.finish(params=section, params_sha256=sha, seed=cfg.seed, device=str(device))
+        manifest = w.finish(params=section, params_sha256=sha, seed=cfg.seed, device=str(device))
+    checkpoints.complete({"artifact": str(out_dir), "content_sha256": manifest.content_sha256})
+    return manifest

@@ -24,7 +24,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from retroloop.artifacts import Manifest, atomic_artifact, input_ref, read_manifest
+import torch
+
+from retroloop.artifacts import Manifest, atomic_artifact, read_manifest, verify_inputs
 from retroloop.canonical import canonicalize
 from retroloop.config import Params
 from retroloop.models.loading import load_model, load_tokenizer
@@ -43,9 +45,16 @@ from retroloop.steplog import move_logs
 log = logging.getLogger(__name__)
 
 
-def build_static_model(base_model: Path, split: dict, out: Path) -> None:
-    """Save the source with only the split's kept layers (prelude + block + coda, in order)."""
-    source = load_model(base_model, "float32", "cpu")
+def build_static_model(
+    base_model: Path,
+    split: dict,
+    out: Path,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+) -> None:
+    """Save the source with only the split's kept layers (prelude + block + coda, in order),
+    loaded (and saved) in `dtype` on `device` (the run's `dtype` / `device`)."""
+    source = load_model(base_model, dtype, device)
     kept = split["prelude"] + split["block"] + split["coda"]
     model = drop_layers(source, kept)
     model.save_pretrained(out)
@@ -65,6 +74,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["stati
             "train_domain": dataset_path("domain", "train"),
         },
     )
+    refs = verify_inputs(paths)  # refuse tampered inputs before anything reads them
     split = json.loads(Path(paths["split"]).read_text())
     # Scratch beside the other checkpoints. Its `checkpoints/` survive a kill so the rerun resumes
     # (the student's hash is in distill's run key: the rebuilt model must hash the same, hence
@@ -73,7 +83,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["stati
     for leftover in ("model", "distill"):
         shutil.rmtree(scratch / leftover, ignore_errors=True)
     scratch.mkdir(parents=True, exist_ok=True)
-    build_static_model(paths["base_model"], split, scratch / "model")
+    build_static_model(paths["base_model"], split, scratch / "model", cfg.dtype, device)
     canonicalize(scratch / "model")
     trained = None
     if cfg.static.enabled:
@@ -91,8 +101,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["stati
         )
 
     with atomic_artifact(out_dir, stage="static", kind="model") as w:
-        for role in ("base_model", "split", "teacher_cache", "train_instruct", "train_domain"):
-            w.inputs.append(input_ref(role, paths[role]))
+        w.inputs.extend(refs.values())
         shutil.move(scratch / "model", w.dir / "model")
         w.outputs["model"] = "model"
         kept = split["prelude"] + split["block"] + split["coda"]

@@ -1,8 +1,8 @@
-"""Resume is invisible (issue 19, item 3): a resumable stage killed after a checkpoint and run
-again publishes the same bytes — the same `content_sha256` and per-file hashes — as a run that
-was never interrupted (distill, static, and cache_teacher, which already did). Kills are simulated
-at several points (as `test_distill`'s resume test does), including before the first checkpoint
-and twice in one run.
+"""Resume is invisible (issue 19, item 3; issue 22 for OPD): a resumable stage killed after a
+checkpoint and run again publishes the same bytes — the same `content_sha256` and per-file
+hashes — as a run that was never interrupted (distill, static, OPD, and cache_teacher, which
+already did). Kills are simulated at several points (as `test_distill`'s resume test does),
+including before the first checkpoint and twice in one run.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 from helpers_distill import tiny, workdir  # noqa: F401  (fixture)
 
-from retroloop.stages import cache_teacher, distill, static
+from retroloop.stages import cache_teacher, distill, opd, static
 
 STEPS = 4  # distill.checkpoint_every is 2 in the tiny profile: checkpoints at steps 2 and 4
 
 
-def _kill_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+def _kill_at(monkeypatch: pytest.MonkeyPatch, step: int, stage=distill) -> None:
     def die(done: int) -> None:
         if done == step:
             raise KeyboardInterrupt(f"simulated kill after step {step}")
 
-    monkeypatch.setattr(distill, "_after_step", die)
+    monkeypatch.setattr(stage, "_after_step", die)
 
 
 def _diff(a, b) -> dict[str, tuple[str | None, str | None]]:
@@ -73,6 +73,37 @@ def test_static_killed_and_resumed_publishes_the_uninterrupted_bytes(
     assert "resuming from" in caplog.text and "(step 2 of 4)" in caplog.text  # not retrained
     assert resumed.metrics["steps"] == STEPS
     assert resumed.content_sha256 == ref.content_sha256, _diff(ref, resumed)
+
+
+@pytest.mark.parametrize("kills", [(3,), (1, 5)], ids=["after-checkpoint", "before-and-after"])
+def test_opd_killed_and_resumed_publishes_the_uninterrupted_bytes(
+    workdir,  # noqa: F811
+    monkeypatch,
+    caplog,
+    kills,
+) -> None:
+    """A fresh LoRA (no distill adapter upstream), 6 steps of 2 of the 11 tiny prompts (step 6
+    opens the second epoch, after the resume), checkpoints at 2, 4 and 6: the resumed run
+    restores the adapter, AdamW, the prompt sampler, the rollouts, the step log and the geometry
+    tracker, and publishes the same adapter, rollouts and summary."""
+    cfg = tiny(**{"threads": 1, "opd.steps": 6, "opd.checkpoint_every": 2})
+    ref = opd.run(cfg, out_dir=Path("data/ref_opd"), checkpoint_dir=Path("data/ck_ref_opd"))
+    assert not list(Path("data/ck_ref_opd").glob("step_*"))  # cleared once published
+    for step in kills:
+        _kill_at(monkeypatch, step, opd)
+        with pytest.raises(KeyboardInterrupt):
+            opd.run(cfg)
+        assert not Path("data/opd").exists()
+    assert list(Path("data/checkpoints/opd").glob("step_*"))  # kept for resume
+    monkeypatch.setattr(opd, "_after_step", lambda step: None)
+    with caplog.at_level(logging.INFO, logger="retroloop.stages.opd"):
+        resumed = opd.run(cfg)
+    last = max(k for k in kills) // 2 * 2
+    assert f"(step {last} of 6)" in caplog.text  # resumed, not retrained
+    assert resumed.files["adapter/adapter_model.safetensors"] == ref.files["adapter/adapter_model.safetensors"]  # fmt: skip
+    assert resumed.content_sha256 == ref.content_sha256, _diff(ref, resumed)
+    assert resumed.files == ref.files
+    assert not list(Path("data/checkpoints/opd").glob("step_*"))
 
 
 def test_cache_teacher_killed_and_resumed_publishes_the_uninterrupted_bytes(

@@ -15,6 +15,7 @@ import torch
 from helpers_distill import held_out_kl, tiny, workdir  # noqa: F401  (fixture)
 
 from retroloop.artifacts import read_manifest
+from retroloop.errors import ArtifactError
 from retroloop.models.loading import load_model
 from retroloop.models.recurrent import RecurrentForCausalLM
 from retroloop.provenance import verify
@@ -64,3 +65,25 @@ def test_static_disabled_builds_the_model_but_does_not_train(workdir) -> None:  
     assert not (Path("data/static/adapter") / "adapter_config.json").exists()
     assert Path("data/static/model/config.json").is_file()
     assert verify(Path("data/static")) == []
+
+
+@pytest.mark.parametrize("tampered", ["data/analyze/split.json", "data/prepare/model/config.json"])
+def test_a_tampered_input_is_refused_before_anything_loads(workdir, monkeypatch, tampered) -> None:  # noqa: F811
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("static loaded its source before verifying its inputs")
+
+    monkeypatch.setattr(static, "load_model", must_not_load)
+    monkeypatch.setattr(static, "load_tokenizer", must_not_load)
+    path = Path(tampered)
+    path.write_text(path.read_text().replace("}", ' , "x": 1}', 1) if path.suffix == ".json" else "")  # fmt: skip
+    with pytest.raises(ArtifactError, match=path.name):
+        static.run(tiny(**{"static.enabled": False}))
+    assert not Path("data/static").exists()
+
+
+def test_the_static_model_is_built_in_the_runs_dtype(workdir) -> None:  # noqa: F811
+    static.run(tiny(**{"static.enabled": False, "dtype": "bfloat16"}))
+    model = load_model("data/static/model", "bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    config = json.loads(Path("data/static/model/config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
