@@ -4,7 +4,9 @@ Every stage writes its outputs into a temporary sibling directory and renames it
 place only after `manifest.json` is written, so a killed stage never leaves a
 half-written artifact that looks whole. `content_sha256` is the hash of the sorted
 (relative path, file sha256) list of everything in the artifact except the manifest and
-the run-dependent files (`run.json`, `run_*.csv`; see `retroloop.canonical`).
+the run-dependent files (`run.json`, `run_*.csv`), computed by `retroloop.canonical.hash_tree`;
+what a manifest records about the run (code version, libraries, compute) is `retroloop.runinfo`.
+Both stay importable from here.
 
 Inputs are verified before they are consumed: `input_ref` / `verify_inputs` re-hash the
 bytes on disk, compare them file by file with the upstream manifest, and refuse a mismatch
@@ -16,14 +18,9 @@ the hash of those bytes, never the upstream manifest's word for it. `verify`, `l
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
-import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,19 +28,28 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from retroloop.canonical import (
+    MANIFEST,
     RUN,
     canonicalize,
+    hash_tree,
     is_run_file,
+    listing_sha256,  # noqa: F401  (re-exported: callers import it from here)
+    sha256_file,  # noqa: F401  (re-exported: callers import it from here)
     split_run_columns,
     split_run_dependent,
 )
 from retroloop.envlock import environment
 from retroloop.errors import ArtifactError, WriteError, disk_full_reason
+from retroloop.runinfo import (
+    CODE_PATHS,  # noqa: F401  (re-exported: callers import it from here)
+    code_version,
+    compute_environment,
+    library_versions,
+    now_iso,
+)
 
-MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 KINDS = ("model", "dataset", "analysis", "teacher_cache", "adapter", "rollouts", "report")
-_LIBRARIES = ("torch", "transformers", "peft", "datasets", "polars", "prefect", "dvc", "vllm")
 
 
 class InputRef(BaseModel):
@@ -84,38 +90,6 @@ class Manifest(BaseModel):
             if ref.role == role:
                 return ref
         raise ArtifactError(f"manifest of stage '{self.stage}' has no input with role '{role}'")
-
-
-# --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def hash_tree(root: Path) -> tuple[str, dict[str, str]]:
-    """(content_sha256, per-file hashes) of a file or directory; manifests and run files
-    (`run.json`, `run_*.csv` at the top) are left out."""
-    root = Path(root)
-    if root.is_file():
-        sha = sha256_file(root)
-        return sha, {root.name: sha}
-    files = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and p.name != MANIFEST and not is_run_file(rel):
-            files[rel] = sha256_file(p)
-    return listing_sha256(files), files
-
-
-def listing_sha256(files: Mapping[str, str]) -> str:
-    """The content hash of a {relative path: sha256} listing (stable order)."""
-    listing = "".join(f"{rel}\0{sha}\n" for rel, sha in sorted(files.items()))
-    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def find_manifest_dir(path: Path) -> Path | None:
@@ -231,77 +205,6 @@ def _display(path: Path) -> str:
         return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
         return Path(path).resolve().as_posix()
-
-
-# --------------------------------------------------------------------------- provenance
-
-
-# What "the code" is for `code_version`: the tracked files that compute an artifact.
-CODE_PATHS = (
-    "retroloop", "flows", "tasks", "benchmarks", "pyproject.toml", "requirements.lock", "dvc.yaml",
-)  # fmt: skip
-
-
-def code_version(repo: str | Path | None = None) -> str:
-    """Git sha of the checkout, with `-dirty` when the *code* differs from it.
-
-    The code is the tracked files under `CODE_PATHS`: the package, flows, tasks, benchmarks,
-    `pyproject.toml`, `requirements.lock` and `dvc.yaml` (staged or not). Everything else does
-    not count: `params.yaml` (every manifest records its params and their hash on their own, and
-    the README's `cp profiles/tiny.yaml params.yaml` must not mark every artifact dirty), profiles,
-    `data/`, `dvc.lock` and `*.dvc` files, docs and tests, and any untracked file."""
-    repo = Path(repo) if repo is not None else Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _LIBRARIES:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[name] = importlib.metadata.version(name)
-    return out
-
-
-def compute_environment() -> dict[str, Any]:
-    """What the numbers depend on below the library versions: torch's CPU kernel level
-    (`ATEN_CPU_CAPABILITY` forces one; a seeded run ends in a different place on each, so
-    `content_sha256` is reproducible per level, not across levels) and the accelerator."""
-    import torch  # lazy: manifests are also read where torch is not needed
-
-    out: dict[str, Any] = {
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu": _cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if torch.cuda.is_available():
-        out["cuda_device"] = torch.cuda.get_device_name()
-    return out
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else the machine type (x86_64, arm64)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- atomic output

@@ -11,7 +11,9 @@ Two kinds of run-to-run noise used to reach hashed files (DESIGN.md §3):
 move the second into `run.json` / `run_<name>.csv`, which the content hash leaves out.
 
 `json_sha256` is the one hash of parameters (a manifest's `params_sha256`) and of the keys
-built from them (resume folders, generation caches).
+built from them (resume folders, generation caches); `hash_tree` is the content hash itself:
+the sorted (relative path, file sha256) listing of an artifact, its manifest and run files left
+out (`listing_sha256`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+MANIFEST = "manifest.json"
 RUN = "run.json"
 RUN_PREFIX = "run_"
 # A figure is run-dependent when it is a duration or a rate per second (`seconds`, `step_s`,
@@ -36,6 +40,35 @@ def json_sha256(obj: Any) -> str:
     escapes, values JSON cannot write (paths, enums) as `str`. Changing any of these changes
     every recorded `params_sha256`, so they are fixed here, once."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path) -> tuple[str, dict[str, str]]:
+    """(content_sha256, per-file hashes) of a file or directory; manifests and run files
+    (`run.json`, `run_*.csv` at the top) are left out."""
+    root = Path(root)
+    if root.is_file():
+        sha = sha256_file(root)
+        return sha, {root.name: sha}
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and p.name != MANIFEST and not is_run_file(rel):
+            files[rel] = sha256_file(p)
+    return listing_sha256(files), files
+
+
+def listing_sha256(files: Mapping[str, str]) -> str:
+    """The content hash of a {relative path: sha256} listing (stable order)."""
+    listing = "".join(f"{rel}\0{sha}\n" for rel, sha in sorted(files.items()))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def is_run_dependent(key: str) -> bool:

@@ -44,11 +44,12 @@ from retroloop.config import Params
 from retroloop.errors import ArtifactError, MismatchError
 from retroloop.eval.generation import encode_chat_prompts
 from retroloop.eval.report import recovery_table, write_report
-from retroloop.eval.scaling import flops_per_token, held_out, nll_and_kl
+from retroloop.eval.scaling import HeldOut, flops_per_token, held_out, nll_and_kl
 from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
 from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.runlock import exclusive
+from retroloop.sequences import pad_id
 from retroloop.stages.common import (
     BASE_MODEL,
     CONVERTED_MODEL,
@@ -210,17 +211,7 @@ def evaluate_models(
     curves: dict[str, dict[str, dict[str, Any]]] = {}
     # The reference's log-probs on the held-out domain documents, once: every model's exact
     # full-vocabulary KL(reference ‖ model) there (and at every R of the scaling curves).
-    reference = (
-        held_out(
-            teacher_model,
-            tokenizer,
-            data.domain_texts,
-            max_seq_len=data.max_seq_len,
-            batch_size=cfg.evaluate.batch_size,
-        )
-        if data.domain_texts
-        else None
-    )
+    reference = _reference(teacher_model, tokenizer, data, cfg.evaluate.batch_size)
     guard_prompts = (data.kl_prompts or [item.prompt for item in data.ifeval])[:GUARD_PROMPTS]
     guard_ids = encode_chat_prompts(tokenizer, guard_prompts) if guard_prompts else []
     for name, spec in specs.items():
@@ -230,7 +221,7 @@ def evaluate_models(
         forward_kwargs = {"num_recurrence": R} if R is not None else {}
         # Before this model generates anything: cached decoding must match cache-free decoding.
         guard = check_cached_generate(
-            model, guard_ids, what=f"'{name}'", pad_id=tokenizer.pad_token_id,
+            model, guard_ids, what=f"'{name}'", pad_id=pad_id(tokenizer),
             forward_kwargs=forward_kwargs,
         )  # fmt: skip
         metrics = evaluate_model(
@@ -253,30 +244,44 @@ def evaluate_models(
                 if model is teacher_model
                 else nll_and_kl(model, reference, use_cache=False, **forward_kwargs)["kl"]
             )
-        metrics["gflops_per_token"] = (
-            flops_per_token(model, R) / 1e9
-        )  # forward, linear layers + head
+        metrics["gflops_per_token"] = flops_per_token(model, R) / 1e9  # linear layers + head
         metrics["guard_cached_generate_max_abs_logp_diff"] = guard["max_abs_logp_diff"]
         models[name] = metrics
         if name in scaling:
             if R is None:
                 log.warning("%s is not a looped model; no recurrence scaling", name)
             else:
-                rows = recurrence_scaling(
-                    model,
-                    tokenizer,
-                    data,
-                    cfg.evaluate.recurrence_scaling,
-                    batch_size=cfg.evaluate.batch_size,
-                    reference=reference,
-                )
-                curves[name] = {
-                    f"R{row['R']}": {k: v for k, v in row.items() if k != "R"} for row in rows
-                }
+                curves[name] = _scaling_curve(model, tokenizer, data, cfg, reference)
         if model is not teacher_model:
             del model
             gc.collect()
     return {"models": models, "recurrence_scaling": curves}
+
+
+def _reference(teacher_model, tokenizer, data: EvalData, batch_size: int) -> HeldOut | None:
+    """The reference's log-probs on the held-out domain documents (None without documents)."""
+    if not data.domain_texts:
+        return None
+    return held_out(
+        teacher_model,
+        tokenizer,
+        data.domain_texts,
+        max_seq_len=data.max_seq_len,
+        batch_size=batch_size,
+    )
+
+
+def _scaling_curve(model, tokenizer, data: EvalData, cfg: Params, reference) -> dict[str, Any]:
+    """{"R<k>": metrics} at every R of `evaluate.recurrence_scaling`."""
+    rows = recurrence_scaling(
+        model,
+        tokenizer,
+        data,
+        cfg.evaluate.recurrence_scaling,
+        batch_size=cfg.evaluate.batch_size,
+        reference=reference,
+    )
+    return {f"R{row['R']}": {k: v for k, v in row.items() if k != "R"} for row in rows}
 
 
 def spec_identity(spec: ModelSpec) -> dict[str, Any]:

@@ -44,14 +44,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
         p.model.source == "tiny_random" and p.model.tiny is not None
     ):  # built in code: its context is known before it trains
         _check_seq_lens(cfg, p.model.tiny)
-    domain = datasets.load_source(p.domain, seed=cfg.seed, key="prepare.domain")
-    domain = datasets.as_documents(domain)  # chat / ifeval / gsm8k: prompt + response
-    instruct = datasets.load_source(p.instructions, seed=cfg.seed, key="prepare.instructions")
-    corpus = domain["text"].to_list() + instruct["prompt"].to_list()
-    splits = {
-        "domain": datasets.split_train_eval(domain, p.eval_fraction, cfg.seed),
-        "instruct": datasets.split_train_eval(instruct, p.eval_fraction, cfg.seed),
-    }
+    splits, corpus = load_splits(cfg)
     # A model trained in code (the tiny profile) sees the train split only.
     train_texts = splits["domain"][0]["text"].to_list() + splits["instruct"][0]["prompt"].to_list()
     model, tokenizer, provenance = load_source_model(
@@ -77,37 +70,9 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
         (model_dir / "retroloop_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
         w.outputs["model"] = "model"
 
-        instruct_train = splits["instruct"][0]
-        if instruct_train["response"].null_count() > 0:
-            responses = generate_responses(
-                model,
-                tokenizer,
-                instruct_train["prompt"].to_list(),
-                max_new_tokens=p.teacher_responses.max_new_tokens,
-                batch_size=p.teacher_responses.batch_size,
-                temperature=p.teacher_responses.temperature,
-                cache_dir=None,
-                cache_key_parts={},
-            )
-            filled = pl.Series("response", responses, dtype=pl.Utf8)
-            instruct_train = instruct_train.with_columns(
-                pl.when(pl.col("response").is_null())
-                .then(filled)
-                .otherwise(pl.col("response"))
-                .alias("response")
-            )
-            splits["instruct"] = (instruct_train, splits["instruct"][1])
-
-        data_dir = w.dir / "datasets"
-        data_dir.mkdir()
-        counts = {}
-        for name, (train, held_out) in splits.items():
-            for split, frame in (("train", train), ("eval", held_out)):
-                rel = f"datasets/{name}_{split}.parquet"
-                datasets.write_parquet_atomic(frame, w.dir / rel)
-                w.outputs[rel] = "dataset"
-                counts[f"{name}_{split}_records"] = frame.height
-
+        instruct_train = with_teacher_responses(model, tokenizer, splits["instruct"][0], p)
+        splits["instruct"] = (instruct_train, splits["instruct"][1])
+        counts = _write_datasets(w, splits)
         n_params = sum(t.numel() for t in model.parameters())
         w.metrics = {
             **counts,
@@ -123,6 +88,58 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
             seed=cfg.seed,
             device=str(device),
         )
+
+
+def load_splits(cfg: Params) -> tuple[dict[str, tuple[pl.DataFrame, pl.DataFrame]], list[str]]:
+    """({"domain": (train, eval), "instruct": (train, eval)}, the tokenizer corpus: every
+    domain text and instruction prompt, both splits)."""
+    p = cfg.prepare
+    domain = datasets.load_source(p.domain, seed=cfg.seed, key="prepare.domain")
+    domain = datasets.as_documents(domain)  # chat / ifeval / gsm8k: prompt + response
+    instruct = datasets.load_source(p.instructions, seed=cfg.seed, key="prepare.instructions")
+    corpus = domain["text"].to_list() + instruct["prompt"].to_list()
+    splits = {
+        "domain": datasets.split_train_eval(domain, p.eval_fraction, cfg.seed),
+        "instruct": datasets.split_train_eval(instruct, p.eval_fraction, cfg.seed),
+    }
+    return splits, corpus
+
+
+def with_teacher_responses(model, tokenizer, instruct: pl.DataFrame, p) -> pl.DataFrame:
+    """`instruct` with every missing response written by the teacher (`p.teacher_responses`:
+    greedy by default); records that have one keep it."""
+    if instruct["response"].null_count() == 0:
+        return instruct
+    responses = generate_responses(
+        model,
+        tokenizer,
+        instruct["prompt"].to_list(),
+        max_new_tokens=p.teacher_responses.max_new_tokens,
+        batch_size=p.teacher_responses.batch_size,
+        temperature=p.teacher_responses.temperature,
+        cache_dir=None,
+        cache_key_parts={},
+    )
+    filled = pl.Series("response", responses, dtype=pl.Utf8)
+    return instruct.with_columns(
+        pl.when(pl.col("response").is_null())
+        .then(filled)
+        .otherwise(pl.col("response"))
+        .alias("response")
+    )
+
+
+def _write_datasets(w, splits: dict[str, tuple[pl.DataFrame, pl.DataFrame]]) -> dict[str, int]:
+    """datasets/<name>_{train,eval}.parquet into the artifact; returns the record counts."""
+    (w.dir / "datasets").mkdir()
+    counts = {}
+    for name, (train, held_out) in splits.items():
+        for split, frame in (("train", train), ("eval", held_out)):
+            rel = f"datasets/{name}_{split}.parquet"
+            datasets.write_parquet_atomic(frame, w.dir / rel)
+            w.outputs[rel] = "dataset"
+            counts[f"{name}_{split}_records"] = frame.height
+    return counts
 
 
 def _check_seq_lens(cfg: Params, model_config) -> None:
