@@ -196,7 +196,9 @@ def train_tiny_model(
     stream = torch.tensor(ids, dtype=torch.long)
     L = min(spec.train_seq_len, len(stream) - 1)
     gen = torch.Generator().manual_seed(spec.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=spec.train_lr, weight_decay=spec.train_weight_decay
+    )
     model.train()
     losses = []
     for _ in range(spec.train_steps):
@@ -204,7 +206,7 @@ def train_tiny_model(
         ids_B_T = torch.stack([stream[s : s + L] for s in starts_B.tolist()])
         loss = model(input_ids=ids_B_T, labels=ids_B_T, use_cache=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train_max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
