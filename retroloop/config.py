@@ -246,6 +246,12 @@ class ConvertParams(Strict):
     )
     early_exit_kl: float | None = Field(None, gt=0.0, description="KL threshold; null disables")
     equivalence_tokens: int = Field(512, gt=0, description="held-out tokens for the R=1 check")
+    equivalence_tolerance: float | None = Field(
+        None,
+        gt=0.0,
+        description="largest max |logit difference| at R=1 against the layer-dropped source that "
+        "convert publishes; null = per dtype (float32 1e-3, float16 5e-2, bfloat16 2.5e-1)",
+    )
     schedule: RecurrenceSchedule = RecurrenceSchedule()
 
 

@@ -9,7 +9,10 @@ Run:    retroloop stage convert
 The input adapter is initialised by `convert.init`: `pass_input` ([0 | I], s_0 ≈ 0) or
 `repeat_block` ([I | 0], s_0 = e: R = k applies the block k times). Either way, at R = 1 the
 converted model equals the source with the dropped layers removed; the manifest's
-`equivalence_max_abs_diff` measures exactly that on held-out tokens.
+`equivalence_max_abs_diff` measures exactly that on held-out tokens, and a conversion that does
+not reproduce its source (max |Δlogit| above `convert.equivalence_tolerance`, by default
+`EQUIVALENCE_TOLERANCE[dtype]`) fails in one line with nothing written: the source family
+has something the looped model does not carry over. The source loads on `device` in `dtype`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import polars as pl
 
 from retroloop.artifacts import Manifest, atomic_artifact, input_ref, verify_inputs
 from retroloop.config import Params
+from retroloop.errors import ModelError
 from retroloop.guards import GUARD_PROMPTS, check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.models.recurrent import convert_from_source, drop_layers, equivalence_max_abs_diff
@@ -30,6 +34,13 @@ from retroloop.sequences import pad_batch, text_sequence
 from retroloop.stages.common import BASE_MODEL, PATHS, dataset_path, resolve_inputs, setup_run
 
 log = logging.getLogger(__name__)
+
+# max |Δlogit| at R = 1 a faithful conversion stays under (`convert.equivalence_tolerance: null`).
+# The looped model runs the source's own layers on the same inputs (the adapter copies e exactly),
+# so it measures 0 to ~1e-5 in float32; half precision rounds logits of magnitude ~10-30 to
+# ~0.01 (float16) / ~0.1 (bfloat16). A hook left out (Gemma's √h, a sliding window) moves
+# logits by whole units.
+EQUIVALENCE_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2.5e-1}
 
 
 @exclusive("out_dir")
@@ -46,7 +57,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
     )
     verify_inputs(paths)  # before anything is read: a tampered input is refused, not consumed
     split = json.loads(Path(paths["split"]).read_text())
-    source = load_model(paths["base_model"], "float32", "cpu")
+    source = load_model(paths["base_model"], cfg.dtype, device)
     tokenizer = load_tokenizer(paths["base_model"])
     base_ref = input_ref("base_model", paths["base_model"])
     looped = convert_from_source(
@@ -78,6 +89,15 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
     log.info(
         "equivalence at R=1: max |Δlogit| = %.3g over %d tokens", max_diff, int(mask_B_T.sum())
     )
+    tolerance = c.equivalence_tolerance or EQUIVALENCE_TOLERANCE[cfg.dtype]
+    if not max_diff <= tolerance:  # NaN fails too
+        raise ModelError(
+            f"convert: the converted {source.config.model_type!r} model differs from its "
+            f"layer-dropped source at R = 1 by max |Δlogit| = {max_diff:.3g} > "
+            f"convert.equivalence_tolerance = {tolerance:g} ({cfg.dtype}); the looped model does "
+            "not reproduce something this family keeps outside its decoder layers; nothing was "
+            "written (raise the tolerance only for a known precision effect)"
+        )
     # Generation with the KV cache must match cache-free decoding (retroloop.guards), before
     # anything is written: OPD and evaluate generate with this model.
     guard = check_cached_generate(

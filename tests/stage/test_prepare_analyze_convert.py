@@ -370,3 +370,49 @@ def test_convert_refuses_a_model_whose_generation_drops_its_cache(
     manifest = read_manifest(STAGE_DIRS["convert"])  # the unbroken run's: guarded, lock recorded
     assert manifest.metrics["guard_cached_generate"]["steps"] > 0
     assert manifest.environment["lock_sha256"] == lock_sha256()
+
+
+def _with_convert(cfg, **convert_updates):
+    return cfg.model_copy(update={"convert": cfg.convert.model_copy(update=convert_updates)})
+
+
+def test_convert_refuses_a_conversion_that_does_not_reproduce_its_source(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversion that misses something its source does outside the decoder layers (here the
+    final norm's scale, as a family hook left out would) is one line naming the measured
+    difference and `convert.equivalence_tolerance`, and nothing is written; the key is honoured
+    (a tolerance above the difference publishes it, recorded in the manifest)."""
+    from retroloop.errors import RetroloopError
+
+    real = convert.convert_from_source
+
+    def unfaithful(*args, **kwargs):
+        looped = real(*args, **kwargs)
+        with torch.no_grad():
+            looped.model.norm.weight.mul_(1.5)
+        return looped
+
+    monkeypatch.setattr(convert, "convert_from_source", unfaithful)
+    cfg = load_params(TINY_PROFILE)
+    out = workdir / "convert-unfaithful"
+    with pytest.raises(ModelError, match=r"max \|Δlogit\| = .* > convert\.equivalence_tolerance = 0\.001 \(float32\)") as err:  # fmt: skip
+        convert.run(cfg, out_dir=out)
+    assert isinstance(err.value, RetroloopError) and "\n" not in str(err.value)  # exit 2
+    assert "'llama'" in str(err.value)
+    assert not out.exists() and not list(workdir.glob(".convert-unfaithful*"))
+    manifest = convert.run(_with_convert(cfg, equivalence_tolerance=1e3), out_dir=out)
+    assert 1e-3 < manifest.metrics["equivalence_max_abs_diff"] <= 1e3
+    assert manifest.params["convert"]["equivalence_tolerance"] == 1e3
+
+
+def test_convert_loads_the_source_in_the_configured_dtype(workdir: Path) -> None:
+    """`dtype: bfloat16`: the source loads, converts and is saved in bf16 (it was always fp32),
+    and bf16's own tolerance applies."""
+    cfg = load_params(TINY_PROFILE).model_copy(update={"dtype": "bfloat16"})
+    out = workdir / "convert-bf16"
+    manifest = convert.run(cfg, out_dir=out)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert manifest.metrics["equivalence_max_abs_diff"] <= convert.EQUIVALENCE_TOLERANCE["bfloat16"]
+    assert convert.EQUIVALENCE_TOLERANCE["float32"] < convert.EQUIVALENCE_TOLERANCE["bfloat16"]
