@@ -27,10 +27,11 @@ from retroloop.errors import ConfigError, MismatchError
 from retroloop.guards import GUARD_NEW_TOKENS, guard_error, tolerance_for
 from retroloop.losses import (
     entropy_from_logits,
+    gather_logprobs,
     opd_advantages,
     opd_pg_loss,
+    reverse_kl_single_sample,
     reverse_kl_topk_lower_bound,
-    sampled_reverse_kl,
 )
 from retroloop.models.head import logits_at
 from retroloop.models.loading import tokenizer_fingerprint
@@ -102,9 +103,7 @@ def score_rollouts(
     """
     predicts_B_T = F.pad(pk.mask_B_T[:, 1:], (0, 1), value=False)
     logits_N_V = logits_at(model, predicts_B_T, pk.tokens_B_T, pk.attention_mask_B_T, **(kwargs or {}))  # fmt: skip
-    z_N_V = logits_N_V.float()
-    targets_N = pk.tokens_B_T[pk.mask_B_T]
-    logp_N = z_N_V.gather(-1, targets_N[:, None]).squeeze(-1) - torch.logsumexp(z_N_V, -1)
+    logp_N = gather_logprobs(logits_N_V, pk.tokens_B_T[pk.mask_B_T][:, None]).squeeze(-1)
     logp_B_T = logp_N.new_zeros(pk.mask_B_T.shape)
     logp_B_T[pk.mask_B_T] = logp_N
     return logits_N_V, logp_B_T
@@ -167,7 +166,7 @@ def opd_step(
         log_ratio_N = (learner_logp_B_T.detach() - pk.sampler_logp_B_T)[mask_B_T]
         sums["loss"] += float(loss.detach())
         sums["reverse_kl_sampled"] += (
-            float(sampled_reverse_kl(pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T)) * n_mb
+            float(reverse_kl_single_sample(pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T)) * n_mb
         )
         sums["reverse_kl_topk_lb"] += float(kl_N.sum())
         sums["entropy"] += float(entropy_from_logits(s_N_V).sum())

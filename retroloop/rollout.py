@@ -43,6 +43,7 @@ from transformers import PreTrainedTokenizerBase
 from retroloop.config import RolloutParams
 from retroloop.errors import ConfigError, MissingExtraError
 from retroloop.eval.generation import encode_chat_prompts, eos_token_ids
+from retroloop.losses import gather_logprobs
 from retroloop.models.recurrent import CACHE_KWARG, RecurrentConfig
 
 log = logging.getLogger(__name__)
@@ -119,13 +120,9 @@ class PackedRollouts:
 def token_logprobs(logits_B_T_V: Tensor, tokens_B_T: Tensor) -> Tensor:
     """log p(token_t | tokens_<t) at column t (column 0, which nothing predicts, is 0) → `[B, T]` fp32.
 
-    Computed as z_y − logsumexp(z) so no `[B, T, V]` log-softmax is materialised.
+    `losses.gather_logprobs` (z_y − logsumexp(z)): no `[B, T, V]` log-softmax is materialised.
     """
-    z_B_Tm1_V = logits_B_T_V[:, :-1].float()
-    target_B_Tm1 = tokens_B_T[:, 1:]
-    logp_B_Tm1 = z_B_Tm1_V.gather(-1, target_B_Tm1[..., None]).squeeze(-1) - torch.logsumexp(
-        z_B_Tm1_V, -1
-    )
+    logp_B_Tm1 = gather_logprobs(logits_B_T_V[:, :-1], tokens_B_T[:, 1:, None]).squeeze(-1)
     return F.pad(logp_B_Tm1, (1, 0))
 
 

