@@ -42,11 +42,15 @@ class Strict(BaseModel):
 
 
 class TinyModelSpec(Strict):
-    """A small Llama (or Qwen2) built from a config in code, for tests and the tiny profile:
-    seeded random weights, then `train_steps` of next-token training on the prepared train
-    split (so its distribution is peaked and a conversion loses something measurable)."""
+    """A small decoder of any tested family (Llama by default) built from a config in code, for
+    tests and the tiny profile: seeded random weights, then `train_steps` of next-token training
+    on the prepared train split (so its distribution is peaked and a conversion loses something
+    measurable)."""
 
-    architecture: Literal["llama", "qwen2"] = "llama"
+    # The families retroloop.models.recurrent.TESTED_FAMILIES converts (tests/unit/test_families.py).
+    architecture: Literal[
+        "llama", "qwen2", "qwen3", "olmo2", "mistral", "gemma2", "gemma3_text", "phi3", "smollm3"
+    ] = "llama"
     hidden_size: int = Field(64, gt=0)
     num_hidden_layers: int = Field(8, gt=1)
     num_attention_heads: int = Field(4, gt=0)

@@ -595,7 +595,7 @@ def _fill_skipped(
 # --------------------------------------------------------------------------- conversion
 
 
-def _check_source(source_model: nn.Module) -> PretrainedConfig:
+def check_source(source_model: nn.Module) -> PretrainedConfig:
     """The source's config, once its family can be looped (`source_family`) and the instance has
     the decoder the family builds (`model.layers`)."""
     cfg = getattr(source_model, "config", None)
@@ -643,7 +643,7 @@ def convert_from_source(
         raise ConfigError(
             f"convert.init: unknown adapter init {adapter_init!r}; use one of {', '.join(ADAPTER_INITS)}"
         )
-    src_cfg = _check_source(source_model)
+    src_cfg = check_source(source_model)
     n = src_cfg.num_hidden_layers
     parts = {
         name: _check_indices(f"split.{name}", idx, n)
@@ -698,7 +698,7 @@ def convert_from_source(
 
 def drop_layers(source_model: nn.Module, keep: list[int]) -> nn.Module:
     """A deep copy of the source with only the decoder layers `keep` (the R = 1 reference)."""
-    cfg = _check_source(source_model)
+    cfg = check_source(source_model)
     keep = _check_indices("keep", keep, cfg.num_hidden_layers)
     model = copy.deepcopy(source_model)
     layers = [model.model.layers[i] for i in keep]

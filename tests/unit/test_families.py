@@ -342,3 +342,29 @@ def test_an_unsupported_family_is_one_line_naming_type_missing_and_tested(
         convert_from_source(source, prelude=[0], block=[1], coda=[])
     msg = str(err.value)
     assert "\n" not in msg and model_type in msg and missing in msg and "qwen3" in msg
+
+
+# --------------------------------------------------------------------------- the tiny profile
+
+
+def test_the_tiny_profile_builds_and_converts_every_tested_family(tokenizer):
+    """`prepare.model.tiny.architecture` takes every tested family (and only those), and what
+    `build_tiny_model` builds passes the source check and converts exactly."""
+    from typing import get_args
+
+    from retroloop.config import TinyModelSpec
+    from retroloop.models.loading import build_tiny_model, check_supported
+
+    annotation = TinyModelSpec.model_fields["architecture"].annotation
+    assert set(get_args(annotation)) == set(TESTED_FAMILIES)
+    for family in TESTED_FAMILIES:
+        spec = TinyModelSpec(architecture=family, hidden_size=32, num_hidden_layers=6,
+                             num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)  # fmt: skip
+        source = build_tiny_model(spec, tokenizer)
+        assert source.config.model_type == family
+        check_supported(source)
+        looped = convert_from_source(source, **SPLIT, recurrence=1)
+        assert r1_diff(looped, source, tokenizer) <= 1e-5, family
+    gpt2 = AutoConfig.for_model("gpt2", vocab_size=64, n_embd=32, n_head=2, n_layer=2)
+    with pytest.raises(ModelError, match="'gpt2' cannot be looped: .*; tested families: llama"):
+        check_supported(MODEL_FOR_CAUSAL_LM_MAPPING[type(gpt2)](gpt2))
