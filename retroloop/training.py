@@ -32,6 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from retroloop.artifacts import now_iso, write_json_atomic
+from retroloop.canonical import json_sha256
 from retroloop.errors import DivergedError
 
 log = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ def load_checkpoint(
 def run_key(*parts: Any) -> str:
     """The identity of a training run (its parameters, its inputs' content hashes): a
     checkpoint is resumed only by a run with the same key."""
-    return hashlib.sha256(json.dumps(list(parts), sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(list(parts))
 
 
 @dataclass(frozen=True)

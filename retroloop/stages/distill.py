@@ -30,8 +30,6 @@ ranks instead of gradient-accumulation micro-batches, follows the same trajector
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -51,6 +49,7 @@ from retroloop.artifacts import (
     input_ref,
     read_manifest,
 )
+from retroloop.canonical import json_sha256
 from retroloop.config import Params
 from retroloop.errors import ArtifactError, ConfigError, DataError
 from retroloop.losses import distill_loss_sums
@@ -93,23 +92,11 @@ def run(
     d = cfg.distill
     paths, refs = _inputs(inputs, d)
     tokenizer = load_tokenizer(paths["student"])
-    seqs = training_sequences(
-        tokenizer,
-        pl.read_parquet(paths["train_instruct"]),
-        pl.read_parquet(paths["train_domain"]),
-        cfg.prepare.max_seq_len,
-    )
-    if not seqs:
-        raise DataError(
-            f"{paths['train_instruct']}, {paths['train_domain']}: no training sequence with a trainable token"
-        )
+    seqs = _sequences(tokenizer, paths, cfg.prepare.max_seq_len)
     cached = d.distillation and d.teacher == "cached"
     cache = open_cache(paths, tokenizer, seqs, d.temperature, d.divergence) if cached else None
-    teacher = None
-    if d.distillation and d.teacher == "online":
-        teacher_fp = {"tokenizer": tokenizer_fingerprint(load_tokenizer(paths["teacher"]))}
-        tc.check_compatible(teacher_fp, tokenizer, str(paths["teacher"]))
-        teacher = load_model(paths["teacher"], cfg.dtype, device)
+    online = d.distillation and d.teacher == "online"
+    teacher = _online_teacher(paths["teacher"], tokenizer, cfg.dtype, device) if online else None
     model = load_student(paths["student"], cfg, device)
     loop = _Loop(cfg, env, device, model, seqs, cache, teacher, tokenizer.pad_token_id, log_name)
     loop.log_plan()
@@ -120,8 +107,8 @@ def run(
         "schedule": cfg.convert.schedule.model_dump(),
         "max_seq_len": cfg.prepare.max_seq_len,
     }
-    params_sha256 = _sha256([run_params])
-    run_key = _sha256([params_sha256, [r.content_sha256 for r in refs]])
+    params_sha256 = json_sha256([run_params])
+    run_key = json_sha256([params_sha256, [r.content_sha256 for r in refs]])
     ckpts = training.Checkpoints(checkpoint_dir, run_key, d.checkpoint_every, d.steps)
     start, rows = 0, []
     if (found := ckpts.resume(model, loop.optimizer)) is not None:
@@ -177,6 +164,27 @@ def _inputs(inputs: dict | None, d) -> tuple[dict[str, Path], list]:
     online = d.distillation and d.teacher == "online"
     roles = list(defaults)[:3] + ["teacher_cache"] * cached + ["teacher"] * online
     return paths, [input_ref(role, paths[role]) for role in roles]
+
+
+def _sequences(tokenizer, paths: dict[str, Path], max_seq_len: int) -> list[Sequence]:
+    seqs = training_sequences(
+        tokenizer,
+        pl.read_parquet(paths["train_instruct"]),
+        pl.read_parquet(paths["train_domain"]),
+        max_seq_len,
+    )
+    if not seqs:
+        raise DataError(
+            f"{paths['train_instruct']}, {paths['train_domain']}: no training sequence with a trainable token"
+        )
+    return seqs
+
+
+def _online_teacher(path: Path, tokenizer, dtype: str, device: torch.device) -> torch.nn.Module:
+    """`distill.teacher: online`: the teacher model, once its tokenizer matches the student's."""
+    teacher_fp = {"tokenizer": tokenizer_fingerprint(load_tokenizer(path))}
+    tc.check_compatible(teacher_fp, tokenizer, str(path))
+    return load_model(path, dtype, device)
 
 
 class _Loop:
@@ -419,10 +427,6 @@ def _write_artifact(
         *(w.metrics[k] for k in ("kl_start", "kl_end", "ce_start", "ce_end")),
     )
     return manifest
-
-
-def _sha256(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _warn_if_other_teacher(student: Path, cache: Path) -> None:

@@ -156,27 +156,18 @@ def train_opd(
     loop = _Loop(p, student, teacher, tokenizer, engine, optimizer, trainable, prompts_df.to_dicts(),
                  seed, s_kwargs, teacher_kwargs, log_prefix, out_dir)  # fmt: skip
     loop.log_plan()
-    progress = _Progress(np.random.default_rng(seed))
-    if checkpoints is not None and (found := checkpoints.resume(student, optimizer)) is not None:
-        _restore(progress, tracker, *found)
-        log.info("resuming from %s (step %d of %d)", found[0], progress.step, p.steps)
+    progress = _resume(checkpoints, student, optimizer, tracker, seed)
     own_log = steplog is None
-    if steplog is None:
-        steplog = StepLog(out_dir, name=log_prefix, params=logging_params)
+    steplog = steplog or StepLog(out_dir, name=log_prefix, params=logging_params)
     for row in progress.rows:  # a resumed run replays the steps done (dvclive only)
         steplog.log(row, sink=False)
-    heldout = dict(seed=seed, student_kwargs=s_kwargs, teacher_kwargs=teacher_kwargs,
-                   n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens,
-                   top_k=p.vopd_top_k)  # fmt: skip
     teacher_base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
     with fixed_initial_state(base), fixed_initial_state(teacher_base):  # a looped teacher too
         # Before any sampling counts (and again on resume, in this process): the sampler's
         # cached decoding and the teacher's scoring must agree with plain cache-free forwards.
         guard = loop.guard(heldout_prompts)
         if progress.guard is None:  # a first start; a resumed run keeps the first's figures
-            progress.guard = guard
-            if heldout_prompts:
-                progress.kl_before = heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)  # fmt: skip
+            progress.guard, progress.kl_before = guard, loop.heldout_kl(heldout_prompts)
             tracker.snapshot(0)
         loop.push_adapter(progress.step)
         bar = tqdm(range(progress.step + 1, p.steps + 1), desc=log_prefix, unit="step",
@@ -190,9 +181,7 @@ def train_opd(
                 _save(checkpoints, step, student, optimizer, progress, tracker)
             bar.set_postfix(kl=f"{row['reverse_kl_topk_lb']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
             _after_step(step)
-        kl_after = None
-        if heldout_prompts:
-            kl_after = heldout_reverse_kl(student, teacher, tokenizer, heldout_prompts, **heldout)
+        kl_after = loop.heldout_kl(heldout_prompts)
     if own_log:
         steplog.close()
     geometry = _write_outputs(out_dir, student, progress, tracker)
@@ -249,6 +238,17 @@ class _Loop:
             self.engine, self.student, self.teacher, prompts, pad_id=self.tokenizer.pad_token_id,
             seed=seed_for(self.seed, "opd-guard", 0), student_kwargs=self.s_kwargs,
             teacher_kwargs=self.teacher_kwargs,
+        )  # fmt: skip
+
+    def heldout_kl(self, prompts: list[str] | None) -> float | None:
+        """The before/after measure on fixed prompts with a fixed seed (None: no prompts)."""
+        if not prompts:
+            return None
+        p = self.p
+        return heldout_reverse_kl(
+            self.student, self.teacher, self.tokenizer, prompts, n=p.rollout.samples_per_prompt,
+            max_new_tokens=p.rollout.max_new_tokens, top_k=p.vopd_top_k, seed=self.seed,
+            student_kwargs=self.s_kwargs, teacher_kwargs=self.teacher_kwargs,
         )  # fmt: skip
 
     def push_adapter(self, step: int) -> None:
@@ -313,6 +313,15 @@ def _save(ckpts, step, student, optimizer, progress: _Progress, tracker: Geometr
         save_file({"torch_cpu": torch.random.get_rng_state()}, directory / "rng.safetensors")
 
     ckpts.save(step, student, optimizer, state, extra)
+
+
+def _resume(checkpoints, student, optimizer, tracker: GeometryTracker, seed: int) -> _Progress:
+    """A fresh start, or the newest checkpoint's progress (weights and optimizer restored)."""
+    progress = _Progress(np.random.default_rng(seed))
+    if checkpoints is not None and (found := checkpoints.resume(student, optimizer)) is not None:
+        _restore(progress, tracker, *found)
+        log.info("resuming from %s (step %d of %d)", found[0], progress.step, checkpoints.steps)
+    return progress
 
 
 def _restore(progress: _Progress, tracker: GeometryTracker, path: Path, state: dict) -> None:

@@ -18,7 +18,6 @@ trained on the same data with the same budget. `static.enabled: false` writes th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from retroloop.artifacts import Manifest, atomic_artifact, read_manifest, verify_inputs
-from retroloop.canonical import canonicalize
+from retroloop.canonical import canonicalize, json_sha256
 from retroloop.config import Params
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.models.recurrent import drop_layers
@@ -121,7 +120,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["stati
         params = {**cfg.section("distill"), "static": cfg.static.model_dump()}
         manifest = w.finish(
             params=params,
-            params_sha256=hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest(),
+            params_sha256=json_sha256(params),
             seed=cfg.seed,
             device=str(device),
         )
