@@ -5,26 +5,27 @@
                                                      # in cycle.watch_dir (data/incoming)
     prefect deploy --all && prefect worker start --pool gpu   # the same on GPU workers (README)
 
-A cycle, read top to bottom in `cycle_flow`:
+`cycle_flow` only orders the tasks of `tasks/cycle.py`, one per step of `retroloop.cycle` (read
+that module for what each step does, with the same numbers):
 
  1. read the domain file and check the pipeline's outputs are there      (writes nothing)
- 2. claim the registry: its lock and the next cycle number; load the parent (the model the
-    last registered cycle left) and the teacher; check they share a tokenizer
+ 2. claim the registry (its lock and the next cycle number); load and check the parent (the
+    model the last registered cycle left) and the teacher
  3. evaluate "before" → LoRA mid-training on the domain → evaluate "after_midtrain" (forgetting)
  4. OPD with the earlier model as teacher → evaluate "after_opd" (recovery)
+    (+ the SFT-on-own-samples baseline with evaluate.baseline_sft)
  5. register: the whole cycle appears as registry/cycles/cycle-NNNN in one rename
 
-Exactly once: two cycles on one Prefect server queue on the "gpu" concurrency slot; two on one
-registry from anywhere else are kept apart by the registry lock (the second refuses with one
+Exactly once: two cycles on one Prefect server queue on its concurrency slot (`tasks.slot`: a
+killed holder's slot is given back, a live one's waited for up to cycle.slot_timeout_s); two on
+one registry from anywhere else are kept apart by the registry lock (the second refuses with one
 line). A failure or a kill at any step leaves the registry as it was (see `retroloop.registry`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,10 @@ from prefect.states import Failed
 from retroloop import registry
 from retroloop.artifacts import sha256_file
 from retroloop.config import load_params
+from retroloop.cycle import summary
 from retroloop.errors import DataError
-from retroloop.stages.cycle import summary
 from tasks.cycle import (
+    claim_registry,
     evaluate,
     gpu_slot,
     library_logs_to_prefect,
@@ -47,7 +49,9 @@ from tasks.cycle import (
     publish_watch_report,
     read_inputs,
     register,
+    release_registry,
     sft_baseline,
+    slot_name,
 )
 
 log = logging.getLogger("retroloop.flows.cycle")
@@ -59,29 +63,25 @@ def cycle_flow(
 ) -> dict[str, Any]:
     """One cycle: mid-train on `domain_data`, measure forgetting, recover with OPD, register."""
     os.environ["RETROLOOP_PREFECT_RUN_ID"] = str(flow_run.get_id() or "")
-    with library_logs_to_prefect(), gpu_slot():
-        state = read_inputs(params_path, domain_data, fmt)
-        with (
-            registry.claim_next_cycle(state.cfg.cycle.registry) as claim,
-            tempfile.TemporaryDirectory(prefix="retroloop-cycle-") as work_dir,
-        ):
-            state = load_models(state, claim)
-            evaluate(state, "before")
-            midtrain(state)
-            evaluate(state, "after_midtrain")
-            after_midtrain = _adapter_weights(state) if state.cfg.evaluate.baseline_sft else None
-            opd_recovery(state, work_dir)
-            evaluate(state, "after_opd")
-            if after_midtrain is not None:
-                sft_baseline(state, after_midtrain)
-            out = register(state, claim, work_dir)
+    cfg = load_params(params_path)
+    slot = slot_name(cfg.cycle.gpu_limit)
+    with library_logs_to_prefect(), gpu_slot(slot, timeout_s=cfg.cycle.slot_timeout_s):
+        inputs = read_inputs(cfg, domain_data, fmt)  # 1
+        claim = claim_registry(inputs)  # 2
+        try:
+            run = load_models(inputs, claim)  # 2
+            before = evaluate(run, "before", run.start)  # 3
+            midtrained = midtrain(run)  # 3
+            after_midtrain = evaluate(run, "after_midtrain", midtrained.student)  # 3
+            recovered = opd_recovery(run, after_midtrain.student)  # 4
+            after_opd = evaluate(run, "after_opd", recovered.student)  # 4
+            phases = [before, after_midtrain, after_opd]
+            if cfg.evaluate.baseline_sft:  # 4
+                phases.append(sft_baseline(run, after_midtrain.student, after_opd.student))
+            out = register(run, claim, phases, midtrained, recovered)  # 5
+        finally:
+            release_registry(claim)
     return summary(Path(out))
-
-
-def _adapter_weights(state) -> dict:
-    from peft import get_peft_model_state_dict
-
-    return copy.deepcopy(get_peft_model_state_dict(state.student))
 
 
 # --------------------------------------------------------------------------- watch + schedule

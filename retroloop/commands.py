@@ -88,7 +88,38 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_dvc_idle(root: Path = Path(".")) -> None:
+    """`BusyError` at once, naming the holder, when a DVC command (`dvc repro`, `dvc exp run`)
+    holds this repository's lock, `.dvc/tmp/lock`: the pipeline flow would fail on its first
+    DVC call, after Prefect has started. DVC locks it with `flock` (zc.lockfile), so a free
+    lock is taken and given back here in one step; a dead holder's lock is free."""
+    import errno
+    import fcntl
+    import os
+
+    from retroloop.errors import BusyError
+    from retroloop.runlock import dvc_lock_holder
+
+    path = Path(root) / ".dvc" / "tmp" / "lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nothing holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise BusyError(
+            f"retroloop run: another DVC command is running in this repository: "
+            f"{dvc_lock_holder(Path(root))}; wait for it to finish, then run again"
+        ) from None
+    finally:
+        os.close(fd)  # releases the lock if this took it
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    check_dvc_idle()  # before the params, Prefect and torch: one line, at once
     with _params(args) as (params_path, _cfg):
         from flows.pipeline import pipeline_flow
 
@@ -99,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_cycle(args: argparse.Namespace) -> int:
     with _params(args) as (params_path, _cfg):
-        from retroloop.stages.cycle import load_domain_file
+        from retroloop.cycle import load_domain_file
 
         # A missing or malformed domain file is one line here, not a failed flow run.
         load_domain_file(args.domain_data, args.format)

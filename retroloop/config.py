@@ -398,6 +398,24 @@ class CycleParams(Strict):
     opd_steps: int = Field(8, gt=0)
     eval_records: int = Field(8, gt=0)
     watch_dir: str = Field("data/incoming", description="folder the scheduled flow watches")
+    slot_timeout_s: float = Field(
+        3600.0,
+        gt=0.0,
+        description="seconds a cycle waits for the Prefect concurrency slot a live cycle holds, "
+        "then fails in one line naming `prefect gcl delete NAME` (a dead holder's is given back)",
+    )
+    gpu_limit: str | None = Field(
+        None,
+        min_length=1,
+        description="Prefect global concurrency limit a cycle holds; null = 'gpu' on a real "
+        "server (shared by its GPU workers), one per checkout on a temporary server",
+    )
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="AdamW weight decay of mid-training and the SFT baseline"
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0.0, description="gradient-norm clip (L2) of mid-training and the SFT baseline"
+    )
 
 
 class LoggingParams(Strict):

@@ -30,7 +30,7 @@ import os
 import shutil
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,12 @@ class RegistryBusyError(ArtifactError):
 
 @dataclass(frozen=True)
 class Claim:
-    """The right to register cycle `number` (valid while its `claim_next_cycle` block runs)."""
+    """The right to register cycle `number`: valid from `acquire` until `release` (or for the
+    duration of a `claim_next_cycle` block); `fd` holds the registry's flock meanwhile."""
 
     root: Path
     number: int
+    fd: int = field(default=-1, compare=False, repr=False)
 
     @property
     def final_dir(self) -> Path:
@@ -129,12 +131,12 @@ def _holder(fd: int) -> str:
     return "another cycle"
 
 
-@contextlib.contextmanager
-def claim_next_cycle(root: str | Path) -> Iterator[Claim]:
-    """Hold the registry lock and the next cycle number for the duration of the block.
+def acquire(root: str | Path) -> Claim:
+    """Take the registry lock and the next cycle number; hold them until `release(claim)`.
 
     Refuses at once with `RegistryBusyError` when another cycle holds the lock (callers that
-    should wait, wait before this: the Prefect flow queues on the "gpu" concurrency slot).
+    should wait, wait before this: the Prefect flow queues on its concurrency slot). The kernel
+    drops the lock if this process dies, so a killed cycle never keeps the registry.
     """
     root = Path(root)
     fd = _open_lock(root)
@@ -153,12 +155,28 @@ def claim_next_cycle(root: str | Path) -> Iterator[Claim]:
         info = {"cycle": number, "pid": os.getpid(), "host": socket.gethostname()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info | {"since": now_iso()}).encode(), 0)
-        try:
-            yield Claim(root, number)
-        finally:
-            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Claim(root, number, fd)
+
+
+def release(claim: Claim) -> None:
+    """Give the registry lock back (closing the last descriptor releases the flock)."""
+    try:
+        os.ftruncate(claim.fd, 0)
     finally:
-        os.close(fd)  # closing the last descriptor releases the flock
+        os.close(claim.fd)
+
+
+@contextlib.contextmanager
+def claim_next_cycle(root: str | Path) -> Iterator[Claim]:
+    """`acquire` for the duration of the block, then `release`."""
+    claim = acquire(root)
+    try:
+        yield claim
+    finally:
+        release(claim)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
-"""Prefect tasks for the continual-learning cycle: thin wrappers of `retroloop.stages.cycle`.
+"""Prefect tasks for the continual-learning cycle: one task per function of `retroloop.cycle`.
 
-Each step is one task run (so the UI shows where a cycle is and where it failed); the tasks
-add only what Prefect owns: the "gpu" concurrency slot, artifacts, and routing the library's
-log lines into the run's logs. The order of the steps is the recipe in `flows/cycle.py`.
+Each step is one task run (so the UI shows where a cycle is and where it failed), numbered as in
+`retroloop.cycle` (the recipe) and `flows/cycle.py` (which only orders these tasks). The tasks
+add only what Prefect and DVC own: the registry claim held across tasks, the concurrency slot
+(`tasks.slot`), `dvc add` of a registered cycle, artifacts, and routing the library's log lines
+into the run's logs.
 """
 
 from __future__ import annotations
@@ -16,40 +18,16 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from retroloop import registry
-from retroloop.config import load_params
-from retroloop.stages import cycle
-from retroloop.stages.cycle import CycleState
+from retroloop import cycle, registry
+from retroloop.config import Params
+from retroloop.cycle import Checkpoint, CycleInputs, CycleRun, Evaluated, Trained
+from tasks.slot import GPU_LIMIT, gpu_slot, slot_name  # noqa: F401  (the flow's slot)
 
-GPU_LIMIT = "gpu"
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- Prefect plumbing
-
-
-@contextlib.contextmanager
-def gpu_slot(name: str = GPU_LIMIT) -> Iterator[None]:
-    """Hold one slot of the global concurrency limit `name`, creating it (limit 1) if the server
-    has none. `strict=True`: a cycle never runs unthrottled because the limit is missing, and
-    a second cycle on the same server waits here for the first. The slot is a lease the
-    server takes back when its holder dies (kill -9 included)."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # another cycle created it first
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1)
-                )
-            log.info("created the global concurrency limit %r (limit 1)", name)
-    with concurrency(name, occupy=1, strict=True):
-        yield
 
 
 @contextlib.contextmanager
@@ -76,42 +54,61 @@ def library_logs_to_prefect(name: str = "retroloop") -> Iterator[None]:
 
 
 @task(name="read-inputs", cache_policy=NO_CACHE)
-def read_inputs(params_path: str, domain_data: str, fmt: str) -> CycleState:
-    return cycle.read_inputs(load_params(params_path), Path(domain_data), fmt)
+def read_inputs(cfg: Params, domain_data: str, fmt: str) -> CycleInputs:
+    """1. read and split the domain data."""
+    return cycle.read_inputs(cfg, Path(domain_data), fmt)
+
+
+@task(name="claim-registry", cache_policy=NO_CACHE)
+def claim_registry(inputs: CycleInputs) -> registry.Claim:
+    """2. the registry lock and the next cycle number, held until `release_registry`."""
+    return registry.acquire(inputs.cfg.cycle.registry)
+
+
+@task(name="release-registry", cache_policy=NO_CACHE)
+def release_registry(claim: registry.Claim) -> None:
+    registry.release(claim)
 
 
 @task(name="load-models", cache_policy=NO_CACHE)
-def load_models(state: CycleState, claim: registry.Claim) -> CycleState:
-    state.number = claim.number
-    return cycle.load_models(state, claim.root)
+def load_models(inputs: CycleInputs, claim: registry.Claim) -> CycleRun:
+    """2. resolve and check the parent and the teacher; the student's starting adapter."""
+    return cycle.load_models(inputs, claim)
 
 
 @task(name="evaluate", task_run_name="evaluate-{phase}", cache_policy=NO_CACHE)
-def evaluate(state: CycleState, phase: str) -> dict[str, Any]:
-    return cycle.evaluate_phase(state, phase)
+def evaluate(run: CycleRun, phase: str, student: Checkpoint) -> Evaluated:
+    """3-4. one phase's metrics (before / after_midtrain / after_opd)."""
+    return cycle.evaluate_phase(run, phase, student)
 
 
 @task(name="midtrain", cache_policy=NO_CACHE)
-def midtrain(state: CycleState) -> list[float]:
-    return cycle.midtrain(state)
+def midtrain(run: CycleRun) -> Trained:
+    """3. LoRA mid-training on the domain."""
+    return cycle.midtrain(run)
 
 
 @task(name="opd-recovery", cache_policy=NO_CACHE)
-def opd_recovery(state: CycleState, work_dir: str) -> dict[str, Any]:
-    return cycle.recover_with_opd(state, Path(work_dir))
+def opd_recovery(run: CycleRun, student: Checkpoint) -> Trained:
+    """4. OPD against the earlier model."""
+    return cycle.recover_with_opd(run, student)
 
 
 @task(name="sft-self-baseline", cache_policy=NO_CACHE)
-def sft_baseline(state: CycleState, snapshot: dict) -> dict[str, Any]:
-    return cycle.sft_self_baseline(state, snapshot)
+def sft_baseline(run: CycleRun, after_midtrain: Checkpoint, after_opd: Checkpoint) -> Evaluated:
+    """4. (evaluate.baseline_sft) the contrast: SFT on the model's own samples."""
+    return cycle.sft_self_baseline(run, after_midtrain, after_opd)
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register(state: CycleState, claim: registry.Claim, work_dir: str) -> str:
-    """Publish the cycle, put it under DVC, then show its phase table and report on the run."""
-    out = cycle.register(state, claim, Path(work_dir))
+def register(
+    run: CycleRun, claim: registry.Claim, phases: list[Evaluated], midtrained: Trained,
+    recovered: Trained,
+) -> str:  # fmt: skip
+    """5. publish the cycle, put it under DVC, then show its phase table and report on the run."""
+    out = cycle.register(run, claim, phases, midtrained, recovered)
     track_registered(claim.root)
-    publish_report(state, out)
+    publish_report(run.number, {e.phase: e.metrics for e in phases}, out)
     return str(out)
 
 
@@ -149,16 +146,16 @@ def track_registered(root: Path) -> list[Path]:
     return added
 
 
-def publish_report(state: CycleState, out: Path) -> None:
+def publish_report(number: int, phases: dict[str, dict[str, Any]], out: Path) -> None:
     create_table_artifact(
-        key=f"cycle-{state.number:04d}-phases",
-        table=cycle.phase_rows(state),
-        description=f"cycle {state.number}: forgetting and recovery, phase by phase",
+        key=f"cycle-{number:04d}-phases",
+        table=cycle.phase_rows(phases),
+        description=f"cycle {number}: forgetting and recovery, phase by phase",
     )
     create_markdown_artifact(
-        key=f"cycle-{state.number:04d}-report",
+        key=f"cycle-{number:04d}-report",
         markdown=(out / "report.md").read_text(encoding="utf-8"),
-        description=f"cycle {state.number} report ({out})",
+        description=f"cycle {number} report ({out})",
     )
 
 

@@ -30,7 +30,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         raw = yaml.safe_load(TINY_PROFILE.read_text())
-        raw["cycle"].update(base_model="data/prepare/model", base_adapter=None)
+        # A leaked slot fails the test in 5 minutes, not the profile's 10.
+        raw["cycle"].update(base_model="data/prepare/model", base_adapter=None, slot_timeout_s=300)
         (root / "params.yaml").write_text(yaml.safe_dump(raw))
         prepare.run(load_params(root / "params.yaml"))
         texts = pl.read_parquet("data/prepare/datasets/domain_train.parquet")["text"].to_list()
@@ -52,6 +53,26 @@ def api(workdir: Path):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def _taken_slots() -> dict[str, int]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {x.name: x.active_slots for x in client.read_global_concurrency_limits() if x.active_slots}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def no_slot_left_taken(request: pytest.FixtureRequest):
+    """Every cycle test starts and ends with no concurrency slot taken on its server: a slot a
+    test (or a file before this one) leaves taken fails here, at once, instead of making the
+    next cycle wait up to cycle.slot_timeout_s for it (the hang that reverted e402870)."""
+    if "api" not in request.fixturenames:
+        yield
+        return
+    assert _taken_slots() == {}, "a slot was taken before this test (by another test file?)"
+    yield
+    assert _taken_slots() == {}, "this test left a concurrency slot taken"
 
 
 def params_with(workdir: Path, name: str, **cycle: object) -> Path:
@@ -161,8 +182,7 @@ def test_failed_cycle_leaves_its_file_for_the_next_watch_tick(
     workdir: Path, api: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.cycle import watch_flow
-    from retroloop import registry
-    from retroloop.stages import cycle
+    from retroloop import cycle, registry
 
     monkeypatch.chdir(workdir)
     params = str(params_with(workdir, "watch", registry="reg-watch", watch_dir="incoming"))
@@ -276,7 +296,7 @@ def test_bad_input_is_one_line_and_registers_nothing(
 def test_bad_domain_data_is_refused_before_anything_is_written(
     workdir, monkeypatch, tmp_path, setup, match
 ) -> None:
-    from retroloop.stages.cycle import read_inputs
+    from retroloop.cycle import read_inputs
 
     monkeypatch.chdir(workdir)
     setup(tmp_path)
@@ -292,7 +312,8 @@ point, params, data = sys.argv[1:4]
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 from retroloop.artifacts import ArtifactWriter
-from retroloop.stages import cycle, opd
+from retroloop import cycle
+from retroloop.stages import opd
 if point == "midtrain":  # after the first mid-training step
     make = cycle.make_optimizer
     def make_dying(*args, **kwargs):
