@@ -9,6 +9,11 @@ just wrote (stage tasks have no result cache; this is the second line of defence
     retroloop run                       # temporary local API, no server needed
     prefect server start --host 127.0.0.1 &  # or: watch it in the UI at http://127.0.0.1:4200
     PREFECT_API_URL=http://127.0.0.1:4200/api retroloop run
+
+On a worker that shares no disk with you (prefect.yaml's `pipeline-remote` deployment clones
+the repository at the deployed commit), `push_to="origin"` makes the run a DVC experiment:
+checked first (a DVC remote, the git remote, a free experiment name), the recorded outputs
+pulled, the stages run, then outputs and the experiment's git ref pushed (tasks/remote.py).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from prefect import flow
 
 from retroloop.artifacts import read_manifest
 from retroloop.config import STAGES
-from retroloop.errors import ArtifactError, BusyError
+from retroloop.errors import ArtifactError, BusyError, ConfigError
 from retroloop.runlock import dvc_lock_holder
 from retroloop.stages.common import PATHS
+from tasks.remote import check_remote, fetch_inputs, push_experiment
 from tasks.stages import STAGE_TASKS
 
 log = logging.getLogger(__name__)
@@ -66,9 +72,25 @@ def commit_stage(name: str, root: Path = Path(".")) -> None:
 
 
 @flow(name="retroloop-pipeline", log_prints=True)
-def pipeline_flow(params_path: str = "params.yaml", force: bool = False) -> list[dict[str, Any]]:
+def pipeline_flow(
+    params_path: str = "params.yaml",
+    force: bool = False,
+    push_to: str | None = None,
+    experiment: str | None = None,
+) -> list[dict[str, Any]]:
+    """Every stage in dvc.yaml's order; with `push_to` (a git remote), as a DVC experiment
+    pushed there and to the DVC remote when all stages are done (named `experiment`, or a
+    generated name)."""
     assert dvc_stage_names() == list(STAGES), "dvc.yaml and retroloop.config.STAGES disagree"
     track = Path(params_path).resolve() == Path("params.yaml").resolve()
+    if push_to is not None:
+        if not track:
+            raise ConfigError(
+                f"push_to={push_to!r} with params_path={params_path!r}: an experiment is "
+                "params.yaml + dvc.lock; run it with params_path=params.yaml"
+            )
+        check_remote(push_to, experiment)
+        fetch_inputs()
     if not track:
         log.warning(
             "params %s is not params.yaml: DVC skip logic and dvc.lock are bypassed", params_path
@@ -86,4 +108,6 @@ def pipeline_flow(params_path: str = "params.yaml", force: bool = False) -> list
                 )
             commit_stage(name)
         results.append(result)
+    if push_to is not None:
+        push_experiment(push_to, experiment)
     return results

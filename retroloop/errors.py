@@ -51,6 +51,11 @@ class BusyError(RetroloopError):
     """Another run in this repository holds what this one needs (a stage's lock, DVC's lock)."""
 
 
+class RemoteError(RetroloopError):
+    """A worker without a shared disk cannot fetch its inputs or push what it trained (no DVC
+    remote configured, a git remote that refuses, an experiment name already taken)."""
+
+
 class WriteError(ArtifactError):
     """An output could not be written (disk full, file-size limit); nothing was published."""
 
