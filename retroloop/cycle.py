@@ -43,13 +43,11 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
@@ -68,6 +66,7 @@ from retroloop.eval.report import markdown_table
 from retroloop.eval.suite import build_eval_data, evaluate_model
 from retroloop.models.loading import load_model, load_tokenizer, resolve_device
 from retroloop.onpolicy import check_same_tokenizer
+from retroloop.rngstate import restore_rng_state, save_rng_state
 from retroloop.sequences import chat_sequence, pad_batch, text_sequence
 from retroloop.stages.common import dataset_path, setup_run
 from retroloop.stages.opd import train_opd
@@ -345,35 +344,7 @@ def _save(student, folder: Path, *, adapter: Path | None = None) -> Checkpoint:
     folder.mkdir(parents=True, exist_ok=True)
     if adapter is None:
         student.save_pretrained(adapter := folder / "adapter")
-    state = {
-        "python": random.getstate(),
-        "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-    }
-    from safetensors.torch import save_file
-
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    save_file(tensors, folder / "rng.safetensors")
-    (folder / "rng.json").write_text(json.dumps(state), encoding="utf-8")
-    return Checkpoint(adapter, folder / "rng.safetensors")
-
-
-def _restore_rng(ckpt: Checkpoint) -> None:
-    """Continue the random stream where the step that wrote `ckpt` left it (after loading the
-    models, whose initialisers draw from it)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(ckpt.rng)
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    state = json.loads(ckpt.rng.with_suffix(".json").read_text(encoding="utf-8"))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return Checkpoint(adapter, save_rng_state(folder / "rng.safetensors"))
 
 
 def _student(run: CycleRun, ckpt: Checkpoint, *, teacher: bool = True):
@@ -388,7 +359,7 @@ def _student(run: CycleRun, ckpt: Checkpoint, *, teacher: bool = True):
         teacher_model = _load(run.teacher, cfg, device, trainable=False, key=_teacher_key(cfg))
         teacher_model = teacher_model.eval().requires_grad_(False)
     tokenizer = load_tokenizer(run.parent.base)
-    _restore_rng(ckpt)
+    restore_rng_state(ckpt.rng)  # after loading: the initialisers draw from it too
     return student, teacher_model, tokenizer
 
 
