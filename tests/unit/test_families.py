@@ -40,6 +40,8 @@ from retroloop.models.recurrent import (
     equivalence_max_abs_diff,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: 2 threads spin on 2 cores
+
 WINDOW = 6  # sliding window, shorter than every sequence below
 SPLIT = dict(prelude=[0], block=[2, 3], coda=[5])  # of 6 layers; 1 and 4 are dropped
 KEPT = [0, 2, 3, 5]
