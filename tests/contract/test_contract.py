@@ -76,17 +76,22 @@ def _retroloop_imports(path: Path) -> set[str]:
     return found
 
 
+def _stage_code(name: str) -> set[str]:
+    """The files of every `retroloop` module the stage's code imports, transitively."""
+    seen, todo = set(), [f"retroloop.stages.{name}"]
+    while todo:
+        module = todo.pop()
+        if module not in seen and (path := _module_file(module)) is not None:
+            seen.add(module)
+            todo += _retroloop_imports(path)
+    files = {_module_file(m).relative_to(REPO).as_posix() for m in seen}
+    return {f for f in files if not f.endswith("__init__.py")}
+
+
 def test_deps_list_every_module_the_stage_code_imports() -> None:
     """dvc reruns a stage when its code changes only if that code is in its deps."""
     for name, stage in DVC.items():
-        seen, todo = set(), [f"retroloop.stages.{name}"]
-        while todo:
-            module = todo.pop()
-            if module not in seen and (path := _module_file(module)) is not None:
-                seen.add(module)
-                todo += _retroloop_imports(path)
-        files = {_module_file(m).relative_to(REPO).as_posix() for m in seen}
-        files = {f for f in files if not f.endswith("__init__.py")} - _NOT_OUTPUT_CODE
+        files = _stage_code(name) - _NOT_OUTPUT_CODE
         deps = set(stage["deps"])
         missing = sorted(
             f for f in files if f not in deps and not any(f.startswith(d + "/") for d in deps)
@@ -100,12 +105,20 @@ def test_outputs_live_under_the_stage_folder_with_a_manifest() -> None:
         assert f"data/{name}/manifest.json" in outs
         metrics = [m if isinstance(m, str) else next(iter(m)) for m in stage["metrics"]]
         # metrics.json: inside the content hash; run.json: timings, outside it (issue 11);
-        # a stage that logs steps (it imports retroloop.steplog) adds dvclive's last step.
-        logged = "retroloop/steplog.py" in stage["deps"]
+        # a stage that logs steps (its code opens a steplog.StepLog) adds dvclive's last step.
+        logged = any(_opens_a_steplog(REPO / f) for f in _stage_code(name))
         live = [f"data/{name}/dvclive/metrics.json"] if logged else []
         assert metrics == [f"data/{name}/metrics.json", f"data/{name}/run.json", *live]
         if logged:  # the per-step files, cached so `dvc plots diff` finds them in any revision
             assert {f"data/{name}/dvclive/plots", f"data/{name}/run_dvclive"} <= set(outs)
+
+
+def _opens_a_steplog(path: Path) -> bool:
+    """The file calls `StepLog(...)` (importing steplog's helpers does not log steps)."""
+    calls = (
+        n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.Call)
+    )
+    return any(getattr(c.func, "id", getattr(c.func, "attr", None)) == "StepLog" for c in calls)
 
 
 def _plot_files(plot: dict) -> dict[str, list[str]]:
