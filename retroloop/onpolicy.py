@@ -135,49 +135,12 @@ def opd_step(
     for first in range(0, len(batch), p.rollout.batch_size):
         rows = list(range(first, min(first + p.rollout.batch_size, len(batch))))
         pk = batch.select(rows).pack(pad_id, device)
-        mask_B_T, n_mb = pk.mask_B_T, int(pk.mask_B_T.sum())
-        tic = time.perf_counter()
-        with torch.no_grad():  # the teacher scores the student's ids in one forward pass
-            t_N_V, teacher_logp_B_T = score_rollouts(teacher, pk, teacher_kwargs)
-        sums["teacher_s"] += time.perf_counter() - tic
-        s_N_V, learner_logp_B_T = score_rollouts(student, pk, student_kwargs)
-        if s_N_V.shape[-1] != t_N_V.shape[-1]:
-            raise MismatchError(
-                f"opd: student vocabulary {s_N_V.shape[-1]} != teacher {t_N_V.shape[-1]}"
-            )
-        s_N_V = s_N_V.detach()  # the gradient flows through learner_logp_B_T only
-        kl_N = reverse_kl_topk_lower_bound(s_N_V, t_N_V, p.vopd_top_k)
-        baseline_B_T = None
-        if p.vopd_baseline:  # same row-major order as mask_B_T (column 0 is never generated)
-            baseline_B_T = torch.zeros_like(teacher_logp_B_T)
-            baseline_B_T[mask_B_T] = kl_N
         reward_B = (
             None if rewards is None else torch.tensor([rewards[i] for i in rows], device=device)
         )
-        adv_B_T = opd_advantages(
-            pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T, gamma=p.gamma, kl_coef=p.kl_coef,
-            reward_B=reward_B, reward_weight=p.reward_weight, baseline_B_T=baseline_B_T,
-        )  # fmt: skip
-        loss = opd_pg_loss(learner_logp_B_T, pk.sampler_logp_B_T, adv_B_T, mask_B_T) * (
-            n_mb / n_total
+        teacher_rows += _micro_batch(
+            student, teacher, pk, reward_B, p, n_total, sums, student_kwargs, teacher_kwargs
         )
-        loss.backward()
-
-        log_ratio_N = (learner_logp_B_T.detach() - pk.sampler_logp_B_T)[mask_B_T]
-        sums["loss"] += float(loss.detach())
-        sums["reverse_kl_sampled"] += (
-            float(reverse_kl_single_sample(pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T)) * n_mb
-        )
-        sums["reverse_kl_topk_lb"] += float(kl_N.sum())
-        sums["entropy"] += float(entropy_from_logits(s_N_V).sum())
-        sums["sampler_learner_kl"] += float(-log_ratio_N.sum())  # log π_sampler − log π_learner
-        sums["advantage_abs"] += float(adv_B_T.abs().sum())
-        sums["advantage_max_abs"] = max(sums["advantage_max_abs"], float(adv_B_T.abs().max()))
-        if n_mb:
-            sums["log_ratio_max_abs"] = max(
-                sums["log_ratio_max_abs"], float(log_ratio_N.abs().max())
-            )
-        teacher_rows += [teacher_logp_B_T[b][mask_B_T[b]].tolist() for b in range(len(rows))]
 
     params = [q for q in student.parameters() if q.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm))
@@ -194,6 +157,57 @@ def opd_step(
     stats: dict[str, Any] = {k: sums[k] / n_total for k in per_token}
     stats |= {k: sums[k] for k in ("loss", "teacher_s", "advantage_max_abs", "log_ratio_max_abs")}
     return stats | {"grad_norm": grad_norm, "teacher_logprobs": teacher_rows}
+
+
+def _micro_batch(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    pk: PackedRollouts,
+    reward_B: torch.Tensor | None,
+    p: OpdParams,
+    n_total: int,
+    sums: dict[str, float],
+    student_kwargs: dict[str, Any] | None,
+    teacher_kwargs: dict[str, Any] | None,
+) -> list[list[float]]:
+    """Score one micro-batch, backpropagate its share (`n_mb / n_total`) of the step's loss,
+    add its figures to `sums`; its teacher log-probs, one list per row."""
+    mask_B_T, n_mb = pk.mask_B_T, int(pk.mask_B_T.sum())
+    tic = time.perf_counter()
+    with torch.no_grad():  # the teacher scores the student's ids in one forward pass
+        t_N_V, teacher_logp_B_T = score_rollouts(teacher, pk, teacher_kwargs)
+    sums["teacher_s"] += time.perf_counter() - tic
+    s_N_V, learner_logp_B_T = score_rollouts(student, pk, student_kwargs)
+    if s_N_V.shape[-1] != t_N_V.shape[-1]:
+        raise MismatchError(
+            f"opd: student vocabulary {s_N_V.shape[-1]} != teacher {t_N_V.shape[-1]}"
+        )
+    s_N_V = s_N_V.detach()  # the gradient flows through learner_logp_B_T only
+    kl_N = reverse_kl_topk_lower_bound(s_N_V, t_N_V, p.vopd_top_k)
+    baseline_B_T = None
+    if p.vopd_baseline:  # same row-major order as mask_B_T (column 0 is never generated)
+        baseline_B_T = torch.zeros_like(teacher_logp_B_T)
+        baseline_B_T[mask_B_T] = kl_N
+    adv_B_T = opd_advantages(
+        pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T, gamma=p.gamma, kl_coef=p.kl_coef,
+        reward_B=reward_B, reward_weight=p.reward_weight, baseline_B_T=baseline_B_T,
+    )  # fmt: skip
+    loss = opd_pg_loss(learner_logp_B_T, pk.sampler_logp_B_T, adv_B_T, mask_B_T) * (n_mb / n_total)
+    loss.backward()
+
+    log_ratio_N = (learner_logp_B_T.detach() - pk.sampler_logp_B_T)[mask_B_T]
+    sums["loss"] += float(loss.detach())
+    sums["reverse_kl_sampled"] += (
+        float(reverse_kl_single_sample(pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T)) * n_mb
+    )
+    sums["reverse_kl_topk_lb"] += float(kl_N.sum())
+    sums["entropy"] += float(entropy_from_logits(s_N_V).sum())
+    sums["sampler_learner_kl"] += float(-log_ratio_N.sum())  # log π_sampler − log π_learner
+    sums["advantage_abs"] += float(adv_B_T.abs().sum())
+    sums["advantage_max_abs"] = max(sums["advantage_max_abs"], float(adv_B_T.abs().max()))
+    if n_mb:
+        sums["log_ratio_max_abs"] = max(sums["log_ratio_max_abs"], float(log_ratio_N.abs().max()))
+    return [teacher_logp_B_T[b][mask_B_T[b]].tolist() for b in range(mask_B_T.shape[0])]
 
 
 @torch.no_grad()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers_distill import tiny, workdir  # noqa: F401  (fixture)
+from helpers_distill import TINY, tiny, workdir  # noqa: F401  (fixture)
 
 from retroloop.stages import cache_teacher, distill, opd, static
 
@@ -104,6 +107,33 @@ def test_opd_killed_and_resumed_publishes_the_uninterrupted_bytes(
     assert resumed.content_sha256 == ref.content_sha256, _diff(ref, resumed)
     assert resumed.files == ref.files
     assert not list(Path("data/checkpoints/opd").glob("step_*"))
+
+
+_SIGKILL_AFTER_STEP_3 = """
+import os, signal, sys
+from retroloop.config import load_params
+from retroloop.stages import opd
+
+def die(step):
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+opd._after_step = die
+opd.run(load_params(sys.argv[1], {"threads": 1, "opd.steps": 6, "opd.checkpoint_every": 2}))
+"""
+
+
+def test_opd_kill_9_mid_run_then_rerun_publishes_the_uninterrupted_bytes(workdir) -> None:  # noqa: F811
+    """A real SIGKILL (no handler, no cleanup runs) after step 3 of 6, in its own process."""
+    cfg = tiny(**{"threads": 1, "opd.steps": 6, "opd.checkpoint_every": 2})
+    ref = opd.run(cfg, out_dir=Path("data/ref_opd"), checkpoint_dir=Path("data/ck_ref_opd"))
+    killed = subprocess.run([sys.executable, "-c", _SIGKILL_AFTER_STEP_3, str(TINY)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert not Path("data/opd").exists()
+    assert [p.name for p in Path("data/checkpoints/opd").glob("step_*")] == ["step_2"]
+    resumed = opd.run(cfg)
+    assert resumed.content_sha256 == ref.content_sha256, _diff(ref, resumed)
+    assert resumed.files == ref.files
 
 
 def test_cache_teacher_killed_and_resumed_publishes_the_uninterrupted_bytes(
