@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +68,9 @@ def builtin_dataset(
         case "pydoc":
             df = _pydoc_frame()
         case "ifeval_synthetic":
-            df = _ifeval_synthetic_frame(max_records, seed)
+            from retroloop.eval import ifeval
+
+            df = ifeval.synthetic_frame(max_records, seed)
         case _:
             raise DataError(
                 f"{key}.name: unknown built-in dataset {name!r}; valid names: {', '.join(BUILTIN_FORMATS)}"
@@ -87,63 +88,6 @@ def _pydoc_frame() -> pl.DataFrame:
         if len(text.strip()) >= MIN_DOC_CHARS
     ]
     return pl.DataFrame(rows, schema=TEXT_SCHEMA)
-
-
-# Base tasks of the synthetic instruction set; the IFEval checker descriptions are appended.
-_TASKS = (
-    "Write a short note about {topic}.",
-    "Explain {topic} to a new colleague.",
-    "Describe {topic} in simple terms.",
-    "Give practical advice about {topic}.",
-    "Write a short story that involves {topic}.",
-    "Write an email to a friend about {topic}.",
-    "Summarize what a beginner should know about {topic}.",
-    "Write a product description for a book on {topic}.",
-)
-_TOPICS = (
-    "the water cycle", "learning a new language", "the history of bicycles", "time management",
-    "composting at home", "the solar system", "public libraries", "baking bread", "volcanoes",
-    "remote work", "honey bees", "the printing press", "saving money", "city parks",
-    "the human heart", "chess openings", "recycling plastic", "a rainy day", "the moon landing",
-    "healthy sleep", "train travel", "coral reefs", "writing a resume", "the internet",
-    "mountain hiking", "board games", "electric cars", "a small bakery", "photosynthesis",
-    "the Olympic games", "first aid", "jazz music", "a museum visit", "desert animals",
-    "version control", "a job interview", "winter clothing", "the Roman empire",
-    "growing tomatoes", "lighthouses",
-)  # fmt: skip
-
-
-def _ifeval_synthetic_frame(n: int, seed: int) -> pl.DataFrame:
-    """Prompts = a base task + 1-2 IFEval instructions, gradable offline by lm-eval's checkers.
-
-    Record i uses its own RNG seeded with (seed, i), so a larger `n` only appends records.
-    Instructions come from `ifeval.SYNTHETIC_INSTRUCTIONS` (no NLTK data, no prompt needed),
-    pairs respect lm-eval's `INSTRUCTION_CONFLICTS`, and each description is the checker's
-    own `build_description(**kwargs)` with the stored kwargs.
-    """
-    from retroloop.eval import ifeval
-
-    ids = sorted(ifeval.SYNTHETIC_INSTRUCTIONS)
-    rows = []
-    for i in range(n):
-        rng = random.Random(f"ifeval_synthetic:{seed}:{i}")
-        task = rng.choice(_TASKS).format(topic=rng.choice(_TOPICS))
-        chosen = [rng.choice(ids)]
-        if rng.random() < 0.5:
-            partners = [j for j in ids if not ifeval.conflicts(chosen[0], j)]
-            if partners:
-                chosen.append(rng.choice(partners))
-        kwargs = [ifeval.sample_kwargs(iid, rng) for iid in chosen]
-        descriptions = [ifeval.describe(iid, kw) for iid, kw in zip(chosen, kwargs, strict=True)]
-        rows.append(
-            _chat_row(
-                f"ifeval_synthetic:{seed}:{i}",
-                " ".join([task, *descriptions]),
-                instruction_id_list=chosen,
-                kwargs=kwargs,
-            )
-        )
-    return pl.DataFrame(rows, schema=CHAT_SCHEMA)
 
 
 # --------------------------------------------------------------------------- local / hub
@@ -298,7 +242,7 @@ def _normalise(row: dict[str, Any], fmt: Format) -> dict[str, Any]:
                 prompt, response = _string(row, "prompt"), row.get("response")
                 if response is not None and not isinstance(response, str):
                     raise TypeError("'response' must be a string or null")
-            return _chat_row(_row_id(row, prompt, response), prompt, response)
+            return chat_row(_row_id(row, prompt, response), prompt, response)
         case "ifeval":
             prompt, ids, kwargs = _string(row, "prompt"), row["instruction_id_list"], row["kwargs"]
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -315,13 +259,13 @@ def _normalise(row: dict[str, Any], fmt: Format) -> dict[str, Any]:
                     )
             # The hub copy of IFEval stores every checker's keys with nulls; keep only the set ones.
             kwargs = [{k: v for k, v in (kw or {}).items() if v is not None} for kw in kwargs]
-            return _chat_row(str(row["key"]), prompt, row.get("response"), ids, kwargs)
+            return chat_row(str(row["key"]), prompt, row.get("response"), ids, kwargs)
         case "gsm8k":
             question, answer = _string(row, "question"), _string(row, "answer")
             if "####" not in answer:
                 raise ValueError("'answer' has no '#### <final answer>' line")
             final = answer.rsplit("####", 1)[1].strip().replace(",", "").replace("$", "")
-            return _chat_row(_row_id(row, question), question, answer, answer=final)
+            return chat_row(_row_id(row, question), question, answer, answer=final)
 
 
 def _string(row: dict[str, Any], key: str) -> str:
@@ -357,7 +301,7 @@ def _row_id(row: dict[str, Any], *content: str | None) -> str:
     return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _chat_row(
+def chat_row(
     id_: str,
     prompt: str,
     response: str | None = None,

@@ -12,6 +12,8 @@ Kwargs: lm-eval drops falsy kwargs (`if v`) before `build_description(**kwargs)`
 checker then fills a missing argument with `random.*` — a silently random grader. Here only
 `None` is dropped (the hub copy of IFEval stores unused keys as nulls), a missing argument is a
 `DataError`, and the global `random` state is pinned while a checker is built.
+
+`synthetic_frame` builds the built-in `ifeval_synthetic` instruction set from these checkers.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import polars as pl
 
-from retroloop.datasets import load_local
+from retroloop.datasets import CHAT_SCHEMA, chat_row, load_local
 from retroloop.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -217,6 +219,64 @@ def sample_kwargs(instruction_id: str, rng: random.Random) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- grading
+
+
+# --------------------------------------------------------------------------- built-in prompts
+
+
+# Base tasks of the synthetic instruction set; the IFEval checker descriptions are appended.
+_TASKS = (
+    "Write a short note about {topic}.",
+    "Explain {topic} to a new colleague.",
+    "Describe {topic} in simple terms.",
+    "Give practical advice about {topic}.",
+    "Write a short story that involves {topic}.",
+    "Write an email to a friend about {topic}.",
+    "Summarize what a beginner should know about {topic}.",
+    "Write a product description for a book on {topic}.",
+)
+_TOPICS = (
+    "the water cycle", "learning a new language", "the history of bicycles", "time management",
+    "composting at home", "the solar system", "public libraries", "baking bread", "volcanoes",
+    "remote work", "honey bees", "the printing press", "saving money", "city parks",
+    "the human heart", "chess openings", "recycling plastic", "a rainy day", "the moon landing",
+    "healthy sleep", "train travel", "coral reefs", "writing a resume", "the internet",
+    "mountain hiking", "board games", "electric cars", "a small bakery", "photosynthesis",
+    "the Olympic games", "first aid", "jazz music", "a museum visit", "desert animals",
+    "version control", "a job interview", "winter clothing", "the Roman empire",
+    "growing tomatoes", "lighthouses",
+)  # fmt: skip
+
+
+def synthetic_frame(n: int, seed: int) -> pl.DataFrame:
+    """Prompts = a base task + 1-2 IFEval instructions, gradable offline by lm-eval's checkers.
+
+    Record i uses its own RNG seeded with (seed, i), so a larger `n` only appends records.
+    Instructions come from `SYNTHETIC_INSTRUCTIONS` (no NLTK data, no prompt needed),
+    pairs respect lm-eval's `INSTRUCTION_CONFLICTS`, and each description is the checker's
+    own `build_description(**kwargs)` with the stored kwargs.
+    """
+    ids = sorted(SYNTHETIC_INSTRUCTIONS)
+    rows = []
+    for i in range(n):
+        rng = random.Random(f"ifeval_synthetic:{seed}:{i}")
+        task = rng.choice(_TASKS).format(topic=rng.choice(_TOPICS))
+        chosen = [rng.choice(ids)]
+        if rng.random() < 0.5:
+            partners = [j for j in ids if not conflicts(chosen[0], j)]
+            if partners:
+                chosen.append(rng.choice(partners))
+        kwargs = [sample_kwargs(iid, rng) for iid in chosen]
+        descriptions = [describe(iid, kw) for iid, kw in zip(chosen, kwargs, strict=True)]
+        rows.append(
+            chat_row(
+                f"ifeval_synthetic:{seed}:{i}",
+                " ".join([task, *descriptions]),
+                instruction_id_list=chosen,
+                kwargs=kwargs,
+            )
+        )
+    return pl.DataFrame(rows, schema=CHAT_SCHEMA)
 
 
 def _loose_variants(response: str) -> list[str]:
