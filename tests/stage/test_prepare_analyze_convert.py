@@ -329,6 +329,35 @@ def test_local_model_path_that_is_not_a_model_dir_is_a_model_error(
     assert not (tmp_path / "data").exists()
 
 
+def test_a_local_model_of_a_family_the_loop_cannot_honour_is_one_line_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MoE source (Qwen3-MoE) is refused when prepare loads it, before anything is written:
+    one line naming the model type, what the looped model cannot reproduce and the tested
+    families (never a silently different model later in convert)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from retroloop.models.loading import build_tiny_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tiny_tokenizer(["a tiny corpus for a tiny tokenizer"] * 4, 300)
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                            moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    cfg = load_params(
+        TINY_PROFILE, {"prepare.model": {"source": "local", "path": str(tmp_path / "moe")}}
+    )
+    with pytest.raises(ModelError) as err:
+        prepare.run(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert re.search(r"'qwen3_moe' cannot be looped: a mixture-of-experts block .*tested "
+                     r"families: llama, qwen2, qwen3, olmo2, mistral, gemma2, gemma3_text", msg)  # fmt: skip
+    assert not (tmp_path / "data").exists()
+
+
 def test_empty_local_dataset_is_a_data_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
