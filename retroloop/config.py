@@ -462,6 +462,20 @@ class Params(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _distill_trains_an_adapter(self) -> Params:
+        """Full fine-tuning writes a whole model where dvc.yaml declares `adapter/` (distill
+        and static), and OPD and evaluate read PEFT adapters only: `dvc repro` could not run it,
+        so it is refused here, before anything is written (issue 22)."""
+        if not self.distill.lora.enabled:
+            raise ValueError(
+                "distill.lora.enabled: false (full fine-tuning) cannot run as a pipeline: distill "
+                "and static would write model/ where dvc.yaml declares adapter/, and opd and "
+                "evaluate read LoRA adapters only; set distill.lora.enabled: true (raise "
+                "distill.lora.r for more capacity)"
+            )
+        return self
+
     def section(self, name: str) -> dict[str, Any]:
         """The resolved parameters a stage depends on (recorded in its manifest)."""
         return {"seed": self.seed, "dtype": self.dtype, name: getattr(self, name).model_dump()}

@@ -122,6 +122,10 @@ def test_default_profile_is_smollm2_from_the_wheel() -> None:
             {"convert": {"init": "pass_input"}, "distill": {"lora": {"train_adapter": False}}},
             "convert.init: pass_input with distill.lora.train_adapter: false leaves recurrence inert",
         ),
+        (
+            {"distill": {"lora": {"enabled": False}}},
+            "distill.lora.enabled: false (full fine-tuning) cannot run as a pipeline",
+        ),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, expect: str) -> None:
@@ -167,6 +171,22 @@ def test_cli_bad_params_exit_nonzero_one_line_and_write_nothing(tmp_path: Path) 
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "distill.lora.r" in proc.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_full_fine_tuning_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Issue 22: with `distill.lora.enabled: false` distill wrote model/ where dvc.yaml declares
+    adapter/, so `dvc repro` failed after training; the schema now refuses it up front."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"distill": {"lora": {"enabled": False}}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "retroloop.cli", "stage", "distill"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error: params.yaml: distill.lora.enabled: false")
+    assert "set distill.lora.enabled: true" in proc.stderr
     assert not (tmp_path / "data").exists()
 
 
