@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from retroloop import launch
 from retroloop.config import Params, load_params
 from retroloop.errors import ConfigError, ModelError
 
@@ -72,8 +73,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             " ".join(args.set),
             args.params,
         )
-    module = importlib.import_module(f"retroloop.stages.{args.name}")
-    manifest = module.run(cfg)
+    manifest = launch.run_stage(args.name, cfg, args.params, tuple(args.set or ()))
     print(
         json.dumps(
             {

@@ -47,7 +47,7 @@ class TinyModelSpec(Strict):
     on the prepared train split (so its distribution is peaked and a conversion loses something
     measurable)."""
 
-    # The families retroloop.models.recurrent.TESTED_FAMILIES converts (tests/unit/test_families.py).
+    # The families retroloop.models.families.TESTED_FAMILIES lists (tests/unit/test_families.py).
     architecture: Literal[
         "llama", "qwen2", "qwen3", "olmo2", "mistral", "gemma2", "gemma3_text", "phi3", "smollm3"
     ] = "llama"
@@ -434,6 +434,29 @@ class LoggingParams(Strict):
     )
 
 
+class LaunchParams(Strict):
+    """How many processes a training stage runs as (`retroloop.launch`): distill and static
+    relaunch themselves under `torch.distributed.run` with this many ranks per machine (one per
+    GPU; gloo ranks on CPU), the other stages run in one process. `nnodes` > 1 needs the same
+    params on every machine and a c10d rendezvous endpoint they all reach."""
+
+    nproc_per_node: int = Field(1, ge=1, description="processes (ranks) per machine")
+    nnodes: int = Field(1, ge=1, description="machines in the run")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the c10d rendezvous (needed when nnodes > 1)"
+    )
+    rdzv_id: str = Field("retroloop", description="rendezvous id, the same on every machine")
+
+    @model_validator(mode="after")
+    def _endpoint_for_many_nodes(self) -> LaunchParams:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"launch.nnodes: {self.nnodes} needs launch.rdzv_endpoint (host:port of the "
+                "c10d rendezvous that every machine reaches)"
+            )
+        return self
+
+
 class Params(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -449,6 +472,7 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     cycle: CycleParams = CycleParams()
     logging: LoggingParams = LoggingParams()
+    launch: LaunchParams = LaunchParams()
 
     @model_validator(mode="after")
     def _recurrence_not_inert(self) -> Params:

@@ -12,7 +12,6 @@ seven tasks once shared one cache key), and the flow would then `dvc commit` sta
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from typing import Any
@@ -25,6 +24,7 @@ from prefect.runtime import flow_run
 from retroloop.artifacts import Manifest, read_manifest
 from retroloop.config import STAGES, load_params
 from retroloop.errors import ArtifactError
+from retroloop.launch import run_stage
 from retroloop.stages.common import PATHS
 
 
@@ -68,7 +68,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _run(name: str, params_path: str) -> dict[str, Any]:
     os.environ["RETROLOOP_PREFECT_RUN_ID"] = str(flow_run.get_id() or "")
     cfg = load_params(params_path)
-    manifest = importlib.import_module(f"retroloop.stages.{name}").run(cfg)
+    manifest = run_stage(name, cfg, params_path)  # over launch.nproc_per_node ranks if it splits
     publish_manifest(manifest, name)
     report = PATHS[name] / "report.md"
     if report.is_file():  # evaluate's tables, readable on the flow run in the UI
