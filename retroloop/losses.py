@@ -338,10 +338,6 @@ def reverse_kl_single_sample(
     return diff_B_T.sum() / mask.sum().clamp_min(1)
 
 
-# The old name, kept until `retroloop.onpolicy` imports `reverse_kl_single_sample`.
-sampled_reverse_kl = reverse_kl_single_sample
-
-
 def entropy_from_logits(logits_N_V: Tensor) -> Tensor:
     """Shannon entropy H = −Σ_v p_v log p_v of softmax(logits) → `[N]` (−inf logits allowed)."""
     logp_N_V = F.log_softmax(logits_N_V.float(), dim=-1).clamp_min(_FLOOR)
