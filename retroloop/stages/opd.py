@@ -29,14 +29,12 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -56,7 +54,8 @@ from retroloop.onpolicy import (
     opd_step,
     student_forward_kwargs,
 )
-from retroloop.rollout import RolloutBatch, RolloutEngine, make_engine, vllm_lora_rank
+from retroloop.opd_progress import Progress, resume_progress, rollout_frame, save_progress
+from retroloop.rollout import RolloutEngine, make_engine, vllm_lora_rank
 from retroloop.runlock import exclusive
 from retroloop.stages.common import (
     BASE_MODEL,
@@ -87,23 +86,6 @@ OPD_CHECKPOINTS = DATA / "checkpoints" / "opd"  # resumable step_N (outside the 
 def _after_step(step: int) -> None:
     """Called after each OPD step (1-based, after its checkpoint); tests replace it to
     simulate a kill."""
-
-
-@dataclass
-class _Progress:
-    """What the loop carries from step to step; a checkpoint holds all of it, so a resumed
-    run continues bit for bit (the rollout seeds derive from the step, `seed_for`)."""
-
-    rng: np.random.Generator  # the seeded epochs over the prompts
-    order: list[int] = field(default_factory=list)  # this epoch's prompts not yet used
-    rows: list[dict[str, Any]] = field(default_factory=list)  # one per step done
-    rollouts: list[pl.DataFrame] = field(default_factory=list)  # one per step done
-    kl_before: float | None = None
-    guard: dict[str, Any] | None = None  # the first start's run-time guard figures
-
-    @property
-    def step(self) -> int:
-        return len(self.rows)
 
 
 def train_opd(
@@ -156,9 +138,12 @@ def train_opd(
     loop = _Loop(p, student, teacher, tokenizer, engine, optimizer, trainable, prompts_df.to_dicts(),
                  seed, s_kwargs, teacher_kwargs, log_prefix, out_dir)  # fmt: skip
     loop.log_plan()
-    progress = _resume(checkpoints, student, optimizer, tracker, seed)
+    progress, resumed = resume_progress(checkpoints, student, optimizer, tracker, seed)
+    if resumed is not None:
+        log.info("resuming from %s (step %d of %d)", resumed, progress.step, p.steps)
     own_log = steplog is None
-    steplog = steplog or StepLog(out_dir, name=log_prefix, params=logging_params)
+    if steplog is None:
+        steplog = StepLog(out_dir, name=log_prefix, params=logging_params)
     for row in progress.rows:  # a resumed run replays the steps done (dvclive only)
         steplog.log(row, sink=False)
     teacher_base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
@@ -178,7 +163,7 @@ def train_opd(
             if step % p.geometry_every == 0 or step == p.steps:
                 tracker.snapshot(step)
             if checkpoints is not None and checkpoints.due(step):
-                _save(checkpoints, step, student, optimizer, progress, tracker)
+                save_progress(checkpoints, step, student, optimizer, progress, tracker)
             bar.set_postfix(kl=f"{row['reverse_kl_topk_lb']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
             _after_step(step)
         kl_after = loop.heldout_kl(heldout_prompts)
@@ -257,7 +242,7 @@ class _Loop:
             self.student.save_pretrained(self.out_dir / ".rollout_adapter" / f"step-{step}")
             self.engine.set_adapter(self.out_dir / ".rollout_adapter" / f"step-{step}")
 
-    def step(self, step: int, progress: _Progress) -> dict[str, Any]:
+    def step(self, step: int, progress: Progress) -> dict[str, Any]:
         """OPD step `step` (1-based): its metric row; its rollouts go to `progress`."""
         p, tokenizer = self.p, self.tokenizer
         while len(progress.order) < p.prompts_per_step:  # seeded epochs over the prompts
@@ -281,7 +266,7 @@ class _Loop:
         self.push_adapter(step)
         step_s, n_tok = time.perf_counter() - tic, batch.num_completion_tokens
         teacher_lp = stats.pop("teacher_logprobs")
-        progress.rollouts.append(_rollout_frame(step, batch, teacher_lp, rewards, picked, tokenizer))  # fmt: skip
+        progress.rollouts.append(rollout_frame(step, batch, teacher_lp, rewards, picked, tokenizer))  # fmt: skip
         row = {"step": step, **stats, "rollout_s": batch.seconds, "step_s": step_s}
         row["tokens"], row["tokens_per_s"] = n_tok, n_tok / step_s
         row["rollout_tokens_per_s"] = n_tok / max(batch.seconds, 1e-9)
@@ -292,54 +277,7 @@ class _Loop:
         return row
 
 
-def _save(ckpts, step, student, optimizer, progress: _Progress, tracker: GeometryTracker) -> None:
-    """Checkpoint `step`: adapter + optimizer (`training.save_checkpoint`), the prompt sampler
-    and the summary's inputs (trainer_state.json), the rollouts so far, the geometry tracker's
-    subspaces and the torch RNG (safetensors)."""
-    state = {
-        "rows": progress.rows,
-        "order": progress.order,
-        "prompt_rng": progress.rng.bit_generator.state,
-        "kl_before": progress.kl_before,
-        "guard": progress.guard,
-        "geometry_rows": tracker.rows,
-    }
-
-    def extra(directory: Path) -> None:
-        pl.concat(progress.rollouts).write_parquet(directory / "rollouts.parquet")
-        tensors = {f"prev.{k}": v for k, v in tracker._prev.items()}
-        tensors |= {f"w_top.{k}": v for k, v in tracker._w_top.items()}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "geometry.safetensors")  # fmt: skip
-        save_file({"torch_cpu": torch.random.get_rng_state()}, directory / "rng.safetensors")
-
-    ckpts.save(step, student, optimizer, state, extra)
-
-
-def _resume(checkpoints, student, optimizer, tracker: GeometryTracker, seed: int) -> _Progress:
-    """A fresh start, or the newest checkpoint's progress (weights and optimizer restored)."""
-    progress = _Progress(np.random.default_rng(seed))
-    if checkpoints is not None and (found := checkpoints.resume(student, optimizer)) is not None:
-        _restore(progress, tracker, *found)
-        log.info("resuming from %s (step %d of %d)", found[0], progress.step, checkpoints.steps)
-    return progress
-
-
-def _restore(progress: _Progress, tracker: GeometryTracker, path: Path, state: dict) -> None:
-    """Undo `_save` into a fresh run (weights and optimizer are already restored)."""
-    progress.rows, progress.order = state["rows"], state["order"]
-    progress.rng.bit_generator.state = state["prompt_rng"]
-    progress.kl_before, progress.guard = state["kl_before"], state["guard"]
-    progress.rollouts = pl.read_parquet(path / "rollouts.parquet").partition_by(
-        "step", maintain_order=True
-    )
-    tracker.rows = state["geometry_rows"]
-    for key, value in load_file(path / "geometry.safetensors").items():
-        kind, name = key.split(".", 1)
-        (tracker._prev if kind == "prev" else tracker._w_top)[name] = value
-    torch.random.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
-
-
-def _write_outputs(out_dir: Path, student, progress: _Progress, tracker) -> pl.DataFrame:
+def _write_outputs(out_dir: Path, student, progress: Progress, tracker) -> pl.DataFrame:
     """The artifact's files (`OUTPUTS` but dvclive, which the step log wrote); the geometry."""
     geometry = tracker.frame()
     pl.concat(progress.rollouts).write_parquet(out_dir / "rollouts.parquet")
@@ -350,7 +288,7 @@ def _write_outputs(out_dir: Path, student, progress: _Progress, tracker) -> pl.D
     return geometry
 
 
-def _summary(p, progress: _Progress, geometry, kl_after, n_trainable, fraction) -> dict[str, Any]:
+def _summary(p, progress: Progress, geometry, kl_after, n_trainable, fraction) -> dict[str, Any]:
     """The run's metrics; `*_start` / `*_end` are means over the first / last `fraction`."""
     steps_df = pl.DataFrame(progress.rows)
     edge = edge_steps(p.steps, fraction)
@@ -375,38 +313,6 @@ def _summary(p, progress: _Progress, geometry, kl_after, n_trainable, fraction) 
         "geometry_overlap_top_r": final["overlap_top_r"].mean(),
         "guard_rollouts": progress.guard,
     }
-
-
-def _rollout_frame(
-    step: int,
-    batch: RolloutBatch,
-    teacher_logprobs: list[list[float]],
-    rewards: list[float] | None,
-    prompts: list[dict],
-    tokenizer: PreTrainedTokenizerBase,
-) -> pl.DataFrame:
-    """One row per sampled completion: ids, sampler and teacher log-probs per generated token."""
-    return pl.DataFrame(
-        {
-            "step": [step] * len(batch),
-            "prompt_id": [str(prompts[i].get("id", "")) for i in batch.prompt_index],
-            "sample_id": batch.sample_index,
-            "prompt_tokens": batch.prompt_ids,
-            "completion_tokens": batch.completion_ids,
-            "sampler_logprobs": batch.sampler_logprobs,
-            "teacher_logprobs": teacher_logprobs,
-            "reward": rewards if rewards is not None else [None] * len(batch),
-            "finished": batch.finished,
-            "completion": tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True),
-        },
-        schema_overrides={
-            "prompt_tokens": pl.List(pl.Int32),
-            "completion_tokens": pl.List(pl.Int32),
-            "sampler_logprobs": pl.List(pl.Float32),
-            "teacher_logprobs": pl.List(pl.Float32),
-            "reward": pl.Float64,
-        },
-    )
 
 
 def load_student(base: torch.nn.Module, parent_adapter: Path, p: OpdParams) -> torch.nn.Module:

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from retroloop.config import LoggingParams, OpdParams
+from retroloop.opd_progress import Progress
 from retroloop.stages import opd
 from retroloop.steplog import DEFAULT_SUMMARY_FRACTION, edge_means, edge_steps
 
@@ -34,7 +35,7 @@ def test_logging_summary_fraction_sets_opds_start_and_end_metrics() -> None:
          "reward": math.nan}
         for s, kl in enumerate([4.0, 3.0, 2.0, 1.0], 1)
     ]  # fmt: skip
-    progress = opd._Progress(np.random.default_rng(0), rows=rows)
+    progress = Progress(np.random.default_rng(0), rows=rows)
     geometry = pl.DataFrame({"step": [4], "effective_rank": [1.0], "overlap_top_r": [0.5]})
     p = OpdParams(steps=4)
     tenth = opd._summary(p, progress, geometry, None, 0, 0.1)
