@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from retroloop.models.recurrent import final_logit_softcap, softcap_logits
+from retroloop.models.families import final_logit_softcap, softcap_logits
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

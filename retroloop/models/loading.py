@@ -331,7 +331,8 @@ def read_model_config(path: str | Path) -> dict:
     `modeling_*.py` (its `auto_map`) never runs, so an unknown type could not load anyway."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from retroloop.models.recurrent import TESTED_FAMILIES  # and registers the recurrent classes
+    import retroloop.models.recurrent  # noqa: F401  (registers the recurrent Auto classes)
+    from retroloop.models.families import TESTED_FAMILIES
 
     path = Path(path)
     config_file = path / "config.json"

@@ -23,20 +23,15 @@ lazily growing `DynamicCache`; R must stay the same across calls that share a ca
 records the R it was filled with and any other R is refused). Every slot keeps the full keys/values,
 sliding-window layers included: the window lives in the mask.
 
-Families (DESIGN.md §5): the decoder layer, final norm and rotary embedding are the source's own
-classes, looked up from its config (`source_family`: the transformers base model built on the meta
-device), never from an allow-list. Layers keep their source index at construction, so what a layer
-reads from its index (Qwen2/3 and Gemma layer types, SmolLM3's no-rope layers) stays the source's.
-What a family keeps outside its decoder layers is carried over by explicit hooks:
-
-- embedding scale (`RecurrentConfig.embed_scale`, Gemma-2/3 multiply by √h inside the embedding);
-- final-logit soft-capping (`final_logit_softcap`, Gemma-2/3: logits = c·tanh(logits / c));
-- a rotary embedding per layer type (Gemma-3: local and global rope, `SourceFamily.rope_per_layer_type`);
-- attention masks per layer type (`layer_attention_types`: sliding-window layers of Mistral, Phi-3,
-  Gemma-2/3 and Qwen2/3 `layer_types` get transformers' `create_sliding_window_causal_mask`).
-
-What cannot be honoured (MoE blocks, attention types other than full / sliding window, decoders
-without `layers`/`norm`/`rotary_emb`, multipliers outside the layers) is a one-line `ModelError`.
+Families (DESIGN.md §5; `retroloop.models.families`): the decoder layer, final norm and rotary
+embedding are the source's own classes, looked up from its config, never from an allow-list.
+Layers keep their source index at construction, so what a layer reads from its index (Qwen2/3
+and Gemma layer types, SmolLM3's no-rope layers) stays the source's. The hooks for what a family
+keeps outside its decoder layers are applied here: the embedding scale (`ScaledEmbedding`,
+`RecurrentConfig.embed_scale`), the final-logit soft-cap (forward and the early-exit probe), a
+rotary embedding per layer type, one attention mask per layer type (transformers'
+`create_causal_mask` / `create_sliding_window_causal_mask`), and eager attention where the
+family has no other kernel.
 
 Training samples R per step (`sample_recurrence`, Huginn §3: rate ~ LogNormal, R = Poisson + 1),
 ramps its mean (`recurrence_mean_at`) and backpropagates through the last `bptt_k` iterations
@@ -48,7 +43,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,20 +54,18 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from retroloop.errors import ConfigError, ModelError
+from retroloop.errors import ConfigError
 from retroloop.losses import divergence_from_logprobs
+from retroloop.models.families import (
+    ScaledEmbedding,
+    final_logit_softcap,
+    layer_attention_types,
+    softcap_logits,
+    source_family,
+    unsupported,
+)
 
-# The families the test suite converts (tests/unit/test_families.py); others that pass
-# `source_family`'s checks convert too, and convert's equivalence tolerance catches what they miss.
-TESTED_FAMILIES = (
-    "llama", "qwen2", "qwen3", "olmo2", "mistral", "gemma2", "gemma3_text", "phi3", "smollm3",
-)  # fmt: skip
-LAYER_TYPES = ("full_attention", "sliding_attention")
-# Config keys of families that scale activations outside their decoder layers in ways the looped
-# model does not reproduce (Granite's embedding/logit multipliers, Cohere's logit scale, MiniCPM).
-_UNSUPPORTED_MULTIPLIERS = ("embedding_multiplier", "logits_scaling", "logit_scale", "scale_emb")
 ADAPTER_INITS = ("pass_input", "repeat_block")
 # transformers 5.24 renamed the KV cache argument `past_key_values` to `cache` everywhere
 # (model and decoder-layer kwargs, create_causal_mask, model outputs); 5.23 knows only the old
@@ -144,143 +136,6 @@ class RecurrentConfig(PretrainedConfig):
     def layer_config(self) -> PretrainedConfig:
         """The source config object (LlamaConfig / Qwen2Config) the decoder layers are built from."""
         return CONFIG_MAPPING[self.source_model_type].from_dict(dict(self.source_config or {}))
-
-
-def _unsupported(model_type: str, missing: str) -> ModelError:
-    return ModelError(
-        f"model_type {model_type!r} cannot be looped: {missing}; tested families: "
-        f"{', '.join(TESTED_FAMILIES)}"
-    )
-
-
-@dataclass(frozen=True)
-class SourceFamily:
-    """The source's own classes the looped model is built from, and what they need around them."""
-
-    model_type: str
-    layer_cls: type  # the decoder layer, built as layer_cls(config, source_layer_index)
-    norm_cls: type  # the final norm, built as norm_cls(hidden, eps=config.rms_norm_eps)
-    rope_cls: type  # the rotary embedding, built as rope_cls(config=config)
-    rope_per_layer_type: bool  # forward(x, position_ids, layer_type) (Gemma-3: local/global rope)
-    attn_implementations: frozenset[str]  # the attention kernels the source family supports
-
-
-_FAMILIES: dict[str, SourceFamily] = {}
-
-
-def source_family(config: PretrainedConfig) -> SourceFamily:
-    """Look up a source's classes from its config: transformers' base model for that config class,
-    built on the meta device (no memory, no weights), and the classes of its modules.
-
-    A `ModelError` naming the model type and what is missing when the looped model cannot
-    reproduce it: no decoder model in transformers, no `layers`/`norm`/`rotary_emb`, an
-    embedding that does more than scale, a MoE block, an attention type other than full or
-    sliding window, an activation multiplier outside the layers."""
-    model_type = getattr(config, "model_type", "?")
-    if model_type in _FAMILIES:
-        return _FAMILIES[model_type]
-    for key in _UNSUPPORTED_MULTIPLIERS:
-        if getattr(config, key, None) not in (None, 1, 1.0):
-            raise _unsupported(
-                model_type, f"its config's {key!r} scales outside the decoder layers"
-            )
-    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
-        raise _unsupported(model_type, "a mixture-of-experts block (router and experts)")
-    base_cls = MODEL_MAPPING.get(type(config), None)
-    if base_cls is None or getattr(config, "num_hidden_layers", None) is None:
-        raise _unsupported(model_type, "no decoder-only base model class in transformers")
-    try:
-        with torch.device("meta"):
-            base = base_cls(copy.deepcopy(config))
-    except Exception as err:  # a config transformers itself cannot build
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise _unsupported(model_type, f"its base model does not build ({first})") from None
-    needs = {"layers": nn.ModuleList, "embed_tokens": nn.Embedding, "norm": nn.Module}
-    for name, cls in needs.items():
-        if not isinstance(getattr(base, name, None), cls):
-            raise _unsupported(model_type, f"its decoder has no {name!r} ({cls.__name__})")
-    if not isinstance(getattr(base, "rotary_emb", None), nn.Module):
-        raise _unsupported(model_type, "no shared rotary embedding ('rotary_emb')")
-    embed = base.embed_tokens
-    if type(embed).forward is not nn.Embedding.forward and not hasattr(embed, "scalar_embed_scale"):
-        raise _unsupported(model_type, f"its embedding {type(embed).__name__} does more than scale")
-    layer = base.layers[0]
-    if not hasattr(layer, "self_attn") or not hasattr(layer.self_attn, "layer_idx"):
-        raise _unsupported(model_type, "a decoder layer without a `self_attn` attention block")
-    moe = [
-        n
-        for n, mod in layer.named_modules()
-        if "expert" in n or "moe" in type(mod).__name__.lower()
-    ]
-    if moe:
-        raise _unsupported(model_type, f"a mixture-of-experts block ({moe[0]})")
-    bad = sorted(set(layer_attention_types(config)) - set(LAYER_TYPES))
-    if bad:
-        raise _unsupported(
-            model_type, f"attention type {bad[0]!r} (supported: {', '.join(LAYER_TYPES)})"
-        )
-    if getattr(config, "rms_norm_eps", None) is None:
-        raise _unsupported(model_type, "no rms_norm_eps (the final norm is not an RMSNorm)")
-    rope_cls = type(base.rotary_emb)
-    kernels = {"eager"}
-    kernels |= {"sdpa"} if base_cls._supports_sdpa else set()
-    kernels |= (
-        {"flash_attention_2", "flash_attention_3"} if base_cls._supports_flash_attn else set()
-    )
-    kernels |= {"flex_attention"} if getattr(base_cls, "_supports_flex_attn", False) else set()
-    family = SourceFamily(
-        model_type=model_type,
-        layer_cls=type(layer),
-        norm_cls=type(base.norm),
-        rope_cls=rope_cls,
-        rope_per_layer_type="layer_type" in inspect.signature(rope_cls.forward).parameters,
-        attn_implementations=frozenset(kernels),
-    )
-    _FAMILIES[model_type] = family
-    return family
-
-
-def layer_attention_types(config: PretrainedConfig) -> list[str]:
-    """The attention type of every source layer, as the source's own model builds its masks:
-    `config.layer_types` where the family has them (Qwen2/3, Gemma-2/3, SmolLM3), else one
-    sliding window for every layer when `config.sliding_window` is set (Mistral, Phi-3), else
-    full attention."""
-    n = config.num_hidden_layers
-    types = getattr(config, "layer_types", None)
-    if types:
-        return list(types)
-    if getattr(config, "sliding_window", None) is not None:
-        return ["sliding_attention"] * n
-    return ["full_attention"] * n
-
-
-def final_logit_softcap(model: nn.Module) -> float | None:
-    """The final-logit soft-cap c of a source (its config) or a looped model (its source's config):
-    logits = c·tanh(logits / c) (Gemma-2/3); None for families without one."""
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, RecurrentConfig):
-        return (cfg.source_config or {}).get("final_logit_softcapping")
-    return getattr(cfg, "final_logit_softcapping", None)
-
-
-def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """c·tanh(logits / c), in the source's own order of operations (Gemma2ForCausalLM.forward)."""
-    if cap is None:
-        return logits
-    return torch.tanh(logits / cap) * cap
-
-
-class ScaledEmbedding(nn.Embedding):
-    """An embedding whose output is multiplied by `embed_scale` (Gemma: √h), cast to the weight's
-    dtype first as Gemma's own embedding does (so bf16 rounds √h the same way)."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx, embed_scale: float):
-        super().__init__(num_embeddings, embedding_dim, padding_idx)
-        self.embed_scale = float(embed_scale)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        scale = torch.tensor(self.embed_scale, device=self.weight.device).to(self.weight.dtype)
-        return super().forward(input_ids) * scale
 
 
 class RecurrentModel(nn.Module):
@@ -601,7 +456,7 @@ def check_source(source_model: nn.Module) -> PretrainedConfig:
     cfg = getattr(source_model, "config", None)
     model_type = getattr(cfg, "model_type", "?")
     if cfg is None or not hasattr(getattr(source_model, "model", None), "layers"):
-        raise _unsupported(model_type, "not a causal LM with a `model.layers` decoder")
+        raise unsupported(model_type, "not a causal LM with a `model.layers` decoder")
     source_family(cfg)
     return cfg
 

@@ -31,10 +31,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 import retroloop.models.recurrent as recurrent
 from retroloop.errors import ModelError
 from retroloop.losses import divergence_from_logprobs
+from retroloop.models.families import TESTED_FAMILIES
 from retroloop.models.loading import build_tiny_tokenizer, load_adapter, load_model
 from retroloop.models.lora import lora_config_for
 from retroloop.models.recurrent import (
-    TESTED_FAMILIES,
     convert_from_source,
     drop_layers,
     equivalence_max_abs_diff,
