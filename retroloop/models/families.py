@@ -73,15 +73,31 @@ def source_family(config: PretrainedConfig) -> SourceFamily:
     embedding that does more than scale, a MoE block, an attention type other than full or
     sliding window, an activation multiplier outside the layers."""
     model_type = getattr(config, "model_type", "?")
-    if model_type in _FAMILIES:
-        return _FAMILIES[model_type]
+    # What the config switches on is checked on every call; the classes are looked up once.
     for key in _UNSUPPORTED_MULTIPLIERS:
         if getattr(config, key, None) not in (None, 1, 1.0):
             raise unsupported(model_type, f"its config's {key!r} scales outside the decoder layers")
     if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
         raise unsupported(model_type, "a mixture-of-experts block (router and experts)")
+    if getattr(config, "num_hidden_layers", None) is None:
+        raise unsupported(model_type, "no num_hidden_layers (not a decoder config)")
+    bad = sorted(set(layer_attention_types(config)) - set(LAYER_TYPES))
+    if bad:
+        raise unsupported(
+            model_type, f"attention type {bad[0]!r} (supported: {', '.join(LAYER_TYPES)})"
+        )
+    if getattr(config, "rms_norm_eps", None) is None:
+        raise unsupported(model_type, "no rms_norm_eps (the final norm is not an RMSNorm)")
+    if model_type not in _FAMILIES:
+        _FAMILIES[model_type] = _lookup_classes(config)
+    return _FAMILIES[model_type]
+
+
+def _lookup_classes(config: PretrainedConfig) -> SourceFamily:
+    """The classes of transformers' base model for `config`, built on the meta device."""
+    model_type = config.model_type
     base_cls = MODEL_MAPPING.get(type(config), None)
-    if base_cls is None or getattr(config, "num_hidden_layers", None) is None:
+    if base_cls is None:
         raise unsupported(model_type, "no decoder-only base model class in transformers")
     try:
         with torch.device("meta"):
@@ -108,13 +124,6 @@ def source_family(config: PretrainedConfig) -> SourceFamily:
     ]
     if moe:
         raise unsupported(model_type, f"a mixture-of-experts block ({moe[0]})")
-    bad = sorted(set(layer_attention_types(config)) - set(LAYER_TYPES))
-    if bad:
-        raise unsupported(
-            model_type, f"attention type {bad[0]!r} (supported: {', '.join(LAYER_TYPES)})"
-        )
-    if getattr(config, "rms_norm_eps", None) is None:
-        raise unsupported(model_type, "no rms_norm_eps (the final norm is not an RMSNorm)")
     rope_cls = type(base.rotary_emb)
     kernels = {"eager"}
     kernels |= {"sdpa"} if base_cls._supports_sdpa else set()
@@ -122,7 +131,7 @@ def source_family(config: PretrainedConfig) -> SourceFamily:
         {"flash_attention_2", "flash_attention_3"} if base_cls._supports_flash_attn else set()
     )
     kernels |= {"flex_attention"} if getattr(base_cls, "_supports_flex_attn", False) else set()
-    family = SourceFamily(
+    return SourceFamily(
         model_type=model_type,
         layer_cls=type(layer),
         norm_cls=type(base.norm),
@@ -130,8 +139,6 @@ def source_family(config: PretrainedConfig) -> SourceFamily:
         rope_per_layer_type="layer_type" in inspect.signature(rope_cls.forward).parameters,
         attn_implementations=frozenset(kernels),
     )
-    _FAMILIES[model_type] = family
-    return family
 
 
 def layer_attention_types(config: PretrainedConfig) -> list[str]:

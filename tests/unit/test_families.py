@@ -370,3 +370,14 @@ def test_the_tiny_profile_builds_and_converts_every_tested_family(tokenizer):
     gpt2 = AutoConfig.for_model("gpt2", vocab_size=64, n_embd=32, n_head=2, n_layer=2)
     with pytest.raises(ModelError, match="'gpt2' cannot be looped: .*; tested families: llama"):
         check_supported(MODEL_FOR_CAUSAL_LM_MAPPING[type(gpt2)](gpt2))
+
+
+def test_an_attention_type_the_loop_cannot_honour_is_refused_after_the_family_was_seen(tokenizer):
+    """The config's own options are checked on every conversion, not only the first of a family
+    (whose classes are looked up once): a layer type other than full / sliding window (e.g.
+    Llama-4's chunked attention) is one line, even after a plain Qwen2 converted."""
+    convert_from_source(tiny_family("qwen2", tokenizer), **SPLIT)
+    source = tiny_family("qwen2", tokenizer)
+    source.config.layer_types = ["full_attention", "chunked_attention"] * 3
+    with pytest.raises(ModelError, match="'qwen2' cannot be looped: attention type 'chunked_"):
+        convert_from_source(source, **SPLIT)
