@@ -198,8 +198,12 @@ def test_each_prefect_task_runs_the_stage_it_is_named_after(monkeypatch, tmp_pat
 
         return SimpleNamespace(run=run)
 
-    monkeypatch.setattr(module, "importlib", SimpleNamespace(import_module=import_module))
-    monkeypatch.setattr(module, "load_params", lambda path: "cfg")
+    import retroloop.launch as launch
+    from retroloop.config import LaunchParams
+
+    # the task runs its stage through launch.run_stage (one process at launch's defaults)
+    monkeypatch.setattr(launch, "importlib", SimpleNamespace(import_module=import_module))
+    monkeypatch.setattr(module, "load_params", lambda path: SimpleNamespace(launch=LaunchParams()))
     monkeypatch.setattr(module, "publish_manifest", lambda manifest, key: None)
     monkeypatch.setenv("RETROLOOP_PREFECT_RUN_ID", "")
     monkeypatch.chdir(tmp_path)  # no data/<stage>/report.md here
