@@ -79,6 +79,8 @@ def source_family(config: PretrainedConfig) -> SourceFamily:
             raise unsupported(model_type, f"its config's {key!r} scales outside the decoder layers")
     if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
         raise unsupported(model_type, "a mixture-of-experts block (router and experts)")
+    if getattr(config, "use_bidirectional_attention", False):  # Gemma-3 encoder-style masks
+        raise unsupported(model_type, "bidirectional attention (use_bidirectional_attention)")
     if getattr(config, "num_hidden_layers", None) is None:
         raise unsupported(model_type, "no num_hidden_layers (not a decoder config)")
     bad = sorted(set(layer_attention_types(config)) - set(LAYER_TYPES))

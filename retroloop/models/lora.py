@@ -1,10 +1,11 @@
-"""The LoRA configuration for any causal LM here: a Llama / Qwen2 source or a looped model.
+"""The LoRA configuration for any causal LM here: a source of any family or a looped model.
 
 "LoRA Without Regret" (Schulman et al. 2025; DESIGN.md §5): adapt every linear layer (the MLP
 matters most), W' = W + (α/r)·B·A with B = 0 at the start. `all-linear` is resolved here to
-the leaf names of every `nn.Linear` of the decoder layers (q/k/v/o and gate/up/down projections
-for Llama-family models), never the LM head; PEFT's own "all-linear" would also wrap the looped
-model's input adapter, which is a full trainable module instead.
+the leaf names of every `nn.Linear` of the decoder layers, whatever the family calls them (q/k/v/o
+and gate/up/down projections for Llama, Qwen2/3, OLMo-2, Mistral, Gemma-2/3, SmolLM3; Phi-3's
+fused qkv_proj and gate_up_proj; tests/unit/test_families.py), never the LM head; PEFT's own
+"all-linear" would also wrap the looped model's input adapter, a full trainable module instead.
 
 For a `RecurrentForCausalLM`, the recurrence input adapter A (Linear 2h → h) goes in
 `modules_to_save` when `train_adapter` is set, so it is trained in full and saved with the

@@ -329,6 +329,8 @@ def test_soft_capped_attention_falls_back_to_eager_after_loading(tokenizer, tmp_
          "mixture-of-experts"),
         ("mixtral", dict(num_local_experts=4), "mixture-of-experts"),
         ("granite", dict(embedding_multiplier=12.0), "embedding_multiplier"),
+        ("gemma3_text", dict(use_bidirectional_attention=True, num_key_value_heads=1, head_dim=16),
+         "bidirectional attention"),
         ("gpt2", dict(), "model.layers"),
     ],
 )  # fmt: skip
