@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments (retroloop.lmeval)
+        from retroloop import lmeval
+
+        return lmeval.main(argv[1:])
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("RETROLOOP_DEBUG", "") not in ("", "0")
     _setup_logging(args.verbose)

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         _audit_command,
         _verify_command,
         _export_command,
+        _lm_eval_command,
         _generate_command,
         _bench_command,
     ):
@@ -306,6 +307,23 @@ def _export_command(sub) -> None:
         "--out", required=True, type=Path, metavar="DIR", help="directory to write (replaced)"
     )
     p.set_defaults(func=commands.cmd_export)
+
+
+def _lm_eval_command(sub) -> None:
+    p = _command(
+        sub,
+        "lm-eval",
+        "lm-eval's own command line, with the looped architecture registered",
+        "Everything after `lm-eval` goes to lm-eval's CLI unchanged (`lm_eval --help` lists it).\n"
+        "A plain `lm_eval --model hf` cannot load an exported looped model: transformers learns\n"
+        "model_type retroloop_recurrent only when retroloop is imported. No trust_remote_code.",
+        "  retroloop export data/opd/adapter --out merged/\n"
+        "  retroloop lm-eval --model hf --model_args pretrained=merged/ --tasks gsm8k \\\n"
+        "      --device cuda:0 --batch_size 8",
+    )
+    # retroloop.cli hands `lm-eval …` to retroloop.lmeval before parsing (argparse would take
+    # lm-eval's own --options for ours); this entry is for `retroloop --help`.
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS")
 
 
 def _generate_command(sub) -> None:
