@@ -445,3 +445,30 @@ def test_convert_loads_the_source_in_the_configured_dtype(workdir: Path) -> None
     assert config["dtype"] == "bfloat16"
     assert manifest.metrics["equivalence_max_abs_diff"] <= convert.EQUIVALENCE_TOLERANCE["bfloat16"]
     assert convert.EQUIVALENCE_TOLERANCE["float32"] < convert.EQUIVALENCE_TOLERANCE["bfloat16"]
+
+
+def test_a_gemma3_tiny_profile_runs_prepare_analyze_convert_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny profile with `architecture: gemma3_text` (the family with the most hooks: √h
+    embedding scale, local/global layers with a rope each; 50 training steps): prepare accepts
+    it, analyze scores its layers, and convert publishes a looped model equal to the
+    layer-dropped source at R = 1 that loads with transformers after `import retroloop`."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_params(
+        TINY_PROFILE,
+        {"prepare.model.tiny.architecture": "gemma3_text", "prepare.model.tiny.train_steps": 50},
+    )
+    for stage in (prepare, analyze, convert):
+        manifest = stage.run(cfg)
+    assert manifest.metrics["equivalence_max_abs_diff"] <= 1e-5
+    config = json.loads((tmp_path / "data/convert/model/config.json").read_text())
+    assert config["source_model_type"] == "gemma3_text"
+    assert config["embed_scale"] == pytest.approx(64**0.5)
+    looped = AutoModelForCausalLM.from_pretrained(tmp_path / "data/convert/model").eval()
+    source = load_model(tmp_path / "data/prepare/model")
+    split = json.loads((tmp_path / "data/analyze/split.json").read_text())
+    ids_B_T = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask_B_T = torch.ones_like(ids_B_T)
+    reference = drop_layers(source, split["prelude"] + split["block"] + split["coda"])
+    assert equivalence_max_abs_diff(looped, reference, ids_B_T, mask_B_T) <= 1e-5
