@@ -108,16 +108,21 @@ def test_the_recorder_sees_field_reads_and_dumps_and_tells_declared_from_not() -
 @pytest.fixture(scope="module")
 def reads_per_stage(tiny_built: Built, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Each stage rerun in order on a copy of the tiny build, its parameter reads recorded."""
+    import torch
+
     root = clone_built(tiny_built, tmp_path_factory.mktemp("params_read") / "repo")
-    out = {}
+    out, threads = {}, torch.get_num_threads()  # a stage sets `threads` for the whole process
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        for stage in STAGES:
-            cfg = load_params(root / "params.yaml")
-            run = importlib.import_module(f"retroloop.stages.{stage}").run
-            with recording(cfg) as reads:
-                run(cfg)
-            out[stage] = reads
+        try:
+            for stage in STAGES:
+                cfg = load_params(root / "params.yaml")
+                run = importlib.import_module(f"retroloop.stages.{stage}").run
+                with recording(cfg) as reads:
+                    run(cfg)
+                out[stage] = reads
+        finally:
+            torch.set_num_threads(threads)
     return out
 
 
