@@ -81,6 +81,13 @@ def source_family(config: PretrainedConfig) -> SourceFamily:
         raise unsupported(model_type, "a mixture-of-experts block (router and experts)")
     if getattr(config, "use_bidirectional_attention", False):  # Gemma-3 encoder-style masks
         raise unsupported(model_type, "bidirectional attention (use_bidirectional_attention)")
+    text = getattr(config, "text_config", None)
+    if text is not None and text is not config:  # Gemma-3 4B+, Llama-4, ...: text + vision
+        raise unsupported(
+            model_type,
+            f"a multimodal model; convert its text decoder (model_type "
+            f"{getattr(text, 'model_type', '?')!r}, e.g. saved from its language model alone)",
+        )
     if getattr(config, "num_hidden_layers", None) is None:
         raise unsupported(model_type, "no num_hidden_layers (not a decoder config)")
     bad = sorted(set(layer_attention_types(config)) - set(LAYER_TYPES))

@@ -455,9 +455,11 @@ def check_source(source_model: nn.Module) -> PretrainedConfig:
     the decoder the family builds (`model.layers`)."""
     cfg = getattr(source_model, "config", None)
     model_type = getattr(cfg, "model_type", "?")
-    if cfg is None or not hasattr(getattr(source_model, "model", None), "layers"):
-        raise unsupported(model_type, "not a causal LM with a `model.layers` decoder")
+    if cfg is None:
+        raise unsupported(model_type, "no config (not a transformers model)")
     source_family(cfg)
+    if not hasattr(getattr(source_model, "model", None), "layers"):
+        raise unsupported(model_type, "not a causal LM with a `model.layers` decoder")
     return cfg
 
 

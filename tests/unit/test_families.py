@@ -331,7 +331,8 @@ def test_soft_capped_attention_falls_back_to_eager_after_loading(tokenizer, tmp_
         ("granite", dict(embedding_multiplier=12.0), "embedding_multiplier"),
         ("gemma3_text", dict(use_bidirectional_attention=True, num_key_value_heads=1, head_dim=16),
          "bidirectional attention"),
-        ("gpt2", dict(), "model.layers"),
+        ("gpt2", dict(), "no rms_norm_eps (the final norm is not an RMSNorm)"),
+        ("gemma3", dict(), "a multimodal model; convert its text decoder (model_type 'gemma3_text'"),
     ],
 )  # fmt: skip
 def test_an_unsupported_family_is_one_line_naming_type_missing_and_tested(
@@ -340,6 +341,15 @@ def test_an_unsupported_family_is_one_line_naming_type_missing_and_tested(
     small = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, num_hidden_layers=2)
     if model_type == "gpt2":
         small = dict(vocab_size=64, n_embd=32, n_head=2, n_layer=2)
+    if model_type == "gemma3":
+        small = dict(
+            text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=16, intermediate_size=32,
+                             vocab_size=300),
+            vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, image_size=28, patch_size=14),
+            mm_tokens_per_image=4,
+        )  # fmt: skip
     config = AutoConfig.for_model(model_type, **{**small, **overrides})
     source = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     with pytest.raises(ModelError) as err:
