@@ -16,7 +16,7 @@ from helpers_distill import TINY, held_out_kl, tiny, workdir  # noqa: F401  (fix
 from safetensors.torch import load_file
 
 from retroloop.artifacts import MANIFEST, hash_tree, input_ref, read_manifest, write_json_atomic
-from retroloop.errors import ArtifactError, MismatchError
+from retroloop.errors import ArtifactError, ConfigError, MismatchError
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.stages import cache_teacher, distill
 from retroloop.steplog import read_steps
@@ -117,7 +117,14 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(workdir, monkeypat
 
 
 def test_full_finetuning_without_distillation_saves_a_hf_model(workdir) -> None:  # noqa: F811
-    cfg = tiny(**{"distill.lora.enabled": False, "distill.distillation": False, "distill.steps": 2})
+    """The schema refuses `distill.lora.enabled: false` for the pipeline (dvc.yaml declares
+    adapter/; opd and evaluate read adapters); `distill.run` itself still fine-tunes fully when
+    a caller builds such parameters in code (`model_copy` skips the pipeline's validator)."""
+    with pytest.raises(ConfigError, match=r"distill\.lora\.enabled: false"):
+        tiny(**{"distill.lora.enabled": False})
+    cfg = tiny(**{"distill.distillation": False, "distill.steps": 2})
+    lora = cfg.distill.lora.model_copy(update={"enabled": False})
+    cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"lora": lora})})
     manifest = distill.run(cfg)
     assert manifest.kind == "model" and "teacher_cache" not in {r.role for r in manifest.inputs}
     assert _steps(Path("data/distill"))["kl"].to_list() == [0.0, 0.0]
