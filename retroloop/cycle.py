@@ -34,9 +34,10 @@ Between steps only values travel: paths, metrics and small frozen dataclasses. A
 after it loads its models, so a cycle draws the same numbers as one that kept its models in
 memory). What a step writes goes under `registry/.work/cycle-NNNN-run/` (removed by `register`;
 the next claim clears it if this cycle dies); what the cycle publishes is one directory,
-`registry/cycles/cycle-NNNN/` (adapter/, data/{train,eval}.parquet, report.md, phases.json,
-metrics.json, manifest.json, and the per-step `midtrain/*` and `opd/*` metrics in dvclive/ +
-run_dvclive/), in one rename by `retroloop.registry`.
+`registry/cycles/cycle-NNNN/` (adapter/, data/{train,eval}.parquet, report.md, phases.json
+(its timings in run_phases.json, outside the content hash), metrics.json, manifest.json, and
+the per-step `midtrain/*` and `opd/*` metrics in dvclive/ + run_dvclive/), in one rename by
+`retroloop.registry`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from tqdm import tqdm
 
 from retroloop import datasets, registry
 from retroloop.artifacts import InputRef, input_ref, read_manifest
+from retroloop.canonical import RUN_PREFIX, is_run_dependent
 from retroloop.config import LoggingParams, Params
 from retroloop.errors import (
     ArtifactError,
@@ -572,7 +574,12 @@ def register(
         datasets.write_parquet_atomic(inputs.train, w.dir / "data" / "train.parquet")
         datasets.write_parquet_atomic(inputs.held_out, w.dir / "data" / "eval.parquet")
         (w.dir / "report.md").write_text(report_markdown(run, metrics_by_phase), encoding="utf-8")
-        (w.dir / "phases.json").write_text(json.dumps(metrics_by_phase, indent=2, default=str) + "\n")  # fmt: skip
+        # Timings go to run_phases.json, outside the content hash: the same cycle run twice
+        # publishes the same content_sha256 (phases.json held `seconds` and never did).
+        for name, keep in (("phases.json", False), (RUN_PREFIX + "phases.json", True)):
+            split = {p: {k: v for k, v in m.items() if is_run_dependent(k) == keep}
+                     for p, m in metrics_by_phase.items()}  # fmt: skip
+            (w.dir / name).write_text(json.dumps(split, indent=2, default=str) + "\n")
         if (rollouts := run.work / "opd" / "out" / "rollouts.parquet").is_file():
             shutil.copyfile(rollouts, w.dir / "opd_rollouts.parquet")
         w.outputs = {"adapter": "adapter", "data": "dataset", "report.md": "report"}

@@ -228,6 +228,32 @@ def test_watch_gives_up_after_max_attempts(
     assert registered(Path("reg-giveup")) == []
 
 
+def test_the_same_cycle_twice_publishes_the_same_content_sha256(
+    workdir: Path, api: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same params, file and parent give the same bytes: the phases' timings live in
+    run_phases.json, outside the content hash (phases.json held `seconds`, so no two runs of
+    a cycle ever published the same content_sha256)."""
+    from flows.cycle import cycle_flow
+    from retroloop.provenance import verify
+
+    monkeypatch.chdir(workdir)
+    dirs = []
+    for name in ("same-a", "same-b"):
+        params = str(params_with(workdir, name, registry=f"reg-{name}"))
+        dirs.append(Path(cycle_flow(domain_data="domain1.jsonl", params_path=params)["adapter"]).parent)  # fmt: skip
+    a, b = (read_manifest(d) for d in dirs)
+    assert a.content_sha256 == b.content_sha256, {
+        k: (v, b.files.get(k)) for k, v in a.files.items() if b.files.get(k) != v
+    }
+    timings = json.loads((dirs[0] / "run_phases.json").read_text())
+    assert set(timings) == {"before", "after_midtrain", "after_opd"}
+    assert all("seconds" in t for t in timings.values())
+    assert "seconds" not in json.loads((dirs[0] / "phases.json").read_text())["before"]
+    assert a.metrics["phases"]["before"]["seconds"] == timings["before"]["seconds"]
+    assert verify(dirs[0]) == []
+
+
 def _tokenizer_differs(workdir: Path, tmp_path: Path) -> Path:
     import shutil
 
