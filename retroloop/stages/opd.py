@@ -136,7 +136,7 @@ def train_opd(
     optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)  # constant LR
     tracker = GeometryTracker(student, since_start=True)  # ΔW since these (resume: same) weights
     loop = _Loop(p, student, teacher, tokenizer, engine, optimizer, trainable, prompts_df.to_dicts(),
-                 seed, s_kwargs, teacher_kwargs, log_prefix, out_dir)  # fmt: skip
+                 seed, s_kwargs, teacher_kwargs, log_prefix, out_dir, checkpoints)  # fmt: skip
     loop.log_plan()
     progress, resumed = resume_progress(checkpoints, student, optimizer, tracker, seed)
     if resumed is not None:
@@ -199,11 +199,12 @@ class _Loop:
     """One OPD run's pieces: sample → reward → score + update → log, one step at a time."""
 
     def __init__(self, p, student, teacher, tokenizer, engine, optimizer, trainable, rows, seed,
-                 s_kwargs, teacher_kwargs, log_prefix, out_dir) -> None:  # fmt: skip
+                 s_kwargs, teacher_kwargs, log_prefix, out_dir, checkpoints) -> None:  # fmt: skip
         self.p, self.student, self.teacher, self.tokenizer = p, student, teacher, tokenizer
         self.engine, self.optimizer, self.trainable, self.rows = engine, optimizer, trainable, rows
         self.seed, self.s_kwargs, self.teacher_kwargs = seed, s_kwargs, teacher_kwargs
         self.log_prefix, self.out_dir = log_prefix, out_dir
+        self.checkpoint_dir = checkpoints.root if checkpoints is not None else None
         self.n_trainable = sum(q.numel() for q in trainable)
 
     def log_plan(self) -> None:
@@ -261,7 +262,7 @@ class _Loop:
         )  # fmt: skip
         stop_if_not_finite(
             self.log_prefix, step, loss=stats["loss"], grad_norm=stats["grad_norm"],
-            params=self.trainable, lr=p.lr, lr_key="opd.lr",
+            params=self.trainable, lr=p.lr, lr_key="opd.lr", checkpoint_dir=self.checkpoint_dir,
         )  # fmt: skip
         self.push_adapter(step)
         step_s, n_tok = time.perf_counter() - tic, batch.num_completion_tokens

@@ -74,7 +74,7 @@ def test_opd_stops_at_the_first_non_finite_step_and_publishes_nothing(
 
     monkeypatch.setattr(onpolicy, "opd_pg_loss", nan_on_the_second_step)
     cfg = tiny(
-        **{"threads": 1, "opd.steps": 3, "opd.rollout.batch_size": 64}
+        **{"threads": 1, "opd.steps": 3, "opd.rollout.batch_size": 64, "opd.checkpoint_every": 1}
     )  # one micro-batch per step
     with pytest.raises(errors.DivergedError) as err:
         opd.run(cfg)
@@ -82,6 +82,8 @@ def test_opd_stops_at_the_first_non_finite_step_and_publishes_nothing(
     assert msg.startswith("opd: step 2: non-finite loss") and "opd.lr=" in msg, msg
     assert "\n" not in msg
     assert not Path("data/opd").exists() and _leftovers(Path("data")) == []
+    assert "the last good checkpoint data/checkpoints/opd/step_1 is kept" in msg, msg
+    assert [p.name for p in Path("data/checkpoints/opd").glob("step_*")] == ["step_1"]
 
 
 @pytest.mark.parametrize("lr", [OVERFLOW, 1e-3])
