@@ -69,7 +69,7 @@ from retroloop.eval.suite import build_eval_data, evaluate_model
 from retroloop.models.loading import load_model, load_tokenizer, resolve_device
 from retroloop.onpolicy import check_same_tokenizer
 from retroloop.rngstate import restore_rng_state, save_rng_state
-from retroloop.sequences import chat_sequence, pad_batch, text_sequence
+from retroloop.sequences import IGNORE, chat_sequence, pad_batch, text_sequence
 from retroloop.stages.common import dataset_path, setup_run
 from retroloop.stages.opd import train_opd
 from retroloop.steplog import StepLog, move_logs
@@ -415,8 +415,15 @@ def _sft(model, seqs: list, *, steps: int, lr: float, lr_key: str, batch_size: i
     AdamW (`weight_decay`, constant `lr`) with the gradient's L2 norm clipped to `max_grad_norm`;
     each step's loss also goes to `steplog` (under `desc/`). A non-finite step stops the
     cycle (`training.stop_if_not_finite`, naming `lr_key`) before anything is registered."""
+    # A sequence with no supervised token (a prompt longer than cycle.max_seq_len, a one-token
+    # document) is skipped, as in `sequences.training_sequences`: a batch of only such
+    # sequences has a loss of 0/0 = NaN (the SFT baseline on the tiny profile died of it).
+    seqs = [s for s in seqs if any(label != IGNORE for label in s.labels[1:])]
     if not seqs:
-        raise DataError(f"{desc}: no training sequences (documents too short?)")
+        raise DataError(
+            f"{desc}: no training sequences with a token to learn (documents shorter than two "
+            "tokens, or prompts longer than cycle.max_seq_len); raise cycle.max_seq_len"
+        )
     optimizer = make_optimizer(model, lr, weight_decay)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
