@@ -160,6 +160,13 @@ class PrepareParams(Strict):
     eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of records held out")
     teacher_responses: TeacherResponses = TeacherResponses()
     max_seq_len: int = Field(128, gt=8, description="tokens per training sequence")
+    teacher: ModelSource | None = Field(
+        None,
+        description="the model that teaches the student (null = the source model): any source"
+        " form `model` takes, sharing its tokenizer (vocabulary, special tokens, chat template),"
+        " e.g. the instruct sibling or a larger model of the family; written to"
+        " data/prepare/teacher",
+    )
 
 
 # --------------------------------------------------------------------------- analyze / convert

@@ -156,6 +156,21 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
+def teacher_line(teacher: Mapping[str, Any]) -> str:
+    """One sentence naming the teacher the models were measured against: its path, content
+    hash and where it came from (`retroloop_source.json`)."""
+    source = teacher.get("source") or {}
+    origin = ", ".join(
+        f"{k} {source[k]}" for k in ("source", "hf_id", "path", "package", "file") if source.get(k)
+    )
+    sha = (teacher.get("content_sha256") or "")[:12]
+    return (
+        f"Teacher (KL reference, `teacher` row): `{teacher['path']}` (sha256 {sha}"
+        + (f"; {origin}" if origin else "")
+        + "), chosen with `prepare.teacher`, not the source model."
+    )
+
+
 def render_markdown(metrics: Mapping[str, Any], *, title: str = "retroloop evaluation") -> str:
     """The whole report.md text (tables only; the PNGs are linked by file name)."""
     models: Mapping[str, Mapping[str, Any]] = metrics["models"]
@@ -165,6 +180,8 @@ def render_markdown(metrics: Mapping[str, Any], *, title: str = "retroloop evalu
         f"{HEADERS[k]} {'↑' if up else '↓'}" for k, _, up in METRICS if k in present
     )
     out.append(f"Models: {', '.join(f'`{n}`' for n in models)}. Better is {direction}.\n\n")
+    if metrics.get("teacher"):  # a chosen teacher (`prepare.teacher`), not the source model
+        out.append(teacher_line(metrics["teacher"]) + "\n\n")
 
     out.append("## Metrics\n\n")
     extra = [

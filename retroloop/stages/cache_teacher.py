@@ -1,6 +1,8 @@
 """cache_teacher: run the teacher once and store its top-k next-token distributions.
 
-Reads:  data/prepare/model (role `teacher`),
+Reads:  the teacher (role `teacher`: `common.teacher_dir()`, data/prepare/teacher when
+        `prepare.teacher` is set, else data/prepare/model), checked against the source
+        model's tokenizer (data/prepare/model) before anything is cached,
         data/prepare/datasets/{instruct,domain}_train.parquet (roles `train_instruct`, `train_domain`)
 Writes: data/cache_teacher/shards/shard_NNNNN.safetensors, index.parquet, cache.json,
         metrics.json, manifest.json          (format: `retroloop.teacher_cache`)
@@ -34,7 +36,16 @@ from retroloop.models.head import logits_at
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.runlock import exclusive
 from retroloop.sequences import IGNORE, pad_batch, pad_id, training_sequences
-from retroloop.stages.common import BASE_MODEL, DATA, PATHS, dataset_path, resolve_inputs, setup_run
+from retroloop.stages.common import (
+    BASE_MODEL,
+    DATA,
+    PATHS,
+    dataset_path,
+    resolve_inputs,
+    setup_run,
+    teacher_dir,
+)
+from retroloop.tokenizer_match import check_same_tokenizer
 from retroloop.training import seed_for
 
 log = logging.getLogger(__name__)
@@ -59,13 +70,22 @@ def run(
     paths = resolve_inputs(
         inputs,
         {
-            "teacher": BASE_MODEL,
+            "teacher": teacher_dir(),
             "train_instruct": dataset_path("instruct", "train"),
             "train_domain": dataset_path("domain", "train"),
         },
     )
     refs = [input_ref(role, paths[role]) for role in ("teacher", "train_instruct", "train_domain")]
     tokenizer = load_tokenizer(paths["teacher"])
+    student = Path((inputs or {}).get("student_tokenizer", BASE_MODEL))
+    if (
+        student.resolve() != Path(paths["teacher"]).resolve()
+        and (student / "config.json").is_file()
+    ):
+        # The cache's ids are the student's ids (distill reads them against its own logits).
+        check_same_tokenizer(
+            load_tokenizer(student), tokenizer, key=f"cache_teacher: teacher {paths['teacher']}"
+        )
     seqs = training_sequences(
         tokenizer,
         pl.read_parquet(paths["train_instruct"]),

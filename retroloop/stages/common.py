@@ -30,13 +30,27 @@ PATHS: dict[str, Path] = {
     "opd": DATA / "opd",
     "evaluate": DATA / "evaluate",
 }
-BASE_MODEL = PATHS["prepare"] / "model"  # the source model; it is the teacher
+BASE_MODEL = PATHS["prepare"] / "model"  # the source model (the teacher unless one is chosen)
+# `prepare.teacher`'s model; an empty folder when it is null (the teacher is then BASE_MODEL).
+# Always present, so dvc.yaml can name it as an out and a dep whatever the params say.
+CHOSEN_TEACHER = PATHS["prepare"] / "teacher"
 DATASETS = PATHS["prepare"] / "datasets"  # {domain,instruct}_{train,eval}.parquet
 MODEL_CACHE = DATA / "cache"  # downloaded wheels (not an artifact; reused across runs)
 CONVERTED_MODEL = PATHS["convert"] / "model"
 DISTILL_ADAPTER = PATHS["distill"] / "adapter"
 DISTILL_CHECKPOINTS = DATA / "checkpoints" / "distill"  # persist: survives dvc repro
 OPD_ADAPTER = PATHS["opd"] / "adapter"
+
+
+def teacher_dir(prepare_dir: Path = PATHS["prepare"]) -> Path:
+    """The teacher every stage reads (cache_teacher, distill's online teacher, opd, evaluate):
+    `prepare_dir/teacher` when prepare wrote a chosen teacher there (`prepare.teacher`), else
+    the source model `prepare_dir/model`. prepare writes the folder atomically with the rest
+    of its artifact, so it is never a stale mix of both."""
+    chosen = Path(prepare_dir) / CHOSEN_TEACHER.name
+    if (chosen / "config.json").is_file():
+        return chosen
+    return Path(prepare_dir) / BASE_MODEL.name
 
 
 def dataset_path(name: str, split: str, root: Path = DATASETS) -> Path:

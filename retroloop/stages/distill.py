@@ -59,13 +59,13 @@ from retroloop.models.recurrent import RecurrentForCausalLM, recurrence_mean_at,
 from retroloop.runlock import exclusive
 from retroloop.sequences import IGNORE, Sequence, pad_batch, training_sequences
 from retroloop.stages.common import (
-    BASE_MODEL,
     CONVERTED_MODEL,
     DISTILL_CHECKPOINTS,
     PATHS,
     dataset_path,
     resolve_inputs,
     setup_run,
+    teacher_dir,
 )
 from retroloop.steplog import StepLog, edge_steps, move_logs
 
@@ -157,7 +157,7 @@ def _inputs(inputs: dict | None, d) -> tuple[dict[str, Path], list]:
         "train_instruct": dataset_path("instruct", "train"),
         "train_domain": dataset_path("domain", "train"),
         "teacher_cache": PATHS["cache_teacher"],
-        "teacher": BASE_MODEL,
+        "teacher": teacher_dir(),  # prepare.teacher, else the source model
     }
     paths = resolve_inputs(inputs, defaults)
     cached = d.distillation and d.teacher == "cached"

@@ -1,11 +1,14 @@
 """evaluate: what the conversion lost and what distillation and OPD won back.
 
-Reads:  data/prepare/model (the teacher), data/convert/model (the looped model),
+Reads:  the teacher (`common.teacher_dir()`: data/prepare/teacher when `prepare.teacher` is
+        set, else the source model data/prepare/model), data/convert/model (the looped model),
         data/distill/adapter, data/opd/adapter (PEFT adapters on the converted model),
         data/prepare/datasets/{instruct,domain}_eval.parquet (held-out prompts and documents),
         `evaluate.ifeval_path` / `evaluate.gsm8k_path` when set (real IFEval / GSM8K files).
 Writes: data/evaluate/metrics.json            {"models": {name: {...}}, "recovery": {...},
-                                               "recurrence_scaling": {name: {"R<k>": {...}}}}
+                                               "recurrence_scaling": {name: {"R<k>": {...}}},
+                                               "teacher": {path, content_sha256, source} only
+                                               when it is not the converted model's source}
         data/evaluate/report.md               tables: metrics, deltas vs teacher, recovery
         data/evaluate/models.png              one panel per metric, one bar per model
         data/evaluate/recurrence_scaling.png  held-out NLL and KL vs R (converted, distilled, opd)
@@ -30,6 +33,7 @@ continual-learning cycle can evaluate any set of models against any reference mo
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +55,6 @@ from retroloop.models.loading import load_model, load_tokenizer, tokenizer_finge
 from retroloop.runlock import exclusive
 from retroloop.sequences import pad_id
 from retroloop.stages.common import (
-    BASE_MODEL,
     CONVERTED_MODEL,
     DATA,
     DISTILL_ADAPTER,
@@ -60,6 +63,7 @@ from retroloop.stages.common import (
     dataset_path,
     resolve_inputs,
     setup_run,
+    teacher_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -95,7 +99,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evalu
     paths = resolve_inputs(
         inputs,
         {
-            "teacher": BASE_MODEL,
+            "teacher": teacher_dir(),
             "converted": CONVERTED_MODEL,
             "distill_adapter": DISTILL_ADAPTER,
             "opd_adapter": OPD_ADAPTER,
@@ -145,7 +149,27 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evalu
         domain_eval=paths["domain_eval"],
         out_dir=out_dir,
         scaling=("converted", "distilled", "opd"),
+        teacher_identity=chosen_teacher(paths["teacher"], paths["converted"]),
     )
+
+
+def chosen_teacher(teacher: Path, converted: Path) -> dict[str, Any] | None:
+    """{path, content_sha256, source} of the teacher when it is not the model `converted` was
+    built from (a `prepare.teacher`), else None: the report then stays as it was, the teacher
+    being the source model its `base_model` input names."""
+    from retroloop.artifacts import find_manifest_dir, read_manifest
+
+    ref = input_ref("teacher", teacher)
+    owner = find_manifest_dir(Path(converted))
+    if owner is not None:
+        bases = [r for r in read_manifest(owner).inputs if r.role == "base_model"]
+        if bases and bases[0].content_sha256 == ref.content_sha256:
+            return None
+    source_file = Path(teacher) / "retroloop_source.json"
+    source = json.loads(source_file.read_text()) if source_file.is_file() else {}
+    source.pop("tiny", None)  # the whole spec; `source: tiny_random` says enough here
+    source.pop("tiny_training", None)
+    return {"path": ref.path, "content_sha256": ref.content_sha256, "source": source}
 
 
 # --------------------------------------------------------------------------- lower level
@@ -349,10 +373,12 @@ def write_evaluation(
     scaling: Sequence[str] = (),
     stage: str = "evaluate",
     cache_dir: Path | None = EVAL_CACHE,
+    teacher_identity: dict[str, Any] | None = None,
 ) -> Manifest:
     """Evaluate `specs`, then write metrics.json, the report and the manifest to `out_dir`.
 
     Recovery fractions are computed when both `teacher` and `converted` are among the specs.
+    `teacher_identity` (`chosen_teacher`): recorded as metrics["teacher"] and named in the report.
     """
     device = setup_run(cfg)
     data, extra = load_eval_data(
@@ -389,6 +415,8 @@ def write_evaluation(
             "recovery": recovery,
             "recurrence_scaling": result["recurrence_scaling"],
         }
+        if teacher_identity is not None:
+            w.metrics["teacher"] = teacher_identity
         for path in write_report(w.metrics, w.dir):
             w.outputs[path.name] = "report"
         w.outputs["metrics.json"] = "report"

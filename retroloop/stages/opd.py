@@ -58,7 +58,6 @@ from retroloop.opd_progress import Progress, resume_progress, rollout_frame, sav
 from retroloop.rollout import RolloutEngine, make_engine, vllm_lora_rank
 from retroloop.runlock import exclusive
 from retroloop.stages.common import (
-    BASE_MODEL,
     CONVERTED_MODEL,
     DATA,
     DISTILL_ADAPTER,
@@ -66,6 +65,7 @@ from retroloop.stages.common import (
     dataset_path,
     resolve_inputs,
     setup_run,
+    teacher_dir,
 )
 from retroloop.steplog import StepLog, edge_steps
 from retroloop.training import seed_for, stop_if_not_finite
@@ -359,7 +359,7 @@ def run(
     defaults = {
         "student": CONVERTED_MODEL,
         "parent_adapter": DISTILL_ADAPTER,
-        "teacher": BASE_MODEL,
+        "teacher": teacher_dir(),  # prepare.teacher, else the source model
         "train_data": dataset_path("instruct", "train"),
         "heldout": dataset_path("instruct", "eval"),
     }

