@@ -16,7 +16,9 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers_distill import workdir  # noqa: F401  (fixture)
 
+from retroloop.artifacts import read_manifest
 from retroloop.models.loading import build_tiny_tokenizer
 from retroloop.stages.common import teacher_dir
 from retroloop.tokenizer_match import check_same_tokenizer, tokenizer_differences
@@ -68,6 +70,16 @@ def test_teacher_dir_is_the_chosen_teacher_only_when_prepare_wrote_one(tmp_path)
 # --------------------------------------------------------------------------- prepare
 
 
+def test_a_null_teacher_is_the_source_model_and_an_empty_folder(workdir) -> None:  # noqa: F811
+    """The session's tiny build (`prepare.teacher: null`): nothing new is hashed or named."""
+    assert list(Path("data/prepare/teacher").iterdir()) == []  # there, for dvc.yaml's outs
+    prepared = read_manifest(Path("data/prepare"))
+    assert "teacher" not in prepared.outputs and "teacher" not in prepared.metrics
+    assert not any(rel.startswith("teacher/") for rel in prepared.files)
+    assert teacher_dir() == Path("data/prepare/model")
+    assert read_manifest(Path("data/cache_teacher")).input("teacher").path == "data/prepare/model"
+
+
 def test_a_teacher_with_another_tokenizer_is_one_line_exit_2_nothing_written(
     tmp_path, monkeypatch, capsys
 ) -> None:
@@ -88,7 +100,7 @@ def test_a_teacher_with_another_tokenizer_is_one_line_exit_2_nothing_written(
 
 
 def test_a_chosen_teacher_is_named_by_every_stage_that_used_it(tmp_path, monkeypatch) -> None:
-    from retroloop.artifacts import input_ref, read_manifest
+    from retroloop.artifacts import input_ref
     from retroloop.config import load_params
     from retroloop.provenance import audit
     from retroloop.stages import analyze, cache_teacher, convert, distill, evaluate, opd, prepare
