@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from prefect import flow
 
+import tasks.slot  # noqa: F401  (`retroloop run`'s temporary Prefect server dies with its parent too)
 from retroloop.artifacts import read_manifest
 from retroloop.config import STAGES
 from retroloop.errors import ArtifactError, BusyError, ConfigError

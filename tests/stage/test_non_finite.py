@@ -92,8 +92,8 @@ def test_the_cycles_sft_phases_stop_on_a_non_finite_step(lr: float) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from retroloop.cycle import _sft
     from retroloop.sequences import Sequence
-    from retroloop.stages.cycle import _sft
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
