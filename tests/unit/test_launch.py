@@ -1,6 +1,6 @@
 """retroloop.launch: when a stage relaunches itself under torch's elastic launcher, with which
 command line, and the refusals (one line each). The real two-rank run is
-tests/stage/test_launch.py (slow: two fresh interpreters)."""
+tests/stage/test_launch_two_ranks.py (slow: two fresh interpreters)."""
 
 from __future__ import annotations
 
