@@ -180,9 +180,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from retroloop.provenance import audit
 
     rows = audit(args.root)
-    if args.json:
+    bad = any(row["status"] != "OK" for row in rows)
+    if args.json:  # the same exit status as the table: a script sees BAD without parsing
         print(json.dumps(rows, indent=2))
-        return 0
+        return 1 if bad else 0
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -220,7 +221,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                      f"     {'created' if status == 'OK' else 'problem'}  {created}"]  # fmt: skip
             for line in lines:
                 console.print(escape(line), soft_wrap=True, highlight=False)
-    return 1 if any(row["status"] != "OK" for row in rows) else 0
+    return 1 if bad else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ def test_a_missing_or_outside_upstream_is_bad_in_verify_and_audit(
     assert row["status"] == "BAD" and "teacher_cache" in row["error"]
     assert row["teacher"]["content_sha256"] is None
     assert cli.main(["audit"]) == 1
+    assert cli.main(["audit", "--json"]) == 1  # the machine-readable form says so too
 
     # A manifest whose input points outside the repository (its hash left as it was).
     outside = tmp_path / "elsewhere-model"
