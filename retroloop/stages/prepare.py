@@ -68,6 +68,11 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
     teacher, teacher_tokenizer, teacher_provenance = _load_teacher(
         p, model, tokenizer, corpus=corpus, train_texts=train_texts
     )
+    if teacher is not None:
+        try:  # the teacher scores (and caches) the same sequences
+            _check_seq_lens(cfg, teacher.config)
+        except ConfigError as err:
+            raise ConfigError(f"prepare.teacher: {err}") from None
     model.to(device)
     if teacher is not None:
         teacher.to(device)

@@ -99,6 +99,18 @@ def test_a_teacher_with_another_tokenizer_is_one_line_exit_2_nothing_written(
     assert not (tmp_path / "data" / "prepare").exists()
 
 
+def test_a_teacher_with_a_shorter_context_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    teacher = {**TEACHER, "tiny": {**TEACHER["tiny"], "max_position_embeddings": 32}}
+    params = tiny_params(
+        tmp_path / "p.yaml", prepare={"model.tiny.train_steps": 0, "teacher": teacher}
+    )
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "stage", "prepare", "--params", str(params))
+    assert code == 2
+    error_line(err, "prepare.teacher: prepare.max_seq_len: 64 is longer than the model's context")
+    assert not (tmp_path / "data" / "prepare").exists()
+
+
 def test_a_chosen_teacher_is_named_by_every_stage_that_used_it(tmp_path, monkeypatch) -> None:
     from retroloop.artifacts import input_ref
     from retroloop.config import load_params
