@@ -441,6 +441,18 @@ class LoggingParams(Strict):
     )
 
 
+class GuardParams(Strict):
+    """The size of `retroloop.guards`' run-time self-checks (cached vs cache-free decoding,
+    the OPD sampler's and teacher's scoring): convert, OPD and evaluate run them on a few
+    held-out prompts before they generate or write anything; the figures go into metrics."""
+
+    prompts: int = Field(3, ge=1, description="held-out prompts per check")
+    new_tokens: int = Field(8, ge=1, description="tokens generated per prompt")
+    prompt_tokens: int = Field(
+        16, ge=1, description="convert's check: each prompt cut to this many tokens"
+    )
+
+
 class LaunchParams(Strict):
     """How many processes a training stage runs as (`retroloop.launch`): distill and static
     relaunch themselves under `torch.distributed.run` with this many ranks per machine (one per
@@ -480,6 +492,7 @@ class Params(Strict):
     cycle: CycleParams = CycleParams()
     logging: LoggingParams = LoggingParams()
     launch: LaunchParams = LaunchParams()
+    guards: GuardParams = GuardParams()
 
     @model_validator(mode="after")
     def _recurrence_not_inert(self) -> Params:

@@ -490,7 +490,7 @@ def recover_with_opd(run: CycleRun, student: Checkpoint) -> Trained:
         model, teacher, tokenizer, pl.read_parquet(_instruct_path("train")),
         cfg.opd.model_copy(update={"steps": cfg.cycle.opd_steps}), seed=cfg.seed,
         out_dir_tmp=run.work / "opd" / "out", log_prefix=f"cycle-{run.number}-opd",
-        model_dir=run.parent.base, steplog=steplog.prefixed("opd/"),
+        model_dir=run.parent.base, steplog=steplog.prefixed("opd/"), guards=cfg.guards,
     )  # fmt: skip
     steplog.close()
     return Trained(_save(model, run.work / "opd"), metrics, (), tuple(steplog.rows))

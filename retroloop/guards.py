@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
+from retroloop.config import GuardParams
 from retroloop.errors import GuardError
 
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.1, torch.float16: 0.05}
-GUARD_PROMPTS = 3  # held-out prompts per check
-GUARD_NEW_TOKENS = 8  # generated tokens per prompt
+# The checks' sizes are params (`guards.*`); the functions' defaults are the schema's.
+GUARD_NEW_TOKENS = GuardParams().new_tokens
 
 
 def library_line() -> str:

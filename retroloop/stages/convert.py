@@ -26,7 +26,7 @@ import polars as pl
 from retroloop.artifacts import Manifest, atomic_artifact, input_ref, verify_inputs
 from retroloop.config import Params
 from retroloop.errors import ModelError
-from retroloop.guards import GUARD_PROMPTS, check_cached_generate
+from retroloop.guards import check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.models.recurrent import convert_from_source, drop_layers, equivalence_max_abs_diff
 from retroloop.runlock import exclusive
@@ -102,10 +102,11 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
     # anything is written: OPD and evaluate generate with this model.
     guard = check_cached_generate(
         looped.eval(),
-        [seq.input_ids[:16] for seq in seqs[:GUARD_PROMPTS]],
+        [seq.input_ids[: cfg.guards.prompt_tokens] for seq in seqs[: cfg.guards.prompts]],
         what=f"the converted model at R={c.recurrence}",
         pad_id=tokenizer.pad_token_id,
         forward_kwargs={"num_recurrence": c.recurrence},
+        max_new_tokens=cfg.guards.new_tokens,
     )
 
     with atomic_artifact(out_dir, stage="convert", kind="model") as w:

@@ -50,7 +50,7 @@ from retroloop.eval.generation import encode_chat_prompts
 from retroloop.eval.report import recovery_table, write_report
 from retroloop.eval.scaling import HeldOut, flops_per_token, held_out, nll_and_kl
 from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
-from retroloop.guards import GUARD_PROMPTS, check_cached_generate
+from retroloop.guards import check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.runlock import exclusive
 from retroloop.sequences import pad_id
@@ -236,7 +236,7 @@ def evaluate_models(
     # The reference's log-probs on the held-out domain documents, once: every model's exact
     # full-vocabulary KL(reference ‖ model) there (and at every R of the scaling curves).
     reference = _reference(teacher_model, tokenizer, data, cfg.evaluate.batch_size)
-    guard_prompts = (data.kl_prompts or [item.prompt for item in data.ifeval])[:GUARD_PROMPTS]
+    guard_prompts = (data.kl_prompts or [item.prompt for item in data.ifeval])[: cfg.guards.prompts]
     guard_ids = encode_chat_prompts(tokenizer, guard_prompts) if guard_prompts else []
     for name, spec in specs.items():
         _check_tokenizer(name, spec, fingerprint, teacher_spec)
@@ -246,7 +246,7 @@ def evaluate_models(
         # Before this model generates anything: cached decoding must match cache-free decoding.
         guard = check_cached_generate(
             model, guard_ids, what=f"'{name}'", pad_id=pad_id(tokenizer),
-            forward_kwargs=forward_kwargs,
+            forward_kwargs=forward_kwargs, max_new_tokens=cfg.guards.new_tokens,
         )  # fmt: skip
         metrics = evaluate_model(
             name,

@@ -40,10 +40,9 @@ from transformers import PreTrainedTokenizerBase
 
 from retroloop import training
 from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
-from retroloop.config import LoggingParams, OpdParams, Params
+from retroloop.config import GuardParams, LoggingParams, OpdParams, Params
 from retroloop.errors import ConfigError, DataError
 from retroloop.geometry import GeometryTracker, plot_geometry
-from retroloop.guards import GUARD_PROMPTS
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.onpolicy import (
     check_rollouts,
@@ -106,6 +105,7 @@ def train_opd(
     logging_params: LoggingParams | None = None,
     steplog: StepLog | None = None,
     checkpoints: training.Checkpoints | None = None,
+    guards: GuardParams | None = None,
 ) -> dict[str, Any]:
     """On-policy distillation of a PEFT `student` (trainable LoRA) against `teacher`.
 
@@ -136,7 +136,8 @@ def train_opd(
     optimizer = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)  # constant LR
     tracker = GeometryTracker(student, since_start=True)  # ΔW since these (resume: same) weights
     loop = _Loop(p, student, teacher, tokenizer, engine, optimizer, trainable, prompts_df.to_dicts(),
-                 seed, s_kwargs, teacher_kwargs, log_prefix, out_dir, checkpoints)  # fmt: skip
+                 seed, s_kwargs, teacher_kwargs, log_prefix, out_dir, checkpoints,
+                 guards or GuardParams())  # fmt: skip
     loop.log_plan()
     progress, resumed = resume_progress(checkpoints, student, optimizer, tracker, seed)
     if resumed is not None:
@@ -199,11 +200,11 @@ class _Loop:
     """One OPD run's pieces: sample → reward → score + update → log, one step at a time."""
 
     def __init__(self, p, student, teacher, tokenizer, engine, optimizer, trainable, rows, seed,
-                 s_kwargs, teacher_kwargs, log_prefix, out_dir, checkpoints) -> None:  # fmt: skip
+                 s_kwargs, teacher_kwargs, log_prefix, out_dir, checkpoints, guards) -> None:  # fmt: skip
         self.p, self.student, self.teacher, self.tokenizer = p, student, teacher, tokenizer
         self.engine, self.optimizer, self.trainable, self.rows = engine, optimizer, trainable, rows
         self.seed, self.s_kwargs, self.teacher_kwargs = seed, s_kwargs, teacher_kwargs
-        self.log_prefix, self.out_dir = log_prefix, out_dir
+        self.log_prefix, self.out_dir, self.guards = log_prefix, out_dir, guards
         self.checkpoint_dir = checkpoints.root if checkpoints is not None else None
         self.n_trainable = sum(q.numel() for q in trainable)
 
@@ -219,11 +220,11 @@ class _Loop:
 
     def guard(self, heldout_prompts: list[str] | None) -> dict[str, Any]:
         """`retroloop.guards`' run-time check of the sampler and the teacher's scoring."""
-        prompts = (heldout_prompts or [r["prompt"] for r in self.rows])[:GUARD_PROMPTS]
+        prompts = (heldout_prompts or [r["prompt"] for r in self.rows])[: self.guards.prompts]
         return check_rollouts(
             self.engine, self.student, self.teacher, prompts, pad_id=self.tokenizer.pad_token_id,
             seed=seed_for(self.seed, "opd-guard", 0), student_kwargs=self.s_kwargs,
-            teacher_kwargs=self.teacher_kwargs,
+            teacher_kwargs=self.teacher_kwargs, max_new_tokens=self.guards.new_tokens,
         )  # fmt: skip
 
     def heldout_kl(self, prompts: list[str] | None) -> float | None:
@@ -394,7 +395,7 @@ def run(
         metrics = train_opd(
             student, teacher, tokenizer, prompts, p, seed=cfg.seed, out_dir_tmp=w.dir,
             teacher_tokenizer=teacher_tokenizer, heldout_prompts=heldout, engine=engine,
-            logging_params=cfg.logging, checkpoints=checkpoints,
+            logging_params=cfg.logging, checkpoints=checkpoints, guards=cfg.guards,
         )  # fmt: skip
         w.outputs.update(OUTPUTS)
         w.metrics = {**metrics, **tokenizer_fingerprint(tokenizer)}

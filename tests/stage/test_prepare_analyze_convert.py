@@ -472,3 +472,14 @@ def test_a_gemma3_tiny_profile_runs_prepare_analyze_convert_exactly(
     mask_B_T = torch.ones_like(ids_B_T)
     reference = drop_layers(source, split["prelude"] + split["block"] + split["coda"])
     assert equivalence_max_abs_diff(looped, reference, ids_B_T, mask_B_T) <= 1e-5
+
+
+def test_the_guards_size_is_the_params(workdir: Path) -> None:
+    """`guards.*` set how many prompts, prompt tokens and generated tokens convert's cached-vs-
+    cache-free check uses (they were literals: 3, 16 and 8). Greedy steps stop early only at
+    an EOS, so a step count is at most prompts x new_tokens."""
+    default = read_manifest(workdir / "data/convert").metrics["guard_cached_generate"]
+    assert default["prompts"] == 2 and 3 < default["steps"] <= 2 * 8  # tiny holds 2 out
+    cfg = load_params(TINY_PROFILE, {"guards.prompts": 1, "guards.new_tokens": 3})
+    guard = convert.run(cfg, out_dir=workdir / "convert-guards").metrics["guard_cached_generate"]
+    assert guard["prompts"] == 1 and guard["steps"] <= 3
