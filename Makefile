@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # (a new dependency, a range change, a wanted upgrade), then `make test` and commit the lock.
 lock:
 	test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv==$(UV_VERSION))
-	printf 'setuptools>=68\nwheel\n' | .venv-lock/bin/uv pip compile pyproject.toml - --extra dev --extra plots \
+	printf 'setuptools>=68\nwheel\n' | .venv-lock/bin/uv pip compile pyproject.toml - --extra dev --extra plots --extra peer \
 	  --generate-hashes --find-links $(TORCH_WHEELS) --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --no-header --quiet -o $(LOCK)
 	$(PYTHON) retroloop/envlock.py stamp
