@@ -384,6 +384,40 @@ def test_early_exit_stops_when_successive_distributions_agree():
     assert {layer.get_seq_length() for layer in step[CACHE_KWARG].layers} == {9}
 
 
+def test_early_exit_with_a_cache_gives_the_cache_free_values():
+    """The values, not just the slot lengths: a prefill that exits after two of four iterations,
+    then one decode step, gives the logits of a cache-free run over the whole sequence (which
+    exits after two as well), so the probe's coda entries were cropped and the kept block
+    entries are the ones computed; the skipped iterations' slots hold iteration 2's keys and
+    values (s_{k+1} ≈ s_k). Fails when the crop or the fill is dropped or shifted."""
+    looped = convert_from_source(
+        tiny_source(), prelude=[0], block=[2, 3], coda=[5], recurrence=4, state_init_std=0.0
+    )
+    make_iterations_matter(looped)
+    looped.eval()
+    P, C, B = len(looped.model.prelude), len(looped.model.coda), len(looped.model.block)
+    ids_B_T, mask_B_T = batch()
+    next_B_1 = ids_B_T[:, -1:].flip(0)
+    full_ids, full_mask = (
+        torch.cat([ids_B_T, next_B_1], 1),
+        torch.cat([mask_B_T, mask_B_T[:, -1:]], 1),
+    )
+    all_four = logits(looped, full_ids, full_mask)[:, -1]
+    looped.config.early_exit_kl = 1e9  # converged after the second iteration, on every call
+    reference = logits(looped, full_ids, full_mask)[:, -1]
+    assert not torch.allclose(reference, all_four, atol=1e-3)  # exiting early changes the result
+    with torch.no_grad():
+        out = looped(input_ids=ids_B_T, attention_mask=mask_B_T, use_cache=True)
+        cache = out[CACHE_KWARG]
+        for j in range(B):  # iterations 3 and 4 (k = 2, 3) hold iteration 2's (k = 1) entries
+            kept = cache.layers[P + C + 1 * B + j]
+            for k in (2, 3):
+                torch.testing.assert_close(cache.layers[P + C + k * B + j].keys, kept.keys)
+                torch.testing.assert_close(cache.layers[P + C + k * B + j].values, kept.values)
+        step = looped(input_ids=next_B_1, attention_mask=full_mask, cache=cache, use_cache=True)
+    torch.testing.assert_close(step.logits[:, -1], reference, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- recurrence sampling
 
 
