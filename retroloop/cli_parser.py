@@ -208,9 +208,15 @@ def _schedule_command(sub) -> None:
         "serve the cycle flow on a cron schedule (Prefect)",
         "Serves a Prefect deployment that, at every tick, runs one cycle per new file in the\n"
         "watched folder (oldest first, each file once). Runs until stopped. With --set the\n"
-        "merged params are fixed for the life of the process.",
+        "merged params are fixed for the life of the process.\n\n"
+        "With --remote, registers the same schedule on the Prefect server (PREFECT_API_URL)\n"
+        "for the workers of --pool that share no disk with you, and returns: each run clones\n"
+        "HEAD from origin (it must be pushed), pulls its inputs from the worker's DVC remote\n"
+        "and pushes each registered cycle (DVC objects, then its .dvc file on the git branch\n"
+        "retroloop-cycles). --watch-dir is then a folder on the worker's machine.",
         '  retroloop schedule --cron "0 3 * * *"\n'
-        '  retroloop schedule --cron "*/30 * * * *" --watch-dir inbox/',
+        '  retroloop schedule --cron "*/30 * * * *" --watch-dir inbox/\n'
+        '  retroloop schedule --remote --cron "0 3 * * *" --watch-dir /srv/inbox --pool gpu',
     )
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
     p.add_argument(
@@ -220,7 +226,17 @@ def _schedule_command(sub) -> None:
         help="folder of new domain files (default: cycle.watch_dir)",
     )
     p.add_argument(
-        "--name", default="retroloop-cycle", help="deployment name (default: retroloop-cycle)"
+        "--name",
+        default=None,
+        help="deployment name (default: retroloop-cycle; with --remote retroloop-cycle-remote)",
+    )
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="register it for workers that share no disk (git clone of HEAD + push) and return",
+    )
+    p.add_argument(
+        "--pool", default="gpu", help="with --remote: the work pool its workers poll (default: gpu)"
     )
     _with_params(p)
     p.set_defaults(func=commands.cmd_schedule)

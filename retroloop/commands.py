@@ -144,12 +144,46 @@ def cmd_cycle(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
+    if args.remote:
+        return _schedule_remote(args)
     with _params(args) as (params_path, _cfg):
         from flows.cycle import serve_schedule
 
         serve_schedule(
-            cron=args.cron, params_path=str(params_path), watch_dir=args.watch_dir, name=args.name
+            cron=args.cron,
+            params_path=str(params_path),
+            watch_dir=args.watch_dir,
+            name=args.name or "retroloop-cycle",
         )
+    return 0
+
+
+def _schedule_remote(args: argparse.Namespace) -> int:
+    """`schedule --remote`: register the deployment on the Prefect server and return (its
+    workers run it); every refusal is one line before anything is registered."""
+    from retroloop.errors import ConfigError
+
+    if args.set:
+        raise ConfigError(
+            f"--set {' '.join(args.set)} with --remote: the worker reads {args.params} from its "
+            "clone of the pushed commit; commit and push the change instead"
+        )
+    if args.params.is_absolute():
+        raise ConfigError(
+            f"--params {args.params} with --remote: give the path inside the repository "
+            "(the worker's clone), e.g. params.yaml"
+        )
+    from tasks.remote import deployable_commit
+
+    deployable_commit("origin")  # HEAD on origin: what the worker clones
+    load_params(args.params)  # a broken params file fails here, not on the worker
+    from flows.cycle import deploy_remote_schedule
+
+    deployment_id, commit = deploy_remote_schedule(
+        args.cron, params_path=args.params.as_posix(), watch_dir=args.watch_dir,
+        name=args.name or "retroloop-cycle-remote", pool=args.pool,
+    )  # fmt: skip
+    print(json.dumps({"deployment": deployment_id, "commit": commit, "pool": args.pool}))
     return 0
 
 
