@@ -212,6 +212,62 @@ def test_head_on_trained_rows_and_chunked_loss_equal_the_full_logits_loss(workdi
             torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("teacher", ["online", "cached"])
+def test_the_loss_at_temperature_two_is_alpha_ce_plus_t_squared_kl_of_softened_distributions(
+    workdir,  # noqa: F811
+    teacher,
+) -> None:
+    """At params.yaml's T = 2 (the tiny profile runs T = 1, where T² and 1/T vanish), the stage's
+    micro-batch loss is α·CE + (1−α)·T²·KL(p_t^T ‖ p_s^T) with p^T = softmax(z / T) and CE at
+    T = 1, written out here from the full logits of both models (DESIGN.md §5, Hinton et al.
+    2015). Fails when T² is dropped or inverted, when either side is not softened, and (cached)
+    when the cache is built or read at another temperature."""
+    import torch.nn.functional as F
+
+    from retroloop import teacher_cache as tc
+    from retroloop.sequences import pad_batch, training_sequences
+
+    T, alpha = 2.0, 0.3
+    cfg = tiny(
+        **{"distill.teacher": teacher, "distill.temperature": T, "distill.alpha": alpha},
+        **{"cache_teacher.temperature": T, "cache_teacher.full_vocab": True},
+    )
+    tok = load_tokenizer(STUDENT)
+    seqs = training_sequences(
+        tok,
+        pl.read_parquet("data/prepare/datasets/instruct_train.parquet"),
+        pl.read_parquet("data/prepare/datasets/domain_train.parquet"),
+        cfg.prepare.max_seq_len,
+    )[:3]
+    teacher_model = load_model("data/prepare/model")
+    rows = None
+    if teacher == "cached":
+        cache_teacher.run(cfg)
+        cache = tc.TeacherCache(Path("data/cache_teacher"))
+        rows = [cache.rows(i) for i in range(3)]
+    model = distill.load_student(STUDENT, cfg, torch.device("cpu"))
+    online = teacher_model if teacher == "online" else None
+    torch.manual_seed(0)  # the looped student draws s_0 in train mode
+    with torch.no_grad():
+        _, stats, _ = distill.micro_batch_loss(
+            model, seqs, tok.pad_token_id, cfg.distill, 2, 2, torch.device("cpu"), online, rows
+        )
+        torch.manual_seed(0)
+        ids, mask, labels = pad_batch(seqs, tok.pad_token_id)
+        s = model(input_ids=ids, attention_mask=mask, num_recurrence=2, bptt_k=2).logits[:, :-1]
+        t = teacher_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    keep = labels[:, 1:] != -100
+    s, t, y = s[keep].double(), t[keep].double(), labels[:, 1:][keep]
+    ce = float(F.cross_entropy(s, y))
+    log_p, log_q = F.log_softmax(t / T, -1), F.log_softmax(s / T, -1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    kl_unsoftened = float((t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean())
+    assert abs(kl - kl_unsoftened) > 0.05 * kl  # T = 2 is a different quantity here
+    assert stats["ce"] == pytest.approx(ce, rel=1e-5)
+    assert stats["kl"] == pytest.approx(kl, rel=1e-4)
+    assert stats["loss"] == pytest.approx(alpha * ce + (1 - alpha) * T**2 * kl, rel=1e-4)
+
+
 def test_activation_checkpointing_keeps_fewer_activations(workdir) -> None:  # noqa: F811
     """distill.activation_checkpointing: every decoder-layer call keeps only its input."""
     from retroloop.sequences import Sequence, pad_batch
