@@ -37,12 +37,18 @@ the next claim clears it if this cycle dies); what the cycle publishes is one di
 `registry/cycles/cycle-NNNN/` (adapter/, data/{train,eval}.parquet, report.md, phases.json
 (its timings in run_phases.json, outside the content hash), metrics.json, manifest.json, and
 the per-step `midtrain/*` and `opd/*` metrics in dvclive/ + run_dvclive/), in one rename by
-`retroloop.registry`.
+`retroloop.registry`. Mid-training and OPD checkpoint every `cycle.checkpoint_every` steps under
+`registry/.resume/cycle-NNNN/` (kept when the cycle dies, removed once it registers): a killed
+cycle run again on the same file, params and parent resumes there and registers the bytes an
+uninterrupted run would (`cycle_training.phase_checkpoints`).
+
+Beside the recipe: `cycle_inputs` (the domain file, resolving and loading models),
+`cycle_training` (the SFT loop, the phases' checkpoints), `cycle_publish` (the files a
+registered cycle holds, its report and summary).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -50,56 +56,27 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import torch
-from tqdm import tqdm
 
 from retroloop import datasets, registry
-from retroloop.artifacts import InputRef, input_ref, read_manifest
-from retroloop.canonical import RUN_PREFIX, is_run_dependent
-from retroloop.config import LoggingParams, Params
-from retroloop.errors import (
-    ArtifactError,
-    DataError,
-    MismatchError,
-    ModelError,
-    RetroloopError,
-)
-from retroloop.eval.report import markdown_table
+from retroloop.artifacts import InputRef, input_ref
+from retroloop.canonical import canonicalize
+from retroloop.config import Params
+from retroloop.cycle_inputs import ModelRef, load_domain_file, load_ref, resolve_models, teacher_key
+from retroloop.cycle_publish import PHASES, RecordingLog, Rows, phase_rows, summary, write_cycle
+from retroloop.cycle_training import RESUME, phase_checkpoints, resume_dir
+from retroloop.cycle_training import sft as _sft
+from retroloop.errors import ArtifactError, MismatchError, ModelError
 from retroloop.eval.suite import build_eval_data, evaluate_model
-from retroloop.models.loading import load_model, load_tokenizer, resolve_device
+from retroloop.models.loading import load_tokenizer, resolve_device
 from retroloop.onpolicy import check_same_tokenizer
 from retroloop.rngstate import restore_rng_state, save_rng_state
-from retroloop.sequences import IGNORE, chat_sequence, pad_batch, text_sequence
+from retroloop.sequences import chat_sequence, text_sequence
 from retroloop.stages.common import dataset_path, setup_run
 from retroloop.stages.opd import train_opd
-from retroloop.steplog import StepLog, move_logs
-from retroloop.training import make_optimizer, stop_if_not_finite
+
+__all__ = ["PHASES", "load_domain_file", "phase_rows", "summary"]  # re-exported for callers
 
 log = logging.getLogger(__name__)
-
-PHASES = ("before", "after_midtrain", "after_opd")
-PHASE_COLUMNS = [
-    "domain_ppl",
-    "domain_nll",
-    "ifeval_prompt_strict",
-    "ifeval_inst_loose",
-    "kl_to_teacher",
-    "instruct_nll",
-    "gsm8k_accuracy",  # only when the domain data is GSM8K (question + worked answer)
-]
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model as the registry sees it: a base directory plus an optional adapter."""
-
-    base: Path
-    adapter: Path | None
-    label: str
-
-    @property
-    def lineage_path(self) -> Path:
-        return self.adapter if self.adapter is not None else self.base
 
 
 @dataclass(frozen=True)
@@ -161,45 +138,10 @@ class Trained:
     student: Checkpoint
     metrics: dict[str, Any]
     losses: tuple[float, ...]
-    steps: tuple[tuple[str, dict[str, Any]], ...]
+    steps: Rows
 
 
 # --------------------------------------------------------------------------- step 1: read
-
-
-def load_domain_file(path: Path, fmt: str) -> pl.DataFrame:
-    """Read and validate the new domain documents (clear DataError on empty / non-UTF-8 / missing)."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(
-            f"--domain-data {path}: is a folder; pass a .jsonl/.json/.parquet/.txt file"
-        )
-    if not path.is_file():
-        raise DataError(
-            f"--domain-data {path}: no such file; pass an existing .jsonl/.json/.parquet/.txt "
-            "file of domain documents"
-        )
-    if path.suffix in (".txt", ".md"):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise DataError(
-                f"--domain-data {path}: not UTF-8 text; re-encode it as UTF-8"
-            ) from None
-        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
-        if not docs:
-            raise DataError(
-                f"--domain-data {path}: empty file; it needs at least 2 documents separated by blank lines"
-            )
-        frame = datasets.records_to_frame([{"text": d} for d in docs], "text", origin=str(path))
-    else:
-        frame = datasets.load_local(path, fmt)
-    if frame.height < 2:  # here, not in the flow's split: one line before Prefect starts
-        raise DataError(
-            f"--domain-data {path}: {frame.height} record; a cycle holds some documents out to "
-            "measure domain perplexity, so it needs at least 2; add records"
-        )
-    return frame
 
 
 def read_inputs(cfg: Params, domain_file: Path, fmt: str = "text") -> CycleInputs:
@@ -235,87 +177,15 @@ def _instruct_path(split: str) -> Path:
 # --------------------------------------------------------------------------- step 2: load
 
 
-def resolve_models(cfg: Params, registry_root: Path) -> tuple[ModelRef, ModelRef]:
-    """(teacher, parent) of the next cycle. Read under the registry lock, so "previous" is the
-    cycle registered last and no other cycle can register in between."""
-    c = cfg.cycle
-    base = Path(c.base_model)
-    if not (base / "config.json").is_file():
-        raise ModelError(
-            f"cycle.base_model: {base} is not a model directory (no config.json); run the pipeline first"
-        )
-    previous = registry.cycle_dirs(registry_root)
-    if previous:
-        parent = ModelRef(base, previous[-1] / "adapter", previous[-1].name)
-    elif c.base_adapter is not None:
-        adapter = Path(c.base_adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise ModelError(
-                f"cycle.base_adapter: {adapter} is not a PEFT adapter (no adapter_config.json); set it to null or run the pipeline"
-            )
-        parent = ModelRef(base, adapter, f"base+{adapter}")
-    else:
-        parent = ModelRef(base, None, "base")
-    match c.teacher:
-        case "previous":
-            return parent, parent
-        case "base":
-            return ModelRef(base, None, "base"), parent
-        case path if (Path(path) / "config.json").is_file():
-            return ModelRef(Path(path), None, path), parent
-        case path if (Path(path) / "adapter_config.json").is_file():
-            return ModelRef(base, Path(path), path), parent
-        case path:
-            raise ModelError(
-                f"cycle.teacher: {path} is neither a model (config.json) nor a PEFT adapter; use 'previous', 'base' or a model path"
-            )
-
-
-def _load(ref: ModelRef, cfg: Params, device: torch.device, *, trainable: bool, key: str):
-    """Load base (+ adapter); any failure is one line naming the `cycle.*` key to fix."""
-    from peft import PeftModel, get_peft_model
-
-    from retroloop.models.lora import lora_config_for
-
-    try:
-        model = load_model(ref.base, cfg.dtype, device)
-        if ref.adapter is not None:
-            return PeftModel.from_pretrained(
-                model, ref.adapter, is_trainable=trainable, trust_remote_code=False
-            )
-    except ModelError as err:  # load_model's one line, with the key to fix in front
-        raise ModelError(f"{key}: {err}") from None
-    except RetroloopError:
-        raise
-    except Exception as err:  # transformers/peft raise many types for a broken directory
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ModelError(
-            f"{key}: {ref.lineage_path} does not load ({type(err).__name__}: {first}); "
-            "point it at a save_pretrained model or PEFT adapter directory"
-        ) from None
-    if not trainable:
-        return model
-    lo = cfg.opd.lora
-    config = lora_config_for(
-        model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout,
-        target_modules=lo.target_modules, train_adapter=lo.train_adapter,
-    )  # fmt: skip
-    return get_peft_model(model, config)
-
-
-def _teacher_key(cfg: Params) -> str:
-    return "cycle.teacher" if cfg.cycle.teacher not in ("previous", "base") else "cycle.base_model"
-
-
 def load_models(inputs: CycleInputs, claim: registry.Claim) -> CycleRun:
     """Step 2: resolve the parent and the teacher of cycle `claim.number`, check they load and
     share a tokenizer, and save the parent as a trainable student (`run.start`)."""
     cfg = inputs.cfg
     device = setup_run(cfg)
     teacher_ref, parent_ref = resolve_models(cfg, claim.root)
-    key = _teacher_key(cfg)
-    student = _load(parent_ref, cfg, device, trainable=True, key="cycle.base_model")
-    _load(teacher_ref, cfg, device, trainable=False, key=key)  # fails here, not mid-cycle
+    key = teacher_key(cfg)
+    student = load_ref(parent_ref, cfg, device, trainable=True, key="cycle.base_model")
+    load_ref(teacher_ref, cfg, device, trainable=False, key=key)  # fails here, not mid-cycle
     tokenizer = load_tokenizer(parent_ref.base)
     try:
         teacher_tokenizer = load_tokenizer(teacher_ref.base)
@@ -332,6 +202,9 @@ def load_models(inputs: CycleInputs, claim: registry.Claim) -> CycleRun:
             f"{key}: {teacher_ref.base} vs parent {parent_ref.base}: {detail}"
         ) from None
     log.info("cycle teacher %s, parent %s", teacher_ref.label, parent_ref.label)
+    for old in (claim.root / RESUME).glob("cycle-*"):  # killed cycles' checkpoints (the lock's)
+        if old.name != f"cycle-{claim.number:04d}":
+            shutil.rmtree(old, ignore_errors=True)
     work = claim.root / registry.WORK / f"cycle-{claim.number:04d}-run"
     start = _save(student, work / "start")
     return CycleRun(inputs, claim.number, claim.root, teacher_ref, parent_ref, start)
@@ -346,6 +219,7 @@ def _save(student, folder: Path, *, adapter: Path | None = None) -> Checkpoint:
     folder.mkdir(parents=True, exist_ok=True)
     if adapter is None:
         student.save_pretrained(adapter := folder / "adapter")
+        canonicalize(adapter)  # PEFT writes sets in hash order: the resume key hashes these bytes
     return Checkpoint(adapter, save_rng_state(folder / "rng.safetensors"))
 
 
@@ -355,27 +229,14 @@ def _student(run: CycleRun, ckpt: Checkpoint, *, teacher: bool = True):
     cfg = run.cfg
     device = resolve_device(cfg.device)
     student_ref = ModelRef(run.parent.base, ckpt.adapter, run.parent.label)
-    student = _load(student_ref, cfg, device, trainable=True, key="cycle.base_model")
+    student = load_ref(student_ref, cfg, device, trainable=True, key="cycle.base_model")
     teacher_model = None
     if teacher:
-        teacher_model = _load(run.teacher, cfg, device, trainable=False, key=_teacher_key(cfg))
+        teacher_model = load_ref(run.teacher, cfg, device, trainable=False, key=teacher_key(cfg))
         teacher_model = teacher_model.eval().requires_grad_(False)
     tokenizer = load_tokenizer(run.parent.base)
     restore_rng_state(ckpt.rng)  # after loading: the initialisers draw from it too
     return student, teacher_model, tokenizer
-
-
-class _RecordingLog(StepLog):
-    """A `StepLog` that also keeps every row it logs, for `register` to replay into the cycle's
-    one dvclive folder (each training step writes its own, which `register` does not publish)."""
-
-    def __init__(self, out_dir: Path, *, name: str, params: LoggingParams) -> None:
-        super().__init__(out_dir, name=name, params=params)
-        self.rows: list[tuple[str, dict[str, Any]]] = []
-
-    def log(self, row, *, prefix: str = "", sink: bool = True) -> None:
-        self.rows.append((self.prefix + prefix, dict(row)))
-        super().log(row, prefix=prefix, sink=sink)
 
 
 # --------------------------------------------------------------------------- steps 3-4
@@ -408,53 +269,8 @@ def _evaluate(run: CycleRun, phase: str, model, teacher, tokenizer) -> dict[str,
     )  # fmt: skip
 
 
-def _sft(model, seqs: list, *, steps: int, lr: float, lr_key: str, batch_size: int, seed: int,
-         pad_id: int, desc: str, steplog: StepLog | None = None, weight_decay: float = 0.0,
-         max_grad_norm: float = 1.0) -> list[float]:  # fmt: skip
-    """Plain next-token CE on `seqs` (LoRA + recurrence adapter trainable), seeded batches,
-    AdamW (`weight_decay`, constant `lr`) with the gradient's L2 norm clipped to `max_grad_norm`;
-    each step's loss also goes to `steplog` (under `desc/`). A non-finite step stops the
-    cycle (`training.stop_if_not_finite`, naming `lr_key`) before anything is registered."""
-    # A sequence with no supervised token (a prompt longer than cycle.max_seq_len, a one-token
-    # document) is skipped, as in `sequences.training_sequences`: a batch of only such
-    # sequences has a loss of 0/0 = NaN (the SFT baseline on the tiny profile died of it).
-    seqs = [s for s in seqs if any(label != IGNORE for label in s.labels[1:])]
-    if not seqs:
-        raise DataError(
-            f"{desc}: no training sequences with a token to learn (documents shorter than two "
-            "tokens, or prompts longer than cycle.max_seq_len); raise cycle.max_seq_len"
-        )
-    optimizer = make_optimizer(model, lr, weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    losses = []
-    model.train()
-    for step in tqdm(range(1, steps + 1), desc=desc, unit="step"):
-        idx = torch.randint(len(seqs), (min(batch_size, len(seqs)),), generator=gen).tolist()
-        ids_B_T, mask_B_T, labels_B_T = pad_batch([seqs[i] for i in idx], pad_id)
-        out = model(
-            input_ids=ids_B_T.to(device),
-            attention_mask=mask_B_T.to(device),
-            labels=labels_B_T.to(device),
-        )
-        out.loss.backward()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        stop_if_not_finite(
-            f"cycle {desc}", step, loss=losses[-1], grad_norm=grad_norm, params=trainable,
-            lr=lr, lr_key=lr_key,
-        )  # fmt: skip
-        if steplog is not None:
-            steplog.log({"step": step, "loss": losses[-1]}, prefix=f"{desc}/")
-    model.eval()
-    return losses
-
-
-def _steplog(run: CycleRun, step: str) -> _RecordingLog:
-    return _RecordingLog(
+def _steplog(run: CycleRun, step: str) -> RecordingLog:
+    return RecordingLog(
         run.work / step / "steps", name=f"cycle-{run.number:04d}", params=run.cfg.logging
     )
 
@@ -473,6 +289,7 @@ def midtrain(run: CycleRun) -> Trained:
         lr=c.midtrain_lr, lr_key="cycle.midtrain_lr", batch_size=c.batch_size, seed=run.cfg.seed,
         pad_id=tokenizer.pad_token_id, desc="midtrain", steplog=steplog,
         weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
+        checkpoints=phase_checkpoints(run, "midtrain", c.midtrain_steps, run.start, run.parent.base),
     )  # fmt: skip
     steplog.close()
     ckpt = _save(student, run.work / "midtrain")
@@ -486,11 +303,15 @@ def recover_with_opd(run: CycleRun, student: Checkpoint) -> Trained:
     cfg = run.cfg
     model, teacher, tokenizer = _student(run, student)
     steplog = _steplog(run, "opd")
+    teacher_dirs = [p for p in (run.teacher.base, run.teacher.adapter) if p is not None]
+    ckpts = phase_checkpoints(run, "opd", cfg.cycle.opd_steps, student, run.parent.base,
+                         *teacher_dirs, _instruct_path("train"))  # fmt: skip
     metrics = train_opd(
         model, teacher, tokenizer, pl.read_parquet(_instruct_path("train")),
         cfg.opd.model_copy(update={"steps": cfg.cycle.opd_steps}), seed=cfg.seed,
         out_dir_tmp=run.work / "opd" / "out", log_prefix=f"cycle-{run.number}-opd",
         model_dir=run.parent.base, steplog=steplog.prefixed("opd/"), guards=cfg.guards,
+        checkpoints=ckpts,
     )  # fmt: skip
     steplog.close()
     return Trained(_save(model, run.work / "opd"), metrics, (), tuple(steplog.rows))
@@ -531,33 +352,6 @@ def sft_self_baseline(
 # --------------------------------------------------------------------------- step 5: register
 
 
-def phase_rows(phases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The phase table: one row per evaluated phase, the columns that were measured."""
-    columns = [k for k in PHASE_COLUMNS if any(k in m for m in phases.values())]
-    return [{"phase": p, **{k: m.get(k) for k in columns}} for p, m in phases.items()]
-
-
-def report_markdown(run: CycleRun, phases: dict[str, dict[str, Any]]) -> str:
-    rows, inputs = phase_rows(phases), run.inputs
-    before, mid, after = (phases.get(p, {}) for p in PHASES)
-    lines = [
-        f"# continual-learning cycle {run.number}",
-        "",
-        f"- domain data: `{inputs.source.path}` (sha256 `{inputs.source.content_sha256[:16]}`, "
-        f"{inputs.train.height} train / {inputs.held_out.height} held-out records)",
-        f"- parent: `{run.parent.lineage_path}`; teacher: `{run.teacher.lineage_path}`",
-        "",
-        markdown_table(rows, list(rows[0]) if rows else ["phase"]),
-        "",
-    ]
-    for key in ("domain_nll", "ifeval_prompt_strict", "gsm8k_accuracy"):
-        if all(isinstance(d.get(key), int | float) for d in (before, mid, after)):
-            lines.append(
-                f"- {key}: before {before[key]:.4f} → after mid-training {mid[key]:.4f} → after OPD {after[key]:.4f}"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def register(
     run: CycleRun, claim: registry.Claim, phases: list[Evaluated], midtrained: Trained,
     recovered: Trained,
@@ -576,28 +370,8 @@ def register(
             w.add_input("teacher_base", run.teacher.base)
         w.inputs.append(inputs.source)  # the hash of the bytes this cycle read, not a re-read
         w.add_input("opd_prompts", _instruct_path("train"))
-        shutil.copytree(recovered.student.adapter, w.dir / "adapter")
-        (w.dir / "data").mkdir()
-        datasets.write_parquet_atomic(inputs.train, w.dir / "data" / "train.parquet")
-        datasets.write_parquet_atomic(inputs.held_out, w.dir / "data" / "eval.parquet")
-        (w.dir / "report.md").write_text(report_markdown(run, metrics_by_phase), encoding="utf-8")
-        # Timings go to run_phases.json, outside the content hash: the same cycle run twice
-        # publishes the same content_sha256 (phases.json held `seconds` and never did).
-        for name, keep in (("phases.json", False), (RUN_PREFIX + "phases.json", True)):
-            split = {p: {k: v for k, v in m.items() if is_run_dependent(k) == keep}
-                     for p, m in metrics_by_phase.items()}  # fmt: skip
-            (w.dir / name).write_text(json.dumps(split, indent=2, default=str) + "\n")
-        if (rollouts := run.work / "opd" / "out" / "rollouts.parquet").is_file():
-            shutil.copyfile(rollouts, w.dir / "opd_rollouts.parquet")
-        w.outputs = {"adapter": "adapter", "data": "dataset", "report.md": "report"}
-        steps = midtrained.steps + recovered.steps
-        if steps:  # one dvclive folder for the cycle: every step's row, in the order logged
-            steplog = StepLog(run.work / "steps", name=f"cycle-{run.number:04d}")
-            for prefix, row in steps:
-                steplog.log(row, prefix=prefix, sink=False)
-            steplog.close()
-            move_logs(run.work / "steps", w.dir)
-            w.outputs["dvclive"] = "report"
+        write_cycle(w, run, metrics_by_phase, recovered.student.adapter,
+                    midtrained.steps + recovered.steps)  # fmt: skip
         losses = midtrained.losses
         w.metrics = {
             "cycle": run.number,
@@ -613,15 +387,6 @@ def register(
             device=str(resolve_device(cfg.device)),
         )  # fmt: skip
     shutil.rmtree(run.work, ignore_errors=True)
+    shutil.rmtree(resume_dir(run), ignore_errors=True)  # nothing left to resume
     log.info("registered %s (teacher %s)", claim.final_dir, run.teacher.lineage_path)
     return claim.final_dir
-
-
-def summary(cycle_dir: Path) -> dict[str, Any]:
-    manifest = read_manifest(cycle_dir)
-    return {
-        "cycle": manifest.metrics.get("cycle"),
-        "adapter": str(cycle_dir / "adapter"),
-        "teacher": manifest.input("teacher").model_dump(),
-        "phases": manifest.metrics.get("phases"),
-    }

@@ -19,7 +19,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from retroloop import cycle, registry
+from retroloop import cycle, cycle_publish, registry
 from retroloop.config import Params
 from retroloop.cycle import Checkpoint, CycleInputs, CycleRun, Evaluated, Trained
 from tasks.slot import GPU_LIMIT, gpu_slot, slot_name  # noqa: F401  (the flow's slot)
@@ -149,7 +149,7 @@ def track_registered(root: Path) -> list[Path]:
 def publish_report(number: int, phases: dict[str, dict[str, Any]], out: Path) -> None:
     create_table_artifact(
         key=f"cycle-{number:04d}-phases",
-        table=cycle.phase_rows(phases),
+        table=cycle_publish.phase_rows(phases),
         description=f"cycle {number}: forgetting and recovery, phase by phase",
     )
     create_markdown_artifact(

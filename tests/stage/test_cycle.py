@@ -338,16 +338,16 @@ point, params, data = sys.argv[1:4]
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 from retroloop.artifacts import ArtifactWriter
-from retroloop import cycle
+from retroloop import cycle_training
 from retroloop.stages import opd
 if point == "midtrain":  # after the first mid-training step
-    make = cycle.make_optimizer
+    make = cycle_training.make_optimizer
     def make_dying(*args, **kwargs):
         optimizer = make(*args, **kwargs)
         step = optimizer.step
         optimizer.step = lambda *a, **k: (step(*a, **k), die())
         return optimizer
-    cycle.make_optimizer = make_dying
+    cycle_training.make_optimizer = make_dying
 elif point == "opd":  # at the first OPD update
     opd.opd_step = die
 elif point == "publish":  # the whole cycle written under .work/, before the rename
