@@ -439,6 +439,13 @@ class LoggingParams(Strict):
     summary_fraction: float = Field(
         0.1, gt=0.0, le=0.5, description="share of steps averaged into *_start / *_end metrics"
     )
+    checkpoint_every: int = Field(
+        10,
+        gt=0,
+        description="optimizer steps between the resumable checkpoints of mid-training and OPD "
+        "(and at each phase's last step), under cycle.registry/.resume/; a killed cycle rerun "
+        "on the same file, params and parent resumes there",
+    )
 
 
 class GuardParams(Strict):
