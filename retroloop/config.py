@@ -295,7 +295,17 @@ class DistillParams(Strict):
     steps: int = Field(16, gt=0)
     batch_size: int = Field(4, gt=0, description="sequences per micro-batch")
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0.0, description="constant; ~10x the full fine-tuning LR for LoRA")
+    lr: float = Field(2e-4, gt=0.0, description="peak LR; LoRA ~10x the full fine-tuning LR")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant, or cosine from lr down to 0"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps, lr/warmup_steps to lr")
+    adapter_lr: float | None = Field(
+        None, gt=0.0, description="LR of the recurrence adapter Linear(2h -> h); null = lr"
+    )
+    recurrence: int | None = Field(
+        None, ge=1, description="train at this R every step; null = convert.schedule's curriculum"
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of CE; (1-alpha) on T^2 * D")

@@ -127,6 +127,17 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def lr_factor(step: int, steps: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based) of `steps`:
+    linear warm-up (step + 1) / w for the first w = `warmup_steps` steps, then 1 (`constant`) or
+    ½·(1 + cos(π·(step − w) / (steps − w))) (`cosine`: from 1 down towards 0, never 0 at a step)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(steps - warmup_steps, 1)))
+
+
 def stop_if_not_finite(
     stage: str,
     step: int,

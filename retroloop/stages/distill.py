@@ -20,7 +20,9 @@ online teacher or a `full_vocab` cache. Four modes: LoRA on/off × distillation 
 
 Recurrence curriculum (McLeish et al. 2025): at step s, μ = recurrence_mean_at(s, steps, …),
 R ~ Poisson(LogNormal(μ)) + 1 capped at max_recurrence, the forward runs R iterations with
-gradients through the last `bptt_k` only. A plain (non-looped) student ignores R.
+gradients through the last `bptt_k` only; `distill.recurrence: R` trains at that R every step
+instead. A plain (non-looped) student ignores R. The LR at step s is lr · training.lr_factor(s)
+(`lr_schedule`, `warmup_steps`); the recurrence adapter can have its own peak (`adapter_lr`).
 
 Reproducibility: the data order is a seeded permutation per epoch, and R and every random draw
 inside a micro-batch come from seeds derived from (seed, step, micro-batch). A step is therefore a
@@ -200,12 +202,26 @@ class _Loop:
         base = model.get_base_model() if self.d.lora.enabled else model
         self.looped = isinstance(base, RecurrentForCausalLM)
         self.params = [p for _, p in training.trainable_parameters(model)]
-        self.optimizer = training.make_optimizer(model, self.d.lr, self.d.weight_decay)
+        self.optimizer = self._optimizer(base)
+        self._peak_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.micro_per_step = self.d.grad_accum * env.world_size  # micro-batches per step
         self.global_batch = self.d.batch_size * self.micro_per_step  # sequences per step
         self.n_targets = [sum(label != IGNORE for label in s.labels[1:]) for s in seqs]
         self.n_trainable = sum(p.numel() for p in self.params)
         self.order = DataOrder(len(seqs), cfg.seed)
+
+    def _optimizer(self, base) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters; with `distill.adapter_lr` the recurrence
+        adapter's weights are a second group at that LR (both follow the same schedule)."""
+        d = self.d
+        if d.adapter_lr is None or not self.looped:
+            return training.make_optimizer(self.model, d.lr, d.weight_decay)
+        own = {id(p) for p in base.model.adapter.parameters()}
+        groups = [
+            {"params": [p for p in self.params if id(p) not in own], "lr": d.lr},
+            {"params": [p for p in self.params if id(p) in own], "lr": d.adapter_lr},
+        ]
+        return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=d.weight_decay)
 
     def log_plan(self) -> None:
         """Derived quantities (nanoGPT style), logged before anything trains."""
@@ -227,9 +243,14 @@ class _Loop:
         t0 = time.perf_counter()
         mu = recurrence_mean_at(step, d.steps, sched.mean_start, sched.mean_end, sched.ramp_fraction)  # fmt: skip
         R = None
-        if self.looped:
+        if self.looped and d.recurrence is not None:
+            R = d.recurrence
+        elif self.looped:
             gen = torch.Generator().manual_seed(training.seed_for(seed, "recurrence", step))
             R = sample_recurrence(mu, sched.sigma, gen, sched.max_recurrence)
+        factor = training.lr_factor(step, d.steps, d.lr_schedule, d.warmup_steps)
+        for group, peak in zip(self.optimizer.param_groups, self._peak_lrs, strict=True):
+            group["lr"] = peak * factor
         batches = [
             self.order.take((step * self.micro_per_step + j) * d.batch_size, d.batch_size)
             for j in range(self.micro_per_step)

@@ -88,6 +88,29 @@ def test_lora_distillation_moves_lora_and_recurrence_adapter_but_not_the_base(wo
     assert input_ref("student", STUDENT) == manifest.input("student")
 
 
+def test_fixed_recurrence_lr_schedule_and_adapter_lr_reach_the_loop(workdir) -> None:  # noqa: F811
+    """distill.recurrence fixes R at every step; lr_schedule/warmup_steps set each step's LR
+    (training.lr_factor); adapter_lr is the recurrence adapter's own LR: at 1e-12 it stays put
+    to float precision while LoRA moves (at the shared LR it moves: the first test)."""
+    from retroloop.training import lr_factor
+
+    over = {"distill.recurrence": 3, "distill.lr_schedule": "cosine", "distill.warmup_steps": 2}
+    cfg = tiny(**{"distill.steps": 4, "distill.adapter_lr": 1e-12, **over})
+    distill.run(cfg)
+    steps = _steps(Path("data/distill"))
+    assert steps["recurrence"].to_list() == [3, 3, 3, 3]
+    peak = cfg.distill.lr
+    assert steps["lr"].to_list() == pytest.approx(
+        [peak * lr_factor(s, 4, "cosine", 2) for s in range(4)]
+    )
+    assert steps["lr"][0] < steps["lr"][1] > steps["lr"][3]
+    saved = load_file("data/distill/adapter/adapter_model.safetensors")
+    before = load_model(STUDENT).state_dict()["model.adapter.weight"]
+    adapter = saved[next(k for k in saved if "model.adapter" in k)]
+    torch.testing.assert_close(adapter, before, rtol=0, atol=1e-9)
+    assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+
+
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(workdir, monkeypatch) -> None:  # noqa: F811
     cfg = tiny(**{"distill.steps": 4})
     ref = distill.run(cfg, out_dir=Path("data/ref"))
