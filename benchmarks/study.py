@@ -3,6 +3,7 @@
     python -m benchmarks.study                    # reduced: 8 distill steps, 4 held-out docs, 6 variants
     python -m benchmarks.study --full             # 40 distill steps, 16 held-out docs (~90+ min)
     python -m benchmarks.study --workdir DIR      # default data/study (never touches data/<stage>/)
+    python -m benchmarks.study --sweep recovery --workdir data/study-recovery   # issue 24's axes
 
 On the default model (SmolLM2-135M-Instruct, `profiles/study.yaml`), every variant gets the
 same training budget (distill steps, batch, LoRA, data order, teacher cache) and changes one
@@ -51,6 +52,29 @@ VARIANTS: dict[str, dict] = {  # in order of importance: a run cut short still h
     "last_token": {"analyze.split.variant": "last_token"},
     "keep24_repeat_block": {**KEEP24, "convert.init": "repeat_block"},
 }
+# The recovery sweep (issue 24): what recovers the most of the conversion's KL gap at the same
+# budget. Every row changes one thing against `base`; `plain` is the baseline a user of TRL's
+# GKDTrainer gets (R = 2 every step with full backprop, pure KL at T = 1).
+RECOVERY: dict[str, dict] = {
+    "base": {},
+    "plain": {"distill.recurrence": 2, "convert.schedule.bptt_k": 8, "distill.alpha": 0.0,
+              "distill.temperature": 1.0},
+    "fixed_R2": {"distill.recurrence": 2},
+    "fixed_R2_full_bptt": {"distill.recurrence": 2, "convert.schedule.bptt_k": 8},
+    "curriculum_mean2": {"convert.schedule.mean_start": 1.0, "convert.schedule.mean_end": 2.0},
+    "pure_kl": {"distill.alpha": 0.0},
+    "T1": {"distill.temperature": 1.0},
+    "lr5e-4": {"distill.lr": 5e-4},
+    "lr1e-3": {"distill.lr": 1e-3},
+    "lr2e-3": {"distill.lr": 2e-3},
+    "adapter_lr10x": {"distill.adapter_lr": 2e-3},
+    "r64": {"distill.lora.r": 64},
+    "r256": {"distill.lora.r": 256},
+    "cosine_warmup": {"distill.lr_schedule": "cosine", "distill.warmup_steps": 2},
+    "batch8": {"distill.batch_size": 8},
+    "static": {},
+}  # fmt: skip
+SWEEPS = {"design": VARIANTS, "recovery": RECOVERY}
 # reduced: what fits ~40 min of a shared 2-core CPU; full: the issue's ~90 min study (idle CPU).
 SIZES = {
     "reduced": {"distill.steps": 8, "docs": 4, "skip": ("keep24_repeat_block", "keep24_static"),
@@ -61,7 +85,13 @@ SIZES = {
 log = logging.getLogger("study")
 
 
-def main(workdir: Path, size: str, only: list[str] | None = None, profile: Path = PROFILE) -> dict:
+def main(
+    workdir: Path,
+    size: str,
+    only: list[str] | None = None,
+    profile: Path = PROFILE,
+    variants: dict[str, dict] = VARIANTS,
+) -> dict:
     from retroloop.analysis import choose_split
     from retroloop.config import load_params
     from retroloop.eval.scaling import held_out, scaling_rows
@@ -100,7 +130,7 @@ def main(workdir: Path, size: str, only: list[str] | None = None, profile: Path 
         results["teacher"] = {"rows": scaling_rows(teacher, data, None)}
     del teacher
 
-    for name, overrides in VARIANTS.items():
+    for name, overrides in variants.items():
         if (only and name not in only) or name in results or name in SIZES[size]["skip"]:
             continue
         t1 = time.perf_counter()
@@ -225,6 +255,11 @@ if __name__ == "__main__":
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--only", nargs="*")
     parser.add_argument(
+        "--sweep", choices=sorted(SWEEPS), default="design",
+        help="design: init/split/alpha-T/kept layers (issue 13); recovery: R schedule, objective, "
+        "LR, adapter LR, LoRA rank, LR schedule, batch (issue 24); each in its own --workdir",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", type=Path, default=PROFILE, help="e.g. profiles/tiny.yaml (smoke run)"
     )
     args = parser.parse_args()
@@ -235,4 +270,5 @@ if __name__ == "__main__":
         "full" if args.full else "reduced",
         args.only,
         args.profile.resolve(),
+        SWEEPS[args.sweep],
     )
