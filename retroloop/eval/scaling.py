@@ -33,6 +33,9 @@ class HeldOut:
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # (ids_B_T, mask_B_T) per batch
     teacher_logp: list[torch.Tensor]  # [N_b, V] per batch, float16 (exact enough for a mean KL)
+    # The teacher's own token-weighted NLL there, from its fp32 log-probs (before the fp16 cast):
+    # the same sums `likelihood.nll_per_token` makes, so evaluate needs no second teacher forward.
+    teacher_nll: float | None = None
 
 
 @torch.inference_mode()
@@ -51,6 +54,7 @@ def held_out(
         raise ValueError("held_out: no text has two or more tokens")
     pad = pad_id(tokenizer)
     batches, teacher_logp = [], []
+    nll_sum, count = 0.0, 0
     device = next(teacher.parameters()).device
     for i in range(0, len(encoded), batch_size):
         ids_B_T, mask_B_T = pad_right(encoded[i : i + batch_size], pad)
@@ -59,9 +63,12 @@ def held_out(
         ).logits
         keep_B_T = mask_B_T[:, 1:].bool().to(device)
         logp_N_V = F.log_softmax(logits_B_T_V[:, :-1][keep_B_T].float(), dim=-1)
+        targets_N = ids_B_T[:, 1:].to(device)[keep_B_T]
+        nll_sum += float(-logp_N_V.gather(-1, targets_N[:, None]).sum())
+        count += int(targets_N.numel())
         batches.append((ids_B_T, mask_B_T))
         teacher_logp.append(logp_N_V.half().cpu())
-    return HeldOut(batches, teacher_logp)
+    return HeldOut(batches, teacher_logp, teacher_nll=nll_sum / count)
 
 
 @torch.inference_mode()

@@ -218,12 +218,14 @@ def evaluate_model(
     forward_kwargs: dict[str, Any] | None = None,
     identity: dict[str, Any] | None = None,
     seed: int = 0,
+    reference: HeldOut | None = None,
 ) -> dict[str, float | int | None]:
     """All metrics of one model. `forward_kwargs` go to every forward/generate call (e.g.
     `{"num_recurrence": 4}` for a looped model); `identity` (model/adapter content hashes)
     keys the generation cache — without it the cache is keyed by `name` alone, which is
     only safe for throwaway cache dirs. Passing `model is teacher` gives KL = 0 without
-    sampling."""
+    sampling. With `reference` (`scaling.held_out` of `teacher` on `data.domain_texts`) the
+    result also holds "domain_forward_kl", from the same forward as "domain_nll"."""
     fk = dict(forward_kwargs or {})
     identity = dict(identity or {"name": name})
     start = time.perf_counter()
@@ -253,12 +255,17 @@ def evaluate_model(
                     student_kwargs=fk or None,
                 )
             )
-        out.update(_nll_metrics(model, tokenizer, data, params.batch_size, fk))
+        nll, kl = _nll_metrics(
+            model, tokenizer, data, params.batch_size, fk, reference, is_reference=model is teacher
+        )
+        out.update(nll)
         if data.gsm8k:
             cache = _cache_args(cache_dir, identity, "gsm8k", fk)
             out["gsm8k_accuracy"] = _gsm8k_accuracy(model, tokenizer, data.gsm8k, params, cache)
             out["gsm8k_questions"] = len(data.gsm8k)
     out["seconds"] = round(time.perf_counter() - start, 2)
+    if kl is not None:
+        out["domain_forward_kl"] = kl
     out = {k: _finite(v) for k, v in out.items()}
     log.info(
         "%s: %s",
@@ -269,18 +276,37 @@ def evaluate_model(
 
 
 def _nll_metrics(
-    model, tokenizer, data: EvalData, batch_size: int, fk: dict[str, Any]
-) -> dict[str, float]:
-    out = {}
+    model,
+    tokenizer,
+    data: EvalData,
+    batch_size: int,
+    fk: dict[str, Any],
+    reference: HeldOut | None = None,
+    *,
+    is_reference: bool = False,
+) -> tuple[dict[str, float], float | None]:
+    """({"domain_nll", "domain_ppl", "instruct_nll"}, the domain KL(reference ‖ model) or None).
+
+    With `reference` the domain documents take one forward for both figures
+    (`scaling.nll_and_kl`: nll = mean_t −log p(x_{t+1} | x_≤t), the sums `nll_per_token` makes
+    on the same tokens and batches); `is_reference` (the model is the reference) reads its NLL
+    from `reference.teacher_nll` and KL = 0 without a forward at all."""
+    out, kl = {}, None
     if data.domain_texts:
-        nll = nll_per_token(
-            model,
-            tokenizer,
-            data.domain_texts,
-            max_seq_len=data.max_seq_len,
-            batch_size=batch_size,
-            forward_kwargs=fk or None,
-        )
+        if reference is not None and is_reference and reference.teacher_nll is not None:
+            nll, kl = reference.teacher_nll, 0.0
+        elif reference is not None:
+            both = nll_and_kl(model, reference, use_cache=False, **fk)
+            nll, kl = both["nll"], both["kl"]
+        else:
+            nll = nll_per_token(
+                model,
+                tokenizer,
+                data.domain_texts,
+                max_seq_len=data.max_seq_len,
+                batch_size=batch_size,
+                forward_kwargs=fk or None,
+            )
         out["domain_nll"] = float(nll)
         out["domain_ppl"] = math.exp(min(float(nll), 50.0))  # guard overflow on a broken model
     if data.instruct_texts:
@@ -294,7 +320,7 @@ def _nll_metrics(
                 forward_kwargs=fk or None,
             )
         )
-    return out
+    return out, kl
 
 
 def recurrence_scaling(
@@ -305,20 +331,29 @@ def recurrence_scaling(
     *,
     batch_size: int = 8,
     reference: HeldOut | None = None,
+    known: dict[int, dict[str, Any]] | None = None,
 ) -> list[dict[str, float | int | None]]:
     """Held-out quality of a looped model at each recurrence count R (test-time compute scaling).
 
     Returns one dict per R: {"R", "domain_nll", "domain_ppl", "instruct_nll", "gflops_per_token"}
     plus, when `reference` (the teacher's log-probs on the held-out domain documents) is given,
     "domain_forward_kl" = mean_t KL(p_teacher ‖ p_model,R) over the full vocabulary.
+    `known`: {R: `evaluate_model`'s metrics at that R} (the model's default R, already measured
+    on the same data and batches): its figures are taken, not computed a second time.
     """
     rows = []
     with torch.inference_mode():
         for R in Rs:
             fk = {"num_recurrence": int(R)}
-            row = {"R": int(R), **_nll_metrics(model, tokenizer, data, batch_size, fk)}
-            if reference is not None:
-                row["domain_forward_kl"] = nll_and_kl(model, reference, use_cache=False, **fk)["kl"]
+            done = (known or {}).get(int(R))
+            if done is not None:
+                keys = ("domain_nll", "domain_ppl", "instruct_nll", "domain_forward_kl")
+                row = {"R": int(R), **{k: done[k] for k in keys if k in done}}
+            else:
+                nll, kl = _nll_metrics(model, tokenizer, data, batch_size, fk, reference)
+                row = {"R": int(R), **nll}
+                if kl is not None:
+                    row["domain_forward_kl"] = kl
             row["gflops_per_token"] = flops_per_token(model, int(R)) / 1e9
             rows.append({k: _finite(v) for k, v in row.items()})
             log.info(

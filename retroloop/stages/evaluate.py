@@ -48,7 +48,7 @@ from retroloop.config import Params
 from retroloop.errors import ArtifactError, MismatchError
 from retroloop.eval.generation import encode_chat_prompts
 from retroloop.eval.report import recovery_table, write_report
-from retroloop.eval.scaling import HeldOut, flops_per_token, held_out, nll_and_kl
+from retroloop.eval.scaling import HeldOut, flops_per_token, held_out
 from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
 from retroloop.guards import check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
@@ -259,23 +259,21 @@ def evaluate_models(
             forward_kwargs=forward_kwargs,
             identity=spec_identity(spec),
             seed=cfg.seed,
+            reference=reference,  # domain NLL and KL(reference ‖ model) from one forward
         )
+        domain_kl = metrics.pop("domain_forward_kl", None)  # re-placed: metrics.json's key order
         if R is not None:
             metrics["recurrence"] = R
         if reference is not None:
-            metrics["domain_forward_kl"] = (
-                0.0
-                if model is teacher_model
-                else nll_and_kl(model, reference, use_cache=False, **forward_kwargs)["kl"]
-            )
+            metrics["domain_forward_kl"] = domain_kl
         metrics["gflops_per_token"] = flops_per_token(model, R) / 1e9  # linear layers + head
         metrics["guard_cached_generate_max_abs_logp_diff"] = guard["max_abs_logp_diff"]
         models[name] = metrics
         if name in scaling:
             if R is None:
                 log.warning("%s is not a looped model; no recurrence scaling", name)
-            else:
-                curves[name] = _scaling_curve(model, tokenizer, data, cfg, reference)
+            else:  # the default R's row is the metrics just measured (same data and batches)
+                curves[name] = _scaling_curve(model, tokenizer, data, cfg, reference, {R: metrics})
         if model is not teacher_model:
             del model
             gc.collect()
@@ -295,8 +293,11 @@ def _reference(teacher_model, tokenizer, data: EvalData, batch_size: int) -> Hel
     )
 
 
-def _scaling_curve(model, tokenizer, data: EvalData, cfg: Params, reference) -> dict[str, Any]:
-    """{"R<k>": metrics} at every R of `evaluate.recurrence_scaling`."""
+def _scaling_curve(
+    model, tokenizer, data: EvalData, cfg: Params, reference, known: dict | None = None
+) -> dict[str, Any]:
+    """{"R<k>": metrics} at every R of `evaluate.recurrence_scaling`; `known`: rows by R
+    already measured (`recurrence_scaling`)."""
     rows = recurrence_scaling(
         model,
         tokenizer,
@@ -304,6 +305,7 @@ def _scaling_curve(model, tokenizer, data: EvalData, cfg: Params, reference) -> 
         cfg.evaluate.recurrence_scaling,
         batch_size=cfg.evaluate.batch_size,
         reference=reference,
+        known=known,
     )
     return {f"R{row['R']}": {k: v for k, v in row.items() if k != "R"} for row in rows}
 

@@ -305,3 +305,47 @@ def test_reverse_kl_exact_on_samples_of_a_model_against_itself_is_zero(tiny):
     a = reverse_kl_exact_on_samples(model, other, tok, PROMPTS, **kw)
     b = reverse_kl_exact_on_samples(model, other, tok, PROMPTS, **kw)
     assert a == b > 0  # seeded sampling: reproducible; different weights: positive
+
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Python is a programming language with clear syntax.",
+    "Write a short note about the moon and the tides, and the moon again.",
+]
+
+
+def test_one_forward_gives_nll_per_tokens_nll_to_the_bit(tiny):
+    """evaluate reads the domain NLL off the forward that scores the KL (and the teacher's off
+    `held_out`'s): it must be `nll_per_token`'s number exactly, or metrics.json would move."""
+    from retroloop.eval.scaling import held_out, nll_and_kl
+
+    model, other, tok = tiny
+    kw = dict(max_seq_len=16, batch_size=2)  # 2 + 1 documents: a ragged last batch, padding
+    reference = held_out(model, tok, DOCS, **kw)
+    assert reference.teacher_nll == nll_per_token(model, tok, DOCS, **kw)
+    assert nll_and_kl(other, reference, use_cache=False)["nll"] == nll_per_token(
+        other, tok, DOCS, **kw
+    )
+
+
+def test_recurrence_scaling_takes_a_known_row_and_computes_the_others(tiny, monkeypatch):
+    from retroloop.eval import suite
+    from retroloop.eval.scaling import held_out
+
+    model, other, tok = tiny
+    data = suite.EvalData([], [], DOCS[:2], DOCS, max_seq_len=16)
+    reference = held_out(model, tok, DOCS, max_seq_len=16, batch_size=2)
+    monkeypatch.setattr(suite, "flops_per_token", lambda m, R=None: 1e9 * R)  # a plain model
+    forwards = []
+    real = other.forward
+    monkeypatch.setattr(other, "forward", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    known = {
+        2: {"domain_nll": 1.5, "domain_ppl": 4.5, "instruct_nll": 2.5, "domain_forward_kl": 0.5}
+    }
+    rows = suite.recurrence_scaling(other, tok, data, [1, 2], batch_size=2, reference=reference,
+                                    known=known)  # fmt: skip
+    assert rows[1] == {"R": 2, **known[2], "gflops_per_token": 2.0}
+    assert len(forwards) == 2 + 1  # R = 1 only: domain (2 batches, NLL and KL at once), instruct
+    assert list(rows[0]) == list(rows[1])  # one column order for the CSV
+    assert rows[0]["domain_nll"] == nll_per_token(other, tok, DOCS, max_seq_len=16, batch_size=2)
+    assert rows[0]["domain_forward_kl"] > 0
