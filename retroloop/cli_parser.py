@@ -402,15 +402,16 @@ def _bench_command(sub) -> None:
         "recurrence: forward tokens/s of the looped model at R = 1..8 against its source;\n"
         "distill: the teacher cache and LoRA distillation step against the uncached way;\n"
         "opd: on-policy distillation's rollout speed, step anatomy and sample efficiency\n"
-        "against the reference recipe. Candidates are timed in interleaved rounds of one run,\n"
+        "against the reference recipe; peer: retroloop's distill and OPD against TRL's GKDTrainer\n"
+        "(needs pip install 'retroloop[peer]'). Candidates are timed in interleaved rounds of one run,\n"
         "so the ratios are comparable; absolute numbers depend on the machine.",
         "  retroloop bench recurrence --quick\n  retroloop bench distill --json",
     )
     p.add_argument(
         "name",
-        choices=["recurrence", "distill", "opd"],
+        choices=["recurrence", "distill", "opd", "peer"],
         metavar="NAME",
-        help="one of: recurrence, distill, opd",
+        help="one of: recurrence, distill, opd, peer",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
