@@ -32,8 +32,9 @@ registered cycle, one `.dvc` file, to the registry. Its round trip:
    last and only forward: a failed push or a branch another cycle moved meanwhile leaves nothing
    a user can see (the pushed cache objects are inert without their `.dvc` file).
 
-At home: `git fetch origin retroloop-cycles && git merge origin/retroloop-cycles && dvc pull`,
-then `retroloop audit` / `retroloop verify` (README "A GPU worker that shares no disk with you").
+At home: `git fetch origin retroloop-cycles && git merge FETCH_HEAD && dvc pull -R
+data/registry/cycles`, then `retroloop audit` / `retroloop verify` (README "A GPU worker that
+shares no disk with you").
 """
 
 from __future__ import annotations
@@ -333,7 +334,8 @@ def push_cycle(git_remote: str, branch: str, base: str, registry: str, root: str
             "visible was published; rerun the cycle (it continues the branch's newest cycle)"
         )
     _log().info("%s pushed to %s %s: at home, `git fetch %s %s && git merge FETCH_HEAD && "
-                "dvc pull`", names, git_remote, branch, git_remote, branch)  # fmt: skip
+                "dvc pull -R %s/cycles`", names, git_remote, branch, git_remote, branch,
+                Path(registry).as_posix())  # fmt: skip
     return commit
 
 
