@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESUME = ".resume"  # under cycle.registry: the phases' checkpoints (`resume_dir`)
+# cycle.* keys outside the resume key: where the cycle runs and registers, not what it trains
+# (a registry moved elsewhere resumes; `cycle.registry` names the folder, so keys never mix).
+NOT_TRAINING = {"registry", "watch_dir", "slot_timeout_s", "gpu_limit", "checkpoint_every"}
 
 SAMPLER = "sampler.safetensors"  # the batch sampler's torch.Generator state
 RNG = "rng.safetensors"  # the process's random state (`rngstate`: + rng.json)
@@ -137,12 +140,14 @@ def resume_dir(run: CycleRun) -> Path:
 def phase_checkpoints(run: CycleRun, phase: str, steps: int, student: Checkpoint, *inputs: Path):
     """`phase`'s resumable checkpoints (`training.Checkpoints`, every `cycle.checkpoint_every`
     optimizer steps and at the last), resumed only by a run with the same key: the phase, the
-    cycle number, seed + dtype + the cycle, opd and guards sections, the domain file's bytes,
+    cycle number, seed, dtype, the cycle section but for the keys that do not change what is
+    trained (`NOT_TRAINING`), the opd and guards sections, the domain file's bytes,
     the student's starting adapter and random state, and the content of `inputs` (the base
     model; OPD: the teacher and its prompts). A changed parameter or input starts afresh."""
     cfg = run.cfg
+    cycle = cfg.cycle.model_dump(exclude=NOT_TRAINING)
     key = training.run_key(
-        phase, run.number, [cfg.section_sha256(s) for s in ("cycle", "opd", "guards")],
+        phase, run.number, cfg.seed, cfg.dtype, cycle, cfg.opd.model_dump(), cfg.guards.model_dump(),
         run.inputs.source.content_sha256, hash_tree(student.adapter)[0],
         [sha256_file(f) for f in (student.rng, student.rng.with_suffix(".json"))],
         [input_ref(phase, path).content_sha256 for path in inputs],
