@@ -433,6 +433,13 @@ class CycleParams(Strict):
     max_grad_norm: float = Field(
         1.0, gt=0.0, description="gradient-norm clip (L2) of mid-training and the SFT baseline"
     )
+    checkpoint_every: int = Field(
+        10,
+        gt=0,
+        description="optimizer steps between the resumable checkpoints of mid-training and OPD "
+        "(and at each phase's last step), under cycle.registry/.resume/; a killed cycle rerun "
+        "on the same file, params and parent resumes there",
+    )
 
 
 class LoggingParams(Strict):
@@ -448,13 +455,6 @@ class LoggingParams(Strict):
     experiment: str = Field("retroloop", description="MLflow experiment (MLFLOW_TRACKING_URI)")
     summary_fraction: float = Field(
         0.1, gt=0.0, le=0.5, description="share of steps averaged into *_start / *_end metrics"
-    )
-    checkpoint_every: int = Field(
-        10,
-        gt=0,
-        description="optimizer steps between the resumable checkpoints of mid-training and OPD "
-        "(and at each phase's last step), under cycle.registry/.resume/; a killed cycle rerun "
-        "on the same file, params and parent resumes there",
     )
 
 
