@@ -363,7 +363,13 @@ class OpdParams(Strict):
     rollout: RolloutParams = RolloutParams()
     geometry_every: int = Field(2, gt=0, description="steps between subspace diagnostics")
     heldout_prompts: int = Field(
-        8, ge=0, description="fixed eval prompts of the before/after reverse KL (0 = none)"
+        8, ge=0, description="fixed eval prompts of the held-out reverse KL (0 = none)"
+    )
+    eval_every: int = Field(
+        2,
+        gt=0,
+        description="steps between held-out reverse-KL evaluations (the start is step 0, the "
+        "last step is always one); the best evaluated step's adapter is published",
     )
     checkpoint_every: int = Field(
         5, gt=0, description="steps between resumable checkpoints (data/checkpoints/opd)"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from retroloop import tokenizer_match, training
 from retroloop.config import OpdParams
 from retroloop.errors import ConfigError, MismatchError
 from retroloop.guards import GUARD_NEW_TOKENS, guard_error, tolerance_for
@@ -34,7 +35,6 @@ from retroloop.losses import (
     reverse_kl_topk_lower_bound,
 )
 from retroloop.models.head import logits_at
-from retroloop.models.loading import tokenizer_fingerprint
 from retroloop.models.recurrent import RecurrentConfig
 from retroloop.rollout import (
     PackedRollouts,
@@ -48,17 +48,14 @@ LOOPED_MODEL_TYPE = RecurrentConfig.model_type
 
 
 def check_same_tokenizer(
-    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase
+    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, *, key: str = "opd"
 ) -> None:
-    """Teacher and student must share vocabulary and chat template (DESIGN.md §7): the teacher
-    scores the student's token ids, and a template mismatch silently biases its log-probs."""
-    s, t = tokenizer_fingerprint(student_tok), tokenizer_fingerprint(teacher_tok)
-    diff = [k for k in s if s[k] != t[k]]
-    if diff:
-        raise MismatchError(
-            f"opd: teacher and student tokenizers differ in {', '.join(diff)} "
-            f"(student {[s[k] for k in diff]}, teacher {[t[k] for k in diff]}); use the teacher's tokenizer"
-        )
+    """Teacher and student must share vocabulary, special tokens and chat template (DESIGN.md
+    §7): the teacher scores the student's token ids, and a template mismatch silently biases
+    its log-probs. One home for the check: `tokenizer_match.check_same_tokenizer`."""
+    tokenizer_match.check_same_tokenizer(
+        student_tok, teacher_tok, key=key, student_name="the student"
+    )
 
 
 def student_forward_kwargs(model: torch.nn.Module, recurrence: int | None) -> dict[str, Any]:
@@ -120,16 +117,24 @@ def opd_step(
     rewards: list[float] | None = None,
     student_kwargs: dict[str, Any] | None = None,
     teacher_kwargs: dict[str, Any] | None = None,
+    dist_env: training.DistEnv | None = None,
 ) -> dict[str, Any]:
     """Score `batch` with the teacher, take one policy-gradient step on the student.
 
     Micro-batches of `p.rollout.batch_size` rows; each micro-batch loss is weighted by its share
-    of the generated tokens, so the accumulated gradient is that of the loss over the whole batch.
-    With `optimizer=None` the gradients stay in `.grad` (tests). Returns the step's metrics (per
-    generated token), `advantage_max_abs`, and `teacher_logprobs` (one list per row).
+    n_mb / N of the step's N generated tokens, so the accumulated gradient is that of the loss
+    over the whole batch. Under torchrun (`dist_env`) `batch` is this rank's share of the step's
+    rollouts: N counts every rank's tokens and the gradients are summed over ranks before the
+    clip and the step, so every rank takes the one-process update of the global batch,
+    ∇ Σ_ranks Σ_mb (n_mb / N)·L_mb. With `optimizer=None` the gradients stay in `.grad` (tests).
+    Returns the step's metrics (per generated token, over all ranks), `advantage_max_abs`, and
+    `teacher_logprobs` (one list per row of this rank's `batch`).
     """
+    env = dist_env or training.DistEnv()
     device = next(student.parameters()).device
-    n_total = max(batch.num_completion_tokens, 1)
+    n_tokens = torch.tensor([float(batch.num_completion_tokens)], dtype=torch.float64)
+    training.all_reduce_sum_([n_tokens], env)
+    n_total = max(int(n_tokens.item()), 1)
     sums: dict[str, float] = defaultdict(float)
     teacher_rows: list[list[float]] = []
     for first in range(0, len(batch), p.rollout.batch_size):
@@ -143,6 +148,9 @@ def opd_step(
         )
 
     params = [q for q in student.parameters() if q.requires_grad]
+    if env.world_size > 1:
+        training.all_reduce_grads_(params, env)
+        _reduce_sums_(sums, env)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm))
     if optimizer is not None:
         optimizer.step()
@@ -157,6 +165,23 @@ def opd_step(
     stats: dict[str, Any] = {k: sums[k] / n_total for k in per_token}
     stats |= {k: sums[k] for k in ("loss", "teacher_s", "advantage_max_abs", "log_ratio_max_abs")}
     return stats | {"grad_norm": grad_norm, "teacher_logprobs": teacher_rows}
+
+
+_SUMMED = ("loss", "teacher_s", "reverse_kl_sampled", "reverse_kl_topk_lb", "entropy",
+           "sampler_learner_kl", "advantage_abs")  # fmt: skip
+_MAXED = ("advantage_max_abs", "log_ratio_max_abs")
+
+
+def _reduce_sums_(sums: dict[str, float], env: training.DistEnv) -> None:
+    """Every rank's `_micro_batch` figures combined: sums summed, maxima maxed (in place)."""
+    import torch.distributed as dist
+
+    summed = torch.tensor([sums[k] for k in _SUMMED], dtype=torch.float64)
+    maxed = torch.tensor([sums[k] for k in _MAXED], dtype=torch.float64)
+    training.all_reduce_sum_([summed], env)
+    dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+    sums.update(zip(_SUMMED, summed.tolist(), strict=True))
+    sums.update(zip(_MAXED, maxed.tolist(), strict=True))
 
 
 def _micro_batch(

@@ -4,7 +4,8 @@ A resumed OPD run must continue bit for bit: the adapter and AdamW go through
 `training.save_checkpoint`; what is OPD's own rides along as the checkpoint's `extra` files and
 trainer state: the prompt sampler (numpy PCG64 state and the rest of the epoch), the per-step
 rows (the step log is replayed from them), the rollouts so far, the before-KL and guard figures,
-the geometry tracker's rows and subspaces, and the torch CPU RNG. The rollout seeds derive from
+the held-out evaluations and the best one's weights (the adapter the run publishes), the
+geometry tracker's rows and subspaces, and the torch CPU RNG. The rollout seeds derive from
 the step (`training.seed_for`), so nothing else is drawn.
 """
 
@@ -36,6 +37,24 @@ class Progress:
     rollouts: list[pl.DataFrame] = field(default_factory=list)  # one per step done
     kl_before: float | None = None
     guard: dict[str, Any] | None = None  # the first start's run-time guard figures
+    heldout: list[dict[str, Any]] = field(default_factory=list)  # {step, value} per evaluation
+    best_step: int | None = None  # the evaluated step with the lowest held-out value so far
+    best_weights: list[torch.Tensor] | None = None  # its trainable tensors (in `trainable` order)
+
+    @property
+    def best_value(self) -> float | None:
+        return next((h["value"] for h in self.heldout if h["step"] == self.best_step), None)
+
+    def evaluated(self, step: int, value: float, trainable: list[torch.Tensor]) -> bool:
+        """Record step `step`'s held-out value; keep its weights if it beats the best so far
+        (strictly: on a tie the earlier step stays). True when it became the best."""
+        self.heldout.append({"step": step, "value": value})
+        best = self.best_value
+        if best is not None and not value < best:
+            return False
+        self.best_step = step
+        self.best_weights = [q.detach().clone() for q in trainable]
+        return True
 
     @property
     def step(self) -> int:
@@ -60,6 +79,8 @@ def save_progress(
         "kl_before": progress.kl_before,
         "guard": progress.guard,
         "geometry_rows": tracker.rows,
+        "heldout": progress.heldout,
+        "best_step": progress.best_step,
     }
 
     def extra(directory: Path) -> None:
@@ -68,6 +89,9 @@ def save_progress(
         tensors |= {f"w_top.{k}": v for k, v in tracker._w_top.items()}
         save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "geometry.safetensors")  # fmt: skip
         save_file({"torch_cpu": torch.random.get_rng_state()}, directory / "rng.safetensors")
+        if progress.best_weights is not None:  # the best held-out step's trainable tensors
+            best = {str(i): t.contiguous().cpu() for i, t in enumerate(progress.best_weights)}
+            save_file(best, directory / "best.safetensors")
 
     ckpts.save(step, student, optimizer, state, extra)
 
@@ -101,6 +125,10 @@ def _restore(progress: Progress, tracker: GeometryTracker, path: Path, state: di
         kind, name = key.split(".", 1)
         (tracker._prev if kind == "prev" else tracker._w_top)[name] = value
     torch.random.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
+    progress.heldout, progress.best_step = state.get("heldout", []), state.get("best_step")
+    if (path / "best.safetensors").is_file():
+        best = load_file(path / "best.safetensors")
+        progress.best_weights = [best[str(i)] for i in range(len(best))]
 
 
 def rollout_frame(

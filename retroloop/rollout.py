@@ -27,6 +27,7 @@ tokenised without extra specials: the same ids the teacher later scores.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -150,7 +151,7 @@ class RolloutEngine(Protocol):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
     ) -> RolloutBatch: ...
 
 
@@ -196,13 +197,25 @@ class TransformersEngine:
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
     ) -> RolloutBatch:
+        """`n` samples of each prompt. `seed`: one generator for the whole batch, or one seed
+        per prompt: sample j of prompt i then draws from its own generator (`row_seed`), so a
+        row's tokens do not depend on which other rows share its batch (OPD over ranks)."""
         start = time.perf_counter()
         device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(seed)
         prompt_ids = encode_prompts(self.tokenizer, prompts)
         rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        gen: torch.Generator | dict[tuple[int, int], torch.Generator]
+        if isinstance(seed, int):
+            gen = torch.Generator(device=device).manual_seed(seed)
+        else:
+            if len(seed) != len(prompts):
+                raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
+            gen = {
+                (i, j): torch.Generator(device=device).manual_seed(row_seed(seed[i], j))
+                for i, j in rows
+            }
         was_training = self.model.training
         self.model.eval()
         out = RolloutBatch()
@@ -210,8 +223,9 @@ class TransformersEngine:
             for first in range(0, len(rows), self.batch_size):
                 chunk = rows[first : first + self.batch_size]
                 ids = [prompt_ids[i] for i, _ in chunk]
+                gens = gen if isinstance(gen, torch.Generator) else [gen[r] for r in chunk]
                 completions, logprobs, finished = self._sample_chunk(
-                    ids, max_new_tokens, temperature, top_p, gen, device
+                    ids, max_new_tokens, temperature, top_p, gens, device
                 )
                 out.prompt_index += [i for i, _ in chunk]
                 out.sample_index += [j for _, j in chunk]
@@ -230,7 +244,7 @@ class TransformersEngine:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
-        gen: torch.Generator,
+        gen: torch.Generator | list[torch.Generator],
         device: torch.device,
     ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
         B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
@@ -257,7 +271,7 @@ class TransformersEngine:
         length_B = torch.zeros(B, dtype=torch.long, device=device)
         for t in range(max_new_tokens):
             logp_B_V = sampling_logprobs(out.logits[:, -1], temperature, top_p)
-            next_B = torch.multinomial(logp_B_V.exp(), 1, generator=gen).squeeze(-1)
+            next_B = _draw(logp_B_V.exp(), gen)
             next_B = torch.where(done_B, self.pad_id, next_B)
             tokens_B_N[:, t] = next_B
             logp_B_N[:, t] = logp_B_V.gather(-1, next_B[:, None]).squeeze(-1)
@@ -280,6 +294,19 @@ class TransformersEngine:
         completions = [tokens[b][: lengths[b]] for b in range(B)]
         finished = [bool(c) and c[-1] in self.eos for c in completions]
         return completions, [logps[b][: lengths[b]] for b in range(B)], finished
+
+
+def row_seed(prompt_seed: int, sample: int) -> int:
+    """The seed of sample `sample` of a prompt whose seed is `prompt_seed` (63 bits)."""
+    digest = hashlib.sha256(repr((prompt_seed, sample)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _draw(probs_B_V: Tensor, gen: torch.Generator | list[torch.Generator]) -> Tensor:
+    """One token per row: from one generator for the batch, or from each row's own."""
+    if isinstance(gen, torch.Generator):
+        return torch.multinomial(probs_B_V, 1, generator=gen).squeeze(-1)
+    return torch.cat([torch.multinomial(p_V, 1, generator=g) for p_V, g in zip(probs_B_V, gen, strict=True)])  # fmt: skip
 
 
 class VllmEngine:
@@ -356,18 +383,22 @@ class VllmEngine:
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
     ) -> RolloutBatch:
         start = time.perf_counter()
         prompt_ids = encode_prompts(self.tokenizer, prompts)
-        params = self._vllm.SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            logprobs=0,
-            seed=seed,
-        )
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        params = [  # one per prompt (a per-prompt seed, as the transformers engine)
+            self._vllm.SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                logprobs=0,
+                seed=s,
+            )  # fmt: skip
+            for s in seeds
+        ]
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         results = self.llm.generate(requests, params, lora_request=self.lora, use_tqdm=False)
         out = rollouts_from_vllm(results, prompt_ids)

@@ -25,9 +25,11 @@ noise, which the per-step `sampler_learner_kl` (dvclive) measures.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from retroloop import training
-from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
+from retroloop.artifacts import Manifest, atomic_artifact, read_manifest, verify_inputs
 from retroloop.config import GuardParams, LoggingParams, OpdParams, Params
 from retroloop.errors import ConfigError, DataError
 from retroloop.geometry import GeometryTracker, plot_geometry
@@ -54,7 +56,7 @@ from retroloop.onpolicy import (
     student_forward_kwargs,
 )
 from retroloop.opd_progress import Progress, resume_progress, rollout_frame, save_progress
-from retroloop.rollout import RolloutEngine, make_engine, vllm_lora_rank
+from retroloop.rollout import RolloutBatch, RolloutEngine, make_engine, vllm_lora_rank
 from retroloop.runlock import exclusive
 from retroloop.stages.common import (
     CONVERTED_MODEL,
@@ -80,6 +82,7 @@ OUTPUTS = {
     "geometry.png": "report",
 }
 OPD_CHECKPOINTS = DATA / "checkpoints" / "opd"  # resumable step_N (outside the artifact)
+HELDOUT = "heldout_reverse_kl_topk_lb"  # the per-step log's column on evaluated steps
 
 
 def _after_step(step: int) -> None:
@@ -106,6 +109,7 @@ def train_opd(
     steplog: StepLog | None = None,
     checkpoints: training.Checkpoints | None = None,
     guards: GuardParams | None = None,
+    dist_env: training.DistEnv | None = None,
 ) -> dict[str, Any]:
     """On-policy distillation of a PEFT `student` (trainable LoRA) against `teacher`.
 
@@ -114,6 +118,10 @@ def train_opd(
     (the caller's temporary artifact directory) and returns the summary metrics.
     `teacher_tokenizer` (checked against `tokenizer`) and `teacher_kwargs` (e.g. a looped
     teacher's recurrence) let the continual-learning cycle distil from an earlier checkpoint.
+    `heldout_prompts` (never training prompts) are scored at the start (step 0) and every
+    `opd.eval_every` steps (`_Loop.evaluate`); the student ends with the weights of the step
+    with the lowest held-out reverse KL (the starting ones if no step improved on them).
+    None: no evaluation, the last step's weights (the behaviour before `eval_every`).
     `model_dir` is the student's base model directory: `backend: vllm` loads it and samples with
     the student's adapter, saved after every step (ignored by the transformers backend).
     Every step is logged through `steplog` (a caller's, e.g. the cycle's; else one of its own
@@ -121,10 +129,13 @@ def train_opd(
     `checkpoints` (steps = `opd_params.steps`, a key naming the student, teacher and prompts)
     saves a resumable checkpoint every `every` steps and resumes from the newest; the caller
     calls its `complete` once the artifact is published. None: no checkpoints.
+    `dist_env` (torchrun): this rank samples and scores its share of each step's prompts, the
+    gradients are summed over ranks (`onpolicy.opd_step`); rank 0 alone logs, checkpoints and
+    writes `out_dir_tmp`; the other ranks return {}.
     """
-    p, out_dir = opd_params, Path(out_dir_tmp)
+    p, out_dir, env = opd_params, Path(out_dir_tmp), dist_env or training.DistEnv()
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainable = _check_inputs(student, tokenizer, prompts_df, p, teacher_tokenizer, checkpoints)
+    trainable = _check_inputs(student, tokenizer, prompts_df, p, teacher_tokenizer, checkpoints, env)  # fmt: skip
     teacher.eval().requires_grad_(False)
     student.eval()  # see the module docstring: sampler and learner run the same function
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
@@ -137,15 +148,16 @@ def train_opd(
     tracker = GeometryTracker(student, since_start=True)  # ΔW since these (resume: same) weights
     loop = _Loop(p, student, teacher, tokenizer, engine, optimizer, trainable, prompts_df.to_dicts(),
                  seed, s_kwargs, teacher_kwargs, log_prefix, out_dir, checkpoints,
-                 guards or GuardParams())  # fmt: skip
+                 guards or GuardParams(), env)  # fmt: skip
     loop.log_plan()
     progress, resumed = resume_progress(checkpoints, student, optimizer, tracker, seed)
+    training.broadcast_from_main_(trainable, env)  # every rank starts from rank 0's weights
     if resumed is not None:
         log.info("resuming from %s (step %d of %d)", resumed, progress.step, p.steps)
-    own_log = steplog is None
-    if steplog is None:
+    own_log = steplog is None and env.is_main
+    if own_log:
         steplog = StepLog(out_dir, name=log_prefix, params=logging_params)
-    for row in progress.rows:  # a resumed run replays the steps done (dvclive only)
+    for row in progress.rows if steplog is not None else ():  # a resumed run replays its steps
         steplog.log(row, sink=False)
     teacher_base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
     with fixed_initial_state(base), fixed_initial_state(teacher_base):  # a looped teacher too
@@ -153,32 +165,45 @@ def train_opd(
         # cached decoding and the teacher's scoring must agree with plain cache-free forwards.
         guard = loop.guard(heldout_prompts)
         if progress.guard is None:  # a first start; a resumed run keeps the first's figures
-            progress.guard, progress.kl_before = guard, loop.heldout_kl(heldout_prompts)
+            progress.guard, progress.kl_before = guard, loop.evaluate(0, progress, heldout_prompts)  # fmt: skip
             tracker.snapshot(0)
         loop.push_adapter(progress.step)
         bar = tqdm(range(progress.step + 1, p.steps + 1), desc=log_prefix, unit="step",
-                   initial=progress.step, total=p.steps)  # fmt: skip
+                   initial=progress.step, total=p.steps, disable=not env.is_main)  # fmt: skip
         for step in bar:
             row = loop.step(step, progress)
-            steplog.log(row)
+            if step % p.eval_every == 0 or step == p.steps:
+                row[HELDOUT] = loop.evaluate(step, progress, heldout_prompts)
+            if steplog is not None:
+                steplog.log(row)
             if step % p.geometry_every == 0 or step == p.steps:
                 tracker.snapshot(step)
             if checkpoints is not None and checkpoints.due(step):
-                save_progress(checkpoints, step, student, optimizer, progress, tracker)
+                if env.is_main:
+                    save_progress(checkpoints, step, student, optimizer, progress, tracker)
+                training.barrier(env)
             bar.set_postfix(kl=f"{row['reverse_kl_topk_lb']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
             _after_step(step)
-        kl_after = loop.heldout_kl(heldout_prompts)
+    loop.keep_best(progress)
     if own_log:
         steplog.close()
+    if not env.is_main:
+        return {}
     geometry = _write_outputs(out_dir, student, progress, tracker)
     fraction = (logging_params or LoggingParams()).summary_fraction
-    return _summary(p, progress, geometry, kl_after, loop.n_trainable, fraction)
+    return _summary(p, progress, geometry, loop.n_trainable, fraction)
 
 
-def _check_inputs(student, tokenizer, prompts_df, p: OpdParams, teacher_tokenizer, checkpoints):
+def _check_inputs(student, tokenizer, prompts_df, p: OpdParams, teacher_tokenizer, checkpoints, env):  # fmt: skip
     """Refuse what `train_opd` cannot run on (one line each); its trainable parameters."""
     if teacher_tokenizer is not None:
         check_same_tokenizer(tokenizer, teacher_tokenizer)
+    if p.prompts_per_step < env.world_size:
+        raise ConfigError(
+            f"opd.prompts_per_step: {p.prompts_per_step} is fewer than the {env.world_size} "
+            "processes (launch.nproc_per_node x nnodes): each rank samples at least one prompt "
+            "per step; raise opd.prompts_per_step or launch fewer processes"
+        )
     need = ["prompt"] + (["instruction_id_list", "kwargs"] if p.reward_weight > 0 else [])
     if prompts_df.height == 0 or any(c not in prompts_df.columns for c in need):
         raise DataError(f"opd: prompts need columns {need} and >= 1 row; got {prompts_df.columns}")
@@ -200,8 +225,9 @@ class _Loop:
     """One OPD run's pieces: sample → reward → score + update → log, one step at a time."""
 
     def __init__(self, p, student, teacher, tokenizer, engine, optimizer, trainable, rows, seed,
-                 s_kwargs, teacher_kwargs, log_prefix, out_dir, checkpoints, guards) -> None:  # fmt: skip
+                 s_kwargs, teacher_kwargs, log_prefix, out_dir, checkpoints, guards, env) -> None:  # fmt: skip
         self.p, self.student, self.teacher, self.tokenizer = p, student, teacher, tokenizer
+        self.env = env
         self.engine, self.optimizer, self.trainable, self.rows = engine, optimizer, trainable, rows
         self.seed, self.s_kwargs, self.teacher_kwargs = seed, s_kwargs, teacher_kwargs
         self.log_prefix, self.out_dir, self.guards = log_prefix, out_dir, guards
@@ -227,10 +253,21 @@ class _Loop:
             teacher_kwargs=self.teacher_kwargs, max_new_tokens=self.guards.new_tokens,
         )  # fmt: skip
 
-    def heldout_kl(self, prompts: list[str] | None) -> float | None:
-        """The before/after measure on fixed prompts with a fixed seed (None: no prompts)."""
+    def evaluate(self, step: int, progress: Progress, prompts: list[str] | None) -> float | None:
+        """The held-out reverse KL after `step` (0: the start), recorded in `progress`, which
+        keeps the best step's weights (None: no held-out prompts). The same prompts and the
+        same sampling seed at every evaluation, so steps are compared on the same draws; rank 0
+        computes it and every rank gets its value (and so the same best step)."""
         if not prompts:
             return None
+        value = [self.heldout_kl(prompts) if self.env.is_main else None]
+        if self.env.world_size > 1:
+            torch.distributed.broadcast_object_list(value, src=0)
+        progress.evaluated(step, value[0], self.trainable)
+        return value[0]
+
+    def heldout_kl(self, prompts: list[str]) -> float:
+        """Top-k reverse KL lower bound on fixed prompts with a fixed seed (`heldout_reverse_kl`)."""
         p = self.p
         return heldout_reverse_kl(
             self.student, self.teacher, self.tokenizer, prompts, n=p.rollout.samples_per_prompt,
@@ -238,11 +275,33 @@ class _Loop:
             student_kwargs=self.s_kwargs, teacher_kwargs=self.teacher_kwargs,
         )  # fmt: skip
 
+    def keep_best(self, progress: Progress) -> None:
+        """End the run on the best evaluated step's weights (a no-op if that is the last)."""
+        if progress.best_step is None or progress.best_step == self.p.steps:
+            return
+        with torch.no_grad():
+            for q, best in zip(self.trainable, progress.best_weights, strict=True):
+                q.copy_(best)
+        start, last = progress.heldout[0]["value"], progress.heldout[-1]["value"]
+        if progress.best_step == 0:
+            log.warning(
+                "%s: no step lowered the held-out reverse KL below its start (%.4f; last step "
+                "%.4f): the published adapter is the starting one (lower opd.lr, or more "
+                "opd.prompts_per_step x rollout.samples_per_prompt)",
+                self.log_prefix, start, last,
+            )  # fmt: skip
+        else:
+            log.info(
+                "%s: keeping step %d (held-out reverse KL %.4f; start %.4f, last step %.4f)",
+                self.log_prefix, progress.best_step, progress.best_value, start, last,
+            )  # fmt: skip
+
     def push_adapter(self, step: int) -> None:
         """vLLM samples from adapter files: hand it the current adapter (no-op otherwise)."""
         if hasattr(self.engine, "set_adapter"):
-            self.student.save_pretrained(self.out_dir / ".rollout_adapter" / f"step-{step}")
-            self.engine.set_adapter(self.out_dir / ".rollout_adapter" / f"step-{step}")
+            folder = self.out_dir / ".rollout_adapter" / f"rank-{self.env.rank}" / f"step-{step}"
+            self.student.save_pretrained(folder)
+            self.engine.set_adapter(folder)
 
     def step(self, step: int, progress: Progress) -> dict[str, Any]:
         """OPD step `step` (1-based): its metric row; its rollouts go to `progress`."""
@@ -251,23 +310,29 @@ class _Loop:
             progress.order += progress.rng.permutation(len(self.rows)).tolist()
         picked = [self.rows[i] for i in progress.order[: p.prompts_per_step]]
         progress.order = progress.order[p.prompts_per_step :]
+        # Prompt k of the step draws from its own seed, so a rank's share of the prompts
+        # (a contiguous slice) samples what one process would; `_gather` rebuilds the batch.
+        seeds = [seed_for(self.seed, "opd-rollout", step, k) for k in range(len(picked))]
+        env, n = self.env, len(picked)
+        lo, hi = env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size
         tic = time.perf_counter()
         batch = self.engine.sample(
-            [r["prompt"] for r in picked], n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens,
-            temperature=p.rollout.temperature, top_p=p.rollout.top_p, seed=seed_for(self.seed, "opd-rollout", step),
+            [r["prompt"] for r in picked[lo:hi]], n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens,
+            temperature=p.rollout.temperature, top_p=p.rollout.top_p, seed=seeds[lo:hi],
         )  # fmt: skip
-        rewards = ifeval_rewards(tokenizer, batch, picked) if p.reward_weight > 0 else None
+        rewards = ifeval_rewards(tokenizer, batch, picked[lo:hi]) if p.reward_weight > 0 else None
         stats = opd_step(
             self.student, self.teacher, batch, self.optimizer, p, pad_id=tokenizer.pad_token_id,
             rewards=rewards, student_kwargs=self.s_kwargs, teacher_kwargs=self.teacher_kwargs,
+            dist_env=env,
         )  # fmt: skip
         stop_if_not_finite(
             self.log_prefix, step, loss=stats["loss"], grad_norm=stats["grad_norm"],
             params=self.trainable, lr=p.lr, lr_key="opd.lr", checkpoint_dir=self.checkpoint_dir,
         )  # fmt: skip
         self.push_adapter(step)
+        batch, teacher_lp, rewards = _gather(batch, stats.pop("teacher_logprobs"), rewards, lo, env)  # fmt: skip
         step_s, n_tok = time.perf_counter() - tic, batch.num_completion_tokens
-        teacher_lp = stats.pop("teacher_logprobs")
         progress.rollouts.append(rollout_frame(step, batch, teacher_lp, rewards, picked, tokenizer))  # fmt: skip
         row = {"step": step, **stats, "rollout_s": batch.seconds, "step_s": step_s}
         row["tokens"], row["tokens_per_s"] = n_tok, n_tok / step_s
@@ -275,8 +340,28 @@ class _Loop:
         row["response_length"] = n_tok / len(batch)
         row["finished_fraction"] = float(np.mean(batch.finished))
         row["reward"] = float(np.mean(rewards)) if rewards is not None else math.nan
+        row[HELDOUT] = math.nan  # set by the loop on evaluated steps
         progress.rows.append(row)
         return row
+
+
+def _gather(batch: RolloutBatch, teacher_lp: list, rewards: list | None, first: int, env):
+    """Every rank's rollouts, teacher log-probs and rewards in the one-process order (rank
+    order; `first`: this rank's first prompt of the step). One process: unchanged."""
+    if env.world_size == 1:
+        return batch, teacher_lp, rewards
+    batch.prompt_index = [i + first for i in batch.prompt_index]
+    parts: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(parts, (batch, teacher_lp, rewards))
+    out, lps, rws = RolloutBatch(), [], []
+    for b, lp, rw in parts:
+        for name in ("prompt_index", "sample_index", "prompt_ids", "completion_ids",
+                     "sampler_logprobs", "finished"):  # fmt: skip
+            getattr(out, name).extend(getattr(b, name))
+        out.seconds = max(out.seconds, b.seconds)
+        lps += lp
+        rws += rw or []
+    return out, lps, (rws if rewards is not None else None)
 
 
 def _write_outputs(out_dir: Path, student, progress: Progress, tracker) -> pl.DataFrame:
@@ -290,9 +375,12 @@ def _write_outputs(out_dir: Path, student, progress: Progress, tracker) -> pl.Da
     return geometry
 
 
-def _summary(p, progress: Progress, geometry, kl_after, n_trainable, fraction) -> dict[str, Any]:
-    """The run's metrics; `*_start` / `*_end` are means over the first / last `fraction`."""
+def _summary(p, progress: Progress, geometry, n_trainable, fraction) -> dict[str, Any]:
+    """The run's metrics; `*_start` / `*_end` are means over the first / last `fraction`.
+    `kept_step`: the published adapter's step (0: the starting adapter), `improved`: whether
+    its held-out reverse KL is below the start's (None without held-out prompts)."""
     steps_df = pl.DataFrame(progress.rows)
+    last = progress.heldout[-1]["value"] if progress.heldout else None
     edge = edge_steps(p.steps, fraction)
     total_s, tokens = steps_df["step_s"].sum(), steps_df["tokens"].sum()
     final = geometry.filter(pl.col("step") == p.steps).fill_nan(None)
@@ -301,7 +389,11 @@ def _summary(p, progress: Progress, geometry, kl_after, n_trainable, fraction) -
         "reverse_kl_topk_lb_start": steps_df["reverse_kl_topk_lb"].head(edge).mean(),
         "reverse_kl_topk_lb_end": steps_df["reverse_kl_topk_lb"].tail(edge).mean(),
         "heldout_reverse_kl_topk_lb_before": progress.kl_before,
-        "heldout_reverse_kl_topk_lb_after": kl_after,
+        "heldout_reverse_kl_topk_lb_after": last,  # the last step's, published or not
+        "heldout_reverse_kl_topk_lb_kept": progress.best_value,
+        "heldout_eval_every": p.eval_every,
+        "kept_step": p.steps if progress.best_step is None else progress.best_step,
+        "improved": None if last is None else progress.best_step != 0,
         "sampled_reverse_kl_mean": steps_df["reverse_kl_sampled"].mean(),
         "sampler_learner_kl_mean": steps_df["sampler_learner_kl"].mean(),
         "mean_response_length": steps_df["response_length"].mean(),
@@ -356,6 +448,9 @@ def run(
     checkpoint_dir: Path = OPD_CHECKPOINTS,
 ) -> Manifest:
     device = setup_run(cfg)
+    env = training.init_distributed(device)  # torchrun (`launch.nproc_per_node`): one rank
+    if env.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
     p = cfg.opd
     defaults = {
         "student": CONVERTED_MODEL,
@@ -365,7 +460,7 @@ def run(
         "heldout": dataset_path("instruct", "eval"),
     }
     paths = resolve_inputs(inputs, defaults)
-    verify_inputs(paths, optional=("parent_adapter", "heldout"))  # refuse tampered inputs first
+    verified = verify_inputs(paths, optional=("parent_adapter", "heldout"))  # tampered: refused
     tokenizer = load_tokenizer(paths["student"])
     teacher_tokenizer = load_tokenizer(paths["teacher"])
     check_same_tokenizer(tokenizer, teacher_tokenizer)
@@ -384,21 +479,30 @@ def run(
             p.rollout, None, None, model_dir=paths["student"],
             max_lora_rank=vllm_lora_rank(student), seed=cfg.seed,
         )  # fmt: skip
-
+    roles = ["student", "teacher", "train_data"]
+    roles += (["parent_adapter"] if has_parent else []) + (["heldout"] if heldout else [])
+    section, sha = cfg.section("opd"), cfg.section_sha256("opd")
+    key = training.run_key(sha, [(r, verified[r].content_sha256) for r in roles])
+    checkpoints = training.Checkpoints(checkpoint_dir, key, p.checkpoint_every, p.steps)
+    train = functools.partial(
+        train_opd, student, teacher, tokenizer, prompts, p, seed=cfg.seed,
+        teacher_tokenizer=teacher_tokenizer, heldout_prompts=heldout, engine=engine,
+        logging_params=cfg.logging, checkpoints=checkpoints, guards=cfg.guards, dist_env=env,
+    )  # fmt: skip
+    if not env.is_main:  # rank 0 writes the artifact; this rank trains its share, then reads it
+        with tempfile.TemporaryDirectory(prefix=f"opd-rank{env.rank}-") as scratch:
+            train(out_dir_tmp=Path(scratch))
+        training.barrier(env)
+        training.shutdown(env)
+        return read_manifest(out_dir)
     with atomic_artifact(out_dir, stage="opd", kind="adapter") as w:
-        roles = ["student", "teacher", "train_data"]
-        roles += (["parent_adapter"] if has_parent else []) + (["heldout"] if heldout else [])
-        refs = [w.add_input(role, paths[role]) for role in roles]
-        section, sha = cfg.section("opd"), cfg.section_sha256("opd")
-        key = training.run_key(sha, [(r.role, r.content_sha256) for r in refs])
-        checkpoints = training.Checkpoints(checkpoint_dir, key, p.checkpoint_every, p.steps)
-        metrics = train_opd(
-            student, teacher, tokenizer, prompts, p, seed=cfg.seed, out_dir_tmp=w.dir,
-            teacher_tokenizer=teacher_tokenizer, heldout_prompts=heldout, engine=engine,
-            logging_params=cfg.logging, checkpoints=checkpoints, guards=cfg.guards,
-        )  # fmt: skip
+        for role in roles:
+            w.add_input(role, paths[role])
+        metrics = train(out_dir_tmp=w.dir)
         w.outputs.update(OUTPUTS)
-        w.metrics = {**metrics, **tokenizer_fingerprint(tokenizer)}
+        w.metrics = {**metrics, **tokenizer_fingerprint(tokenizer), "world_size": env.world_size}
         manifest = w.finish(params=section, params_sha256=sha, seed=cfg.seed, device=str(device))
     checkpoints.complete({"artifact": str(out_dir), "content_sha256": manifest.content_sha256})
+    training.barrier(env)
+    training.shutdown(env)
     return manifest

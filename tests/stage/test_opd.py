@@ -200,7 +200,9 @@ def test_teacher_with_another_chat_template_is_refused(workdir):
     student_tok, teacher_tok = load_tokenizer(STUDENT), load_tokenizer(TEACHER)
     check_same_tokenizer(student_tok, teacher_tok)
     teacher_tok.chat_template = teacher_tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
-    with pytest.raises(MismatchError, match="chat_template_sha256"):
+    with pytest.raises(
+        MismatchError, match="opd: its tokenizer differs from the student.s: chat template"
+    ):
         check_same_tokenizer(student_tok, teacher_tok)
 
 
@@ -293,8 +295,13 @@ def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir, monkeypatc
 def test_stage_continues_the_distill_adapter(workdir):
     parent = student_with_lora(r=3, randomise_b=True)
     parent.save_pretrained("data/distill/adapter")
-    cfg = load_params(TINY, {"threads": 1, "opd.steps": 1, "opd.geometry_every": 1})
+    # No held-out prompts: the last step is published (with them, a step that does not lower
+    # the held-out KL leaves the parent's weights, test_stage_keeps_its_best_heldout_step).
+    cfg = load_params(
+        TINY, {"threads": 1, "opd.steps": 1, "opd.geometry_every": 1, "opd.heldout_prompts": 0}
+    )
     manifest = opd.run(cfg)
+    assert manifest.metrics["kept_step"] == 1 and manifest.metrics["improved"] is None
     assert manifest.input("parent_adapter").path.endswith("data/distill/adapter")
     config = json.loads(Path("data/opd/adapter/adapter_config.json").read_text())
     assert config["r"] == 3  # the parent's LoRA, not opd.lora.r = 2
