@@ -32,6 +32,15 @@ HEADLINES = {
         "rl_to_opd_steps_ratio",
         "opd_kl_reduction",
     },
+    "peer": {
+        "distill_seconds_to_trl_kl_ratio",
+        "distill_peak_mem_ratio",
+        "onpolicy_seconds_to_trl_kl_ratio",
+        "onpolicy_peak_mem_ratio",
+        "distill",
+        "onpolicy",
+        "cache_build_seconds",
+    },
 }
 
 
@@ -91,3 +100,14 @@ def test_bench_runs_on_the_tiny_profile_and_reports_finite_ratios(
         assert set(result["speed_ratio_by_recurrence"]) == {str(r) for r in range(1, 9)}
     if name == "opd":
         assert 0.0 < result["teacher_scoring_share"] < 1.0
+    if name == "peer":
+        # Every arm trained and was evaluated at the same steps; TRL's target KL is set.
+        for pair, arms in (("distill", ("retroloop_distill", "trl_gkd")),
+                           ("onpolicy", ("retroloop_opd", "trl_gkd_onpolicy"))):  # fmt: skip
+            got = result[pair]
+            assert set(got["arms"]) == set(arms), got["arms"].keys()
+            curves = [got["arms"][a]["heldout_kl"] for a in arms]
+            assert len(curves[0]) >= 2 and curves[0].keys() == curves[1].keys(), curves
+            assert all(got["arms"][a]["tokens"] > 0 for a in arms)
+            assert got["seconds_to_kl"]["target_kl"] > 0
+            assert got["seconds_to_kl"]["to_worse_final"]["ratio"]["once"] is not None
