@@ -82,7 +82,7 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/retroloop bench recurrence && $(BIN)/retroloop bench distill && $(BIN)/retroloop bench opd
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/retroloop bench recurrence && $(BIN)/retroloop bench distill && $(BIN)/retroloop bench opd && $(BIN)/retroloop bench peer
 
 # `dvc plots show` with the Vega libraries inlined (DVC's default page loads them from a CDN):
 # the template is generated into .dvc/ (git-ignored), .dvc/config.local points DVC at it.
