@@ -10,8 +10,10 @@ this process then reads back. We use torch's launcher rather than spawning ranks
 already does rendezvous, per-rank environment (RANK, LOCAL_RANK, WORLD_SIZE) and failure
 propagation.
 
-Stages that do not split over ranks yet (everything but distill and static, OPD included) run
-in this one process, with a warning, so a profile with `nproc_per_node: 8` still runs end to end.
+OPD splits each step's prompts over the ranks (each samples its share from its own copy of the
+current policy, so rollouts stay on-policy per rank) and all-reduces the gradients. Stages that
+do not split over ranks (everything but distill, static and opd) run in this one process, with
+a warning, so a profile with `nproc_per_node: 8` still runs end to end.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from retroloop.errors import ConfigError, RetroloopError
 log = logging.getLogger(__name__)
 
 # The stages whose loop splits its global batch over ranks (training.DistEnv); the rest run once.
-MULTI_PROCESS_STAGES = ("distill", "static")
+MULTI_PROCESS_STAGES = ("distill", "static", "opd")
 
 
 class LaunchError(RetroloopError):

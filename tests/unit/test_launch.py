@@ -60,11 +60,11 @@ def _fake_stage(monkeypatch, name: str) -> list:
 
 
 def test_a_stage_that_does_not_split_runs_once_with_a_warning(monkeypatch, caplog) -> None:
-    ran = _fake_stage(monkeypatch, "opd")
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("relaunched opd"))
+    ran = _fake_stage(monkeypatch, "evaluate")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("relaunched evaluate"))
     with caplog.at_level(logging.WARNING, logger="retroloop.launch"):
-        assert launch.run_stage("opd", cfg(**{"launch.nproc_per_node": 2})) == "manifest"
-    assert len(ran) == 1 and "opd does not split over processes yet" in caplog.text
+        assert launch.run_stage("evaluate", cfg(**{"launch.nproc_per_node": 2})) == "manifest"
+    assert len(ran) == 1 and "evaluate does not split over processes yet" in caplog.text
 
 
 def test_a_rank_never_relaunches(monkeypatch) -> None:
@@ -75,15 +75,18 @@ def test_a_rank_never_relaunches(monkeypatch) -> None:
     assert len(ran) == 1
 
 
-def test_distill_relaunches_with_the_same_params_and_a_failed_rank_is_one_line(monkeypatch) -> None:
-    ran = _fake_stage(monkeypatch, "distill")
+@pytest.mark.parametrize("stage", ["distill", "static", "opd"])
+def test_a_training_stage_relaunches_with_the_same_params_and_a_failed_rank_is_one_line(
+    monkeypatch, stage
+) -> None:
+    ran = _fake_stage(monkeypatch, stage)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     seen: list = []
     monkeypatch.setattr(
         subprocess, "run", lambda cmd, **k: seen.append(cmd) or subprocess.CompletedProcess(cmd, 1)
     )
-    with pytest.raises(launch.LaunchError, match="distill: the 2-process run failed .* nothing was published"):  # fmt: skip
-        launch.run_stage("distill", cfg(**{"launch.nproc_per_node": 2}), "p.yaml", ("distill.steps=3",))  # fmt: skip
+    with pytest.raises(launch.LaunchError, match=f"{stage}: the 2-process run failed .* nothing was published"):  # fmt: skip
+        launch.run_stage(stage, cfg(**{"launch.nproc_per_node": 2}), "p.yaml", ("opd.steps=3",))  # fmt: skip
     assert ran == []
-    assert seen[0][-7:] == ["-m", "retroloop.cli", "stage", "distill", "--params", "p.yaml", "--set=distill.steps=3"]  # fmt: skip
+    assert seen[0][-7:] == ["-m", "retroloop.cli", "stage", stage, "--params", "p.yaml", "--set=opd.steps=3"]  # fmt: skip
