@@ -28,7 +28,7 @@ Measurements (medians over rounds):
 - peak_rss_mib = the arm process's VmHWM right after training (imports, models, data included).
 - heldout_kl[step] = exact KL(p_T ‖ p_S) per trained position on the same held-out documents
   (eval split: ~1/3 instruct, 2/3 domain), student in eval mode at R = eval_recurrence, every
-  `eval_every` steps (last round; every arm is seeded, so the rounds train alike).
+  `eval_every` steps (first round; every arm is seeded, so the rounds train alike).
 - seconds_to_kl: target = TRL's final held-out KL of the pair (`target: trl_final`); an arm's
   time = its training seconds at the first evaluated step with KL ≤ target (None: not reached
   in the steps run; then `to_worse_final` gives both times to the worse of the two final KLs,
@@ -65,8 +65,13 @@ AMORTISE = 2  # runs reading one teacher cache in a `dvc repro`: distill and sta
 PAIRS = {"distill": ("retroloop_distill", "trl_gkd"), "onpolicy": ("retroloop_opd", "trl_gkd_onpolicy")}  # fmt: skip
 GOALS = {"seconds_to_trl_kl_ratio": "<= 0.6", "peak_mem_ratio": "<= 0.6"}
 # steps None: the profile's distill.steps / opd.steps; heldout: eval documents.
-FULL = {"rounds": 2, "steps": None, "heldout": 8, "eval_every": 2}
-QUICK = {"rounds": 1, "steps": {"distill": 4, "opd": 2}, "heldout": 3, "eval_every": 2}
+FULL = {"rounds": 2, "steps": None, "heldout": 8, "eval_every": {"distill": 4, "opd": 2}}
+QUICK = {
+    "rounds": 1,
+    "steps": {"distill": 4, "opd": 2},
+    "heldout": 3,
+    "eval_every": {"distill": 2, "opd": 1},
+}
 
 
 def require_trl() -> str:
@@ -106,8 +111,8 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         for r in range(z["rounds"]):
             shift = r % len(arms)
             for arm in arms[shift:] + arms[:shift]:
-                last = r == z["rounds"] - 1
-                runs[arm].append(_child(job | {"variant": arm, "evaluate": last}))
+                runs[arm].append(_child(job | {"variant": arm, "evaluate": r == 0}))
+                log.info("%s round %d: %s", arm, r + 1, json.dumps(runs[arm][-1]))
             log.info("round %d/%d done", r + 1, z["rounds"])
     out = {"distill": _pair(runs, *PAIRS["distill"], cache["seconds"], "heldout_kl"),
            "onpolicy": _pair(runs, *PAIRS["onpolicy"], 0.0, "heldout_reverse_kl")}  # fmt: skip
@@ -130,7 +135,7 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
 def _pair(runs: dict, ours: str, peer: str, cache_s: float, metric: str) -> dict:
     """One comparison: per arm, medians over rounds; the target `metric`; retroloop ÷ TRL."""
     arms = {a: _arm(runs[a]) for a in (ours, peer)}
-    kl = {a: runs[a][-1][metric] for a in (ours, peer)}
+    kl = {a: runs[a][0][metric] for a in (ours, peer)}
     final = {a: kl[a][max(kl[a], key=int)] for a in kl}
     trl_target, worse = final[peer], max(final.values())
 
@@ -150,8 +155,8 @@ def _pair(runs: dict, ours: str, peer: str, cache_s: float, metric: str) -> dict
     to_trl, to_worse = times(trl_target), times(worse)
     for a in arms:
         for m in ("heldout_kl", "heldout_reverse_kl"):
-            if m in runs[a][-1]:
-                arms[a][m] = {s: round(v, 5) for s, v in runs[a][-1][m].items()}
+            if m in runs[a][0]:
+                arms[a][m] = {s: round(v, 5) for s, v in runs[a][0][m].items()}
     return {
         "arms": arms,
         "seconds_to_kl": {

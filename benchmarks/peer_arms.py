@@ -122,7 +122,7 @@ def _retroloop_distill(cfg, job, paths, tok):
     model = distill.load_student(paths["student"], cfg, CPU)
     env = training.init_distributed(CPU)
     loop = distill._Loop(cfg, env, CPU, model, seqs, cache, None, tok.pad_token_id, "bench-peer")
-    mark, st = _clock(d.steps, job["eval_every"])
+    mark, st = _clock(d.steps, job["eval_every"]["distill"])
     tokens, R = 0, []
     mark(0, model)
     for step in range(d.steps):
@@ -161,7 +161,7 @@ def _trl_distill(cfg, job, paths, tok):
         ids, mask, labels = pad_batch([seqs[r["idx"]] for r in batch], tok.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    mark, st = _clock(d.steps, job["eval_every"])
+    mark, st = _clock(d.steps, job["eval_every"]["distill"])
     tr = _gkd_trainer(cfg, job, model, teacher, tok, rows, collate, mark, lmbda=0.0, beta=0.0,
                       batch=d.batch_size, accum=d.grad_accum, steps=d.steps, lr=d.lr,
                       wd=d.weight_decay, clip=d.max_grad_norm, before_step=lambda s: R_now.update(R=_schedule_R(cfg, s)))  # fmt: skip
@@ -241,7 +241,7 @@ def _retroloop_opd(cfg, job, paths, tok):
     engine = TransformersEngine(student, tok, p.rollout.batch_size, generate_kwargs=s_kwargs)
     trainable = [q for q in student.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay)
-    mark, st = _clock(p.steps, job["eval_every"])
+    mark, st = _clock(p.steps, job["eval_every"]["opd"])
     tokens = 0
     with fixed_initial_state(student.get_base_model()):
         mark(0, student)
@@ -275,7 +275,7 @@ def _trl_onpolicy(cfg, job, paths, tok):
         ids, attn = _left_pad([encoded[r["idx"]] for r in batch], tok.pad_token_id)
         return {"prompts": ids, "prompt_attention_mask": attn, "input_ids": ids, "attention_mask": attn}  # fmt: skip
 
-    mark, st = _clock(p.steps, job["eval_every"])
+    mark, st = _clock(p.steps, job["eval_every"]["opd"])
     tr = _gkd_trainer(cfg, job, student, teacher, tok, rows, collate, mark, lmbda=1.0, beta=1.0,
                       batch=p.prompts_per_step * n, accum=1, steps=p.steps, lr=p.lr, wd=p.weight_decay,
                       clip=p.max_grad_norm, new_tokens=p.rollout.max_new_tokens, temperature=p.rollout.temperature)  # fmt: skip
