@@ -16,6 +16,10 @@ The method and the step live in `retroloop.onpolicy` (Thinking Machines, "On-Pol
 Distillation", 2025; Agarwal et al., GKD, arXiv:2306.13649); this module is the loop:
 sample → reward → score + update → log, with geometry snapshots every `opd.geometry_every` steps.
 `train_opd` is the entry point the continual-learning cycle calls with its own teacher.
+The held-out reverse KL is measured at the start (step 0) and every `opd.eval_every` steps; the
+adapter published is the best evaluated step's, the starting one if no step improved on it
+(`kept_step`, `improved` in the metrics). Under torchrun each rank samples its share of every
+step's prompts and the gradients are summed over ranks (`onpolicy.opd_step`); rank 0 writes.
 
 The student stays in eval mode while it learns (LoRA dropout is 0 by default; the looped model
 must not sample its recurrence count, and its s_0 is fixed, see `onpolicy.fixed_initial_state`):
@@ -28,7 +32,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -43,8 +46,7 @@ from transformers import PreTrainedTokenizerBase
 from retroloop import training
 from retroloop.artifacts import Manifest, atomic_artifact, read_manifest, verify_inputs
 from retroloop.config import GuardParams, LoggingParams, OpdParams, Params
-from retroloop.errors import ConfigError, DataError
-from retroloop.geometry import GeometryTracker, plot_geometry
+from retroloop.geometry import GeometryTracker
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.onpolicy import (
     check_rollouts,
@@ -55,8 +57,9 @@ from retroloop.onpolicy import (
     opd_step,
     student_forward_kwargs,
 )
+from retroloop.opd_io import check_inputs, gather_rollouts, load_student, summary, write_outputs
 from retroloop.opd_progress import Progress, resume_progress, rollout_frame, save_progress
-from retroloop.rollout import RolloutBatch, RolloutEngine, make_engine, vllm_lora_rank
+from retroloop.rollout import RolloutEngine, make_engine, vllm_lora_rank
 from retroloop.runlock import exclusive
 from retroloop.stages.common import (
     CONVERTED_MODEL,
@@ -68,7 +71,7 @@ from retroloop.stages.common import (
     setup_run,
     teacher_dir,
 )
-from retroloop.steplog import StepLog, edge_steps
+from retroloop.steplog import StepLog
 from retroloop.training import seed_for, stop_if_not_finite
 
 log = logging.getLogger(__name__)
@@ -135,7 +138,7 @@ def train_opd(
     """
     p, out_dir, env = opd_params, Path(out_dir_tmp), dist_env or training.DistEnv()
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainable = _check_inputs(student, tokenizer, prompts_df, p, teacher_tokenizer, checkpoints, env)  # fmt: skip
+    trainable = check_inputs(student, tokenizer, prompts_df, p, teacher_tokenizer, checkpoints, env)  # fmt: skip
     teacher.eval().requires_grad_(False)
     student.eval()  # see the module docstring: sampler and learner run the same function
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
@@ -189,36 +192,9 @@ def train_opd(
         steplog.close()
     if not env.is_main:
         return {}
-    geometry = _write_outputs(out_dir, student, progress, tracker)
+    geometry = write_outputs(out_dir, student, progress, tracker)
     fraction = (logging_params or LoggingParams()).summary_fraction
-    return _summary(p, progress, geometry, loop.n_trainable, fraction)
-
-
-def _check_inputs(student, tokenizer, prompts_df, p: OpdParams, teacher_tokenizer, checkpoints, env):  # fmt: skip
-    """Refuse what `train_opd` cannot run on (one line each); its trainable parameters."""
-    if teacher_tokenizer is not None:
-        check_same_tokenizer(tokenizer, teacher_tokenizer)
-    if p.prompts_per_step < env.world_size:
-        raise ConfigError(
-            f"opd.prompts_per_step: {p.prompts_per_step} is fewer than the {env.world_size} "
-            "processes (launch.nproc_per_node x nnodes): each rank samples at least one prompt "
-            "per step; raise opd.prompts_per_step or launch fewer processes"
-        )
-    need = ["prompt"] + (["instruction_id_list", "kwargs"] if p.reward_weight > 0 else [])
-    if prompts_df.height == 0 or any(c not in prompts_df.columns for c in need):
-        raise DataError(f"opd: prompts need columns {need} and >= 1 row; got {prompts_df.columns}")
-    if p.rollout.temperature != 1.0 or p.rollout.top_p != 1.0:
-        log.warning(
-            "opd.rollout: temperature/top-p != 1 samples a distribution that is not the student's"
-        )
-    trainable = [q for q in student.parameters() if q.requires_grad]
-    if not trainable:
-        raise ConfigError(
-            "opd: the student has no trainable parameters (load the adapter with is_trainable=True)"
-        )
-    if checkpoints is not None and checkpoints.steps != p.steps:
-        raise ConfigError(f"opd: checkpoints for {checkpoints.steps} steps, the run has {p.steps}")
-    return trainable
+    return summary(p, progress, geometry, loop.n_trainable, fraction)
 
 
 class _Loop:
@@ -311,7 +287,7 @@ class _Loop:
         picked = [self.rows[i] for i in progress.order[: p.prompts_per_step]]
         progress.order = progress.order[p.prompts_per_step :]
         # Prompt k of the step draws from its own seed, so a rank's share of the prompts
-        # (a contiguous slice) samples what one process would; `_gather` rebuilds the batch.
+        # (a contiguous slice) samples what one process would; `gather_rollouts` rebuilds the batch.
         seeds = [seed_for(self.seed, "opd-rollout", step, k) for k in range(len(picked))]
         env, n = self.env, len(picked)
         lo, hi = env.rank * n // env.world_size, (env.rank + 1) * n // env.world_size
@@ -331,7 +307,7 @@ class _Loop:
             params=self.trainable, lr=p.lr, lr_key="opd.lr", checkpoint_dir=self.checkpoint_dir,
         )  # fmt: skip
         self.push_adapter(step)
-        batch, teacher_lp, rewards = _gather(batch, stats.pop("teacher_logprobs"), rewards, lo, env)  # fmt: skip
+        batch, teacher_lp, rewards = gather_rollouts(batch, stats.pop("teacher_logprobs"), rewards, lo, env)  # fmt: skip
         step_s, n_tok = time.perf_counter() - tic, batch.num_completion_tokens
         progress.rollouts.append(rollout_frame(step, batch, teacher_lp, rewards, picked, tokenizer))  # fmt: skip
         row = {"step": step, **stats, "rollout_s": batch.seconds, "step_s": step_s}
@@ -343,100 +319,6 @@ class _Loop:
         row[HELDOUT] = math.nan  # set by the loop on evaluated steps
         progress.rows.append(row)
         return row
-
-
-def _gather(batch: RolloutBatch, teacher_lp: list, rewards: list | None, first: int, env):
-    """Every rank's rollouts, teacher log-probs and rewards in the one-process order (rank
-    order; `first`: this rank's first prompt of the step). One process: unchanged."""
-    if env.world_size == 1:
-        return batch, teacher_lp, rewards
-    batch.prompt_index = [i + first for i in batch.prompt_index]
-    parts: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(parts, (batch, teacher_lp, rewards))
-    out, lps, rws = RolloutBatch(), [], []
-    for b, lp, rw in parts:
-        for name in ("prompt_index", "sample_index", "prompt_ids", "completion_ids",
-                     "sampler_logprobs", "finished"):  # fmt: skip
-            getattr(out, name).extend(getattr(b, name))
-        out.seconds = max(out.seconds, b.seconds)
-        lps += lp
-        rws += rw or []
-    return out, lps, (rws if rewards is not None else None)
-
-
-def _write_outputs(out_dir: Path, student, progress: Progress, tracker) -> pl.DataFrame:
-    """The artifact's files (`OUTPUTS` but dvclive, which the step log wrote); the geometry."""
-    geometry = tracker.frame()
-    pl.concat(progress.rollouts).write_parquet(out_dir / "rollouts.parquet")
-    geometry.write_parquet(out_dir / "geometry.parquet")
-    plot_geometry(geometry, out_dir / "geometry.png")
-    student.save_pretrained(out_dir / "adapter")
-    shutil.rmtree(out_dir / ".rollout_adapter", ignore_errors=True)
-    return geometry
-
-
-def _summary(p, progress: Progress, geometry, n_trainable, fraction) -> dict[str, Any]:
-    """The run's metrics; `*_start` / `*_end` are means over the first / last `fraction`.
-    `kept_step`: the published adapter's step (0: the starting adapter), `improved`: whether
-    its held-out reverse KL is below the start's (None without held-out prompts)."""
-    steps_df = pl.DataFrame(progress.rows)
-    last = progress.heldout[-1]["value"] if progress.heldout else None
-    edge = edge_steps(p.steps, fraction)
-    total_s, tokens = steps_df["step_s"].sum(), steps_df["tokens"].sum()
-    final = geometry.filter(pl.col("step") == p.steps).fill_nan(None)
-    return {
-        "steps": p.steps,
-        "reverse_kl_topk_lb_start": steps_df["reverse_kl_topk_lb"].head(edge).mean(),
-        "reverse_kl_topk_lb_end": steps_df["reverse_kl_topk_lb"].tail(edge).mean(),
-        "heldout_reverse_kl_topk_lb_before": progress.kl_before,
-        "heldout_reverse_kl_topk_lb_after": last,  # the last step's, published or not
-        "heldout_reverse_kl_topk_lb_kept": progress.best_value,
-        "heldout_eval_every": p.eval_every,
-        "kept_step": p.steps if progress.best_step is None else progress.best_step,
-        "improved": None if last is None else progress.best_step != 0,
-        "sampled_reverse_kl_mean": steps_df["reverse_kl_sampled"].mean(),
-        "sampler_learner_kl_mean": steps_df["sampler_learner_kl"].mean(),
-        "mean_response_length": steps_df["response_length"].mean(),
-        "generated_tokens": int(tokens),
-        "tokens_per_s": tokens / total_s,
-        "rollout_tokens_per_s": tokens / steps_df["rollout_s"].sum(),
-        "teacher_scoring_share": steps_df["teacher_s"].sum() / total_s,
-        "reward_mean": steps_df["reward"].mean() if p.reward_weight > 0 else None,
-        "trainable_parameters": n_trainable,
-        "geometry_effective_rank": final["effective_rank"].mean(),
-        "geometry_overlap_top_r": final["overlap_top_r"].mean(),
-        "guard_rollouts": progress.guard,
-    }
-
-
-def load_student(base: torch.nn.Module, parent_adapter: Path, p: OpdParams) -> torch.nn.Module:
-    """Continue the distill LoRA (`is_trainable=True`), or start a fresh one from `opd.lora`."""
-    from peft import PeftModel, get_peft_model
-
-    from retroloop.models.lora import lora_config_for
-
-    if (Path(parent_adapter) / "adapter_config.json").is_file():
-        log.info(
-            "continuing the adapter at %s (its own LoRA config holds, not opd.lora)", parent_adapter
-        )
-        return PeftModel.from_pretrained(
-            base, parent_adapter, is_trainable=True, trust_remote_code=False
-        )
-    if not p.lora.enabled:
-        raise ConfigError(
-            "opd.lora.enabled: false needs a parent adapter; OPD trains LoRA adapters only"
-        )
-    log.warning("no parent adapter at %s: OPD starts a fresh LoRA (r=%d)", parent_adapter, p.lora.r)
-    lo = p.lora
-    config = lora_config_for(
-        base,
-        r=lo.r,
-        alpha=lo.alpha,
-        dropout=lo.dropout,
-        target_modules=lo.target_modules,
-        train_adapter=lo.train_adapter,
-    )
-    return get_peft_model(base, config)
 
 
 @exclusive("out_dir", "checkpoint_dir")

@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 
 from retroloop.config import LoggingParams, OpdParams
+from retroloop.opd_io import summary
 from retroloop.opd_progress import Progress
-from retroloop.stages import opd
 from retroloop.steplog import DEFAULT_SUMMARY_FRACTION, edge_means, edge_steps
 
 
@@ -38,7 +38,7 @@ def test_logging_summary_fraction_sets_opds_start_and_end_metrics() -> None:
     progress = Progress(np.random.default_rng(0), rows=rows)
     geometry = pl.DataFrame({"step": [4], "effective_rank": [1.0], "overlap_top_r": [0.5]})
     p = OpdParams(steps=4)
-    tenth = opd._summary(p, progress, geometry, None, 0, 0.1)
-    half = opd._summary(p, progress, geometry, None, 0, 0.5)
+    tenth = summary(p, progress, geometry, 0, 0.1)
+    half = summary(p, progress, geometry, 0, 0.5)
     assert (tenth["reverse_kl_topk_lb_start"], tenth["reverse_kl_topk_lb_end"]) == (4.0, 1.0)
     assert (half["reverse_kl_topk_lb_start"], half["reverse_kl_topk_lb_end"]) == (3.5, 1.5)
