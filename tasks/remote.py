@@ -140,7 +140,7 @@ def fetch_inputs(root: str = ".") -> None:
 
     try:
         with Repo(root) as repo:
-            stats = repo.pull(allow_missing=True)
+            stats = repo.pull(allow_missing=True)["stats"]  # {"stats": {"fetched": n, …}}
     except (DvcException, OSError) as err:
         raise RemoteError(f"dvc pull from the DVC remote failed: {_last_line(str(err))}") from err
     _log().info("fetched %s file(s) from the DVC remote", stats.get("fetched", 0))
@@ -265,7 +265,7 @@ def fetch_cycle_inputs(cfg: Params, git_remote: str, branch: str, root: str = ".
     targets = cycle_targets(cfg, here) + cycles
     try:
         with Repo(root) as repo:
-            stats = repo.pull(targets=targets)
+            stats = repo.pull(targets=targets)["stats"]
     except (DvcException, OSError) as err:
         raise RemoteError(
             f"dvc pull of the cycle's inputs ({', '.join(targets)}) failed: "

@@ -10,6 +10,13 @@ records, reruns only what the change touched and pushes a DVC experiment. Back i
 
 Before that, the same worker without a DVC remote fails in one line and pushes nothing; the
 second run, after the worker is configured, completes.
+
+The same worker also runs a continual-learning cycle (`cycle-remote`) on a domain file on its
+own disk: without a DVC remote it fails and the bare repo gets no cycles branch; configured, it
+pulls the cycle's inputs, trains, and pushes the registered cycle (DVC objects, then its `.dvc`
+file on the `retroloop-cycles` branch). Back in A, `git fetch` + `git merge` of that branch and
+`dvc pull` bring it home: `audit --json` shows the worker's cycle with its teacher and hash,
+`verify` exits 0.
 """
 
 from __future__ import annotations
@@ -24,13 +31,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from retroloop.provenance import recorded_hash
 from tests.conftest import PrefectServer
 from tests.e2e.conftest import Built, clone_built, git_commit, sh
-from tests.e2e.test_cycle_worker import _stop
+from tests.e2e.test_cycle_worker import _flow_run_id, _logs_and_artifacts, _stop
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 EXPERIMENT = "worker-opd-3"
+CYCLES = "refs/heads/retroloop-cycles"
 
 
 def _exp_refs(bare: Path) -> list[str]:
@@ -38,8 +47,10 @@ def _exp_refs(bare: Path) -> list[str]:
     return out.split()
 
 
-def _run_deployment(project: Path, env: dict, *params: str) -> subprocess.CompletedProcess:
-    args = ["prefect", "deployment", "run", "retroloop-pipeline/pipeline-remote"]
+def _run_deployment(
+    project: Path, env: dict, *params: str, name: str = "retroloop-pipeline/pipeline-remote"
+) -> subprocess.CompletedProcess:
+    args = ["prefect", "deployment", "run", name]
     for p in params:
         args += ["-p", p]
     return sh([*args, "--watch", "--watch-interval", "1"], project, env=env, timeout=900, ok=False)
@@ -63,12 +74,17 @@ def test_a_worker_without_the_users_disk_trains_and_the_user_pulls_it_back(
     env = {**prefect_server.env, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env["PREFECT_WORKER_QUERY_SECONDS"] = "1"
     sh(["prefect", "work-pool", "create", "gpu", "--type", "process", "--overwrite"], a, env=env)
-    sh(["prefect", "--no-prompt", "deploy", "--name", "pipeline-remote"], a, env=env)
+    sh(["prefect", "--no-prompt", "deploy", "--name", "pipeline-remote", "--name", "cycle-remote"], a, env=env)  # fmt: skip
 
     b = tmp_path / "B"  # the worker's machine: an empty directory and its own DVC config
     b.mkdir()
     worker_env = {**env, "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "worker-dvc-config")}
     worker_env |= {"GIT_AUTHOR_NAME": "w", "GIT_AUTHOR_EMAIL": "w@w", "GIT_COMMITTER_NAME": "w", "GIT_COMMITTER_EMAIL": "w@w"}  # fmt: skip
+    inbox = b / "inbox"  # the cycle's domain file: on the worker's disk
+    inbox.mkdir()
+    docs = [f'{{"text": "Note {i}: valve {i} on the far pump is checked every {i + 3} days."}}' for i in range(12)]  # fmt: skip
+    (inbox / "notes.jsonl").write_text("\n".join(docs) + "\n")
+    cycle_params = (f"domain_data={inbox / 'notes.jsonl'}",)
     away = tmp_path / "A-out-of-reach"
     log = tmp_path / "worker.log"
     a.rename(away)  # the worker cannot read the user's checkout: it is not there
@@ -86,10 +102,17 @@ def test_a_worker_without_the_users_disk_trains_and_the_user_pulls_it_back(
             worker_log = log.read_text()
             assert "no DVC remote is configured on this worker" in worker_log, worker_log[-4000:]
             assert _exp_refs(bare) == []
-            # 2. configured (outside the repository), the rerun completes and pushes
+            failed = _run_deployment(away, env, *cycle_params, name=CYCLE_DEPLOYMENT)
+            assert failed.returncode != 0 and "UUID" in failed.stdout, failed.stdout + failed.stderr
+            logs, _ = _logs_and_artifacts(prefect_server.api_url, _flow_run_id(failed.stdout))
+            assert any("no DVC remote is configured on this worker" in line for line in logs)
+            assert not _has_ref(bare, CYCLES)  # the failed cycle pushed nothing
+            # 2. configured (outside the repository), the reruns complete and push
             sh(["dvc", "remote", "add", "--global", "-d", "store", str(store)], b, env=worker_env)
             run = _run_deployment(away, env, f"experiment={EXPERIMENT}")
             assert run.returncode == 0, f"{run.stdout[-3000:]}\n{log.read_text()[-6000:]}"
+            cycle_run = _run_deployment(away, env, *cycle_params, name=CYCLE_DEPLOYMENT)
+            assert cycle_run.returncode == 0, f"{cycle_run.stdout[-3000:]}\n{log.read_text()[-6000:]}"  # fmt: skip
         finally:
             _stop(worker)
     finally:
@@ -119,4 +142,31 @@ def test_a_worker_without_the_users_disk_trains_and_the_user_pulls_it_back(
     assert rows["opd"]["status"] == "OK"
     assert rows["opd"]["adapter_sha256"] == after["opd"]["content_sha256"]
     assert rows["opd"]["teacher"]["path"] == "data/prepare/model"
+
+    # The worker's cycle, home: back to the committed state (the experiment stays on its ref),
+    # then the cycles branch (one commit on the deployed one: a fast-forward) and its files.
+    sh(["git", "reset", "-q", "--hard"], a)
+    sh(["dvc", "checkout", "-q", "--force"], a)
+    assert _has_ref(bare, CYCLES)
+    sh(["git", "fetch", "-q", "origin", "retroloop-cycles"], a)
+    sh(["git", "merge", "-q", "--ff-only", "FETCH_HEAD"], a)
+    cycle = a / "data/registry/cycles/cycle-0001"
+    assert (cycle.parent / "cycle-0001.dvc").is_file() and not cycle.exists()
+    sh(["dvc", "pull", "-q", "-R", "data/registry/cycles"], a)
+    sh(["retroloop", "verify"], a)
+    manifest = json.loads((cycle / "manifest.json").read_text())
+    audited = json.loads(sh(["retroloop", "audit", "--json"], a).stdout)
+    [row] = [r for r in audited if r["stage"] == "cycle"]
+    assert row["status"] == "OK" and row["adapter"].endswith("registry/cycles/cycle-0001/adapter")
+    assert row["adapter_sha256"] == manifest["content_sha256"]
+    assert row["teacher"]["path"] == "data/opd/adapter"  # cycle 1's teacher: the pipeline's model
+    assert row["teacher"]["content_sha256"] == recorded_hash(a / "data/opd/adapter")
+    assert str(inbox / "notes.jsonl") in {i["path"] for i in manifest["inputs"]}
     shutil.rmtree(b, ignore_errors=True)
+
+
+CYCLE_DEPLOYMENT = "retroloop-cycle/cycle-remote"
+
+
+def _has_ref(bare: Path, ref: str) -> bool:
+    return bool(sh(["git", "for-each-ref", ref], bare).stdout.strip())
