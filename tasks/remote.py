@@ -198,6 +198,8 @@ def check_cycle_branch(branch: str, cfg: Params, root: Path = Path(".")) -> None
 def _dvc_yaml_outs(root: Path) -> list[Path]:
     import yaml
 
+    if not (root / "dvc.yaml").is_file():  # no pipeline here: nothing of it to pull
+        return []
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     outs = [o for stage in stages.values() for o in stage.get("outs", [])]
     return [Path(next(iter(o)) if isinstance(o, dict) else o) for o in outs]
@@ -265,7 +267,7 @@ def fetch_cycle_inputs(cfg: Params, git_remote: str, branch: str, root: str = ".
     targets = cycle_targets(cfg, here) + cycles
     try:
         with Repo(root) as repo:
-            stats = repo.pull(targets=targets)["stats"]
+            stats = repo.pull(targets=[str(here / t) for t in targets])["stats"]  # not cwd's
     except (DvcException, OSError) as err:
         raise RemoteError(
             f"dvc pull of the cycle's inputs ({', '.join(targets)}) failed: "
@@ -317,7 +319,7 @@ def push_cycle(git_remote: str, branch: str, base: str, registry: str, root: str
     assert new, f"push_cycle: no registered cycle in {registry} that {base[:12]} lacks"
     try:
         with Repo(root) as repo:
-            pushed = repo.push(targets=new)
+            pushed = repo.push(targets=[str(here / n) for n in new])
     except (DvcException, OSError) as err:  # a store that refuses raises OSError
         raise RemoteError(
             f"dvc push of {', '.join(new)} failed: {_last_line(str(err))}; nothing visible was "

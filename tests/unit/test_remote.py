@@ -21,6 +21,7 @@ from tasks.remote import (
     cycle_targets,
     cycles_base,
     deployable_commit,
+    fetch_cycle_inputs,
     push_cycle,
     push_experiment,
 )
@@ -156,6 +157,23 @@ def test_a_cycle_branch_another_worker_moved_is_refused_and_left_as_it_was(repo:
     assert _sh(bare, "git", "diff", "--name-only", theirs, mine).split() == [
         "data/registry/cycles/cycle-0002.dvc"
     ]
+
+
+def test_the_next_worker_pulls_the_branchs_cycles_before_its_own(repo: Path) -> None:
+    store = repo.parent / "store"
+    _sh(repo, "dvc", "remote", "add", "--local", "-d", "store", str(store))
+    _register(repo, 1)
+    pushed = push_cycle.fn("origin", CYCLE_BRANCH, cycles_base("origin", CYCLE_BRANCH, repo),
+                           "data/registry", str(repo))  # fmt: skip
+    other, bare = repo.parent / "other-worker", repo.parent / "origin.git"
+    # another worker's fresh clone of the deployed commit
+    _sh(repo.parent, "git", "clone", "-q", "-b", "main", str(bare), str(other))
+    _sh(other, "dvc", "remote", "add", "--local", "-d", "store", str(store))
+    cfg = load_params(REPO / "profiles" / "tiny.yaml")  # cycle.registry: data/registry
+    assert fetch_cycle_inputs.fn(cfg, "origin", CYCLE_BRANCH, str(other)) == pushed
+    cycle = other / "data/registry/cycles/cycle-0001"
+    assert (cycle / "adapter.bin").read_bytes() == bytes([1]) * 64  # the .dvc file and its data
+    assert _sh(other, "git", "rev-parse", "HEAD").strip() != pushed  # HEAD stays the deployed one
 
 
 def test_a_bad_cycle_branch_or_a_registry_outside_the_clone_is_refused(repo: Path) -> None:
