@@ -105,6 +105,7 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
                "eval_every": z["eval_every"], "heldout": _heldout(cfg, tmp, z["heldout"])}  # fmt: skip
         log.info("teacher cache: cache_teacher.run in its own process")
         cache = _child(job | {"variant": "cache"})
+        log.info("cache round 1: %s", json.dumps(cache))
         job["paths"]["teacher_cache"] = str(tmp / "cache")
         arms = [a for pair in PAIRS.values() for a in pair]
         runs: dict[str, list[dict]] = {a: [] for a in arms}
