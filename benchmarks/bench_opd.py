@@ -224,7 +224,8 @@ def _run(student, teacher, tok, train, p, z, seed, steps, held, rl_target=None) 
             order += rng.permutation(len(train)).tolist()
         picked, order = [train[i] for i in order[: z["prompts"]]], order[z["prompts"] :]
         tic = time.perf_counter()
-        seed_t = seed_for(seed, "opd-rollout", step)
+        # one seed per prompt, as train_opd draws them
+        seed_t = [seed_for(seed, "opd-rollout", step, k) for k in range(len(picked))]
         batch = engine.sample(picked, n=z["samples"], max_new_tokens=z["new_tokens"], seed=seed_t)
         if rl_target is None:
             stats = opd_step(student, teacher, batch, opt, p, pad_id=tok.pad_token_id)

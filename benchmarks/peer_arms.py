@@ -246,7 +246,7 @@ def _retroloop_opd(cfg, job, paths, tok):
     with fixed_initial_state(student.get_base_model()):
         mark(0, student)
         for step, picked in enumerate(prompt_order(len(prompts), p.prompts_per_step, p.steps, cfg.seed), 1):  # fmt: skip
-            seed = training.seed_for(cfg.seed, "opd-rollout", step)
+            seed = [training.seed_for(cfg.seed, "opd-rollout", step, k) for k in range(len(picked))]  # fmt: skip
             batch = engine.sample([prompts[i] for i in picked], n=p.rollout.samples_per_prompt,
                                   max_new_tokens=p.rollout.max_new_tokens, seed=seed)  # fmt: skip
             opd_step(student, teacher, batch, opt, p, pad_id=tok.pad_token_id, student_kwargs=s_kwargs)  # fmt: skip
