@@ -363,7 +363,10 @@ class OpdParams(Strict):
     rollout: RolloutParams = RolloutParams()
     geometry_every: int = Field(2, gt=0, description="steps between subspace diagnostics")
     heldout_prompts: int = Field(
-        8, ge=0, description="fixed eval prompts of the held-out reverse KL (0 = none)"
+        8,
+        ge=0,
+        description="the instruct train split's last prompts, never trained on: the held-out "
+        "reverse KL that picks the kept step (0 = none: the last step is kept)",
     )
     eval_every: int = Field(
         2,

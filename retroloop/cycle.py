@@ -69,6 +69,7 @@ from retroloop.errors import ArtifactError, MismatchError, ModelError
 from retroloop.eval.suite import build_eval_data, evaluate_model
 from retroloop.models.loading import load_tokenizer, resolve_device
 from retroloop.onpolicy import check_same_tokenizer
+from retroloop.opd_io import validation_split
 from retroloop.rngstate import restore_rng_state, save_rng_state
 from retroloop.sequences import chat_sequence, text_sequence
 from retroloop.stages.common import dataset_path, setup_run
@@ -306,12 +307,13 @@ def recover_with_opd(run: CycleRun, student: Checkpoint) -> Trained:
     teacher_dirs = [p for p in (run.teacher.base, run.teacher.adapter) if p is not None]
     ckpts = phase_checkpoints(run, "opd", cfg.cycle.opd_steps, student, run.parent.base,
                          *teacher_dirs, _instruct_path("train"))  # fmt: skip
+    p = cfg.opd.model_copy(update={"steps": cfg.cycle.opd_steps})
+    prompts, heldout = validation_split(pl.read_parquet(_instruct_path("train")), p)
     metrics = train_opd(
-        model, teacher, tokenizer, pl.read_parquet(_instruct_path("train")),
-        cfg.opd.model_copy(update={"steps": cfg.cycle.opd_steps}), seed=cfg.seed,
+        model, teacher, tokenizer, prompts, p, seed=cfg.seed,
         out_dir_tmp=run.work / "opd" / "out", log_prefix=f"cycle-{run.number}-opd",
         model_dir=run.parent.base, steplog=steplog.prefixed("opd/"), guards=cfg.guards,
-        checkpoints=ckpts,
+        checkpoints=ckpts, heldout_prompts=heldout,
     )  # fmt: skip
     steplog.close()
     return Trained(_save(model, run.work / "opd"), metrics, (), tuple(steplog.rows))

@@ -24,6 +24,25 @@ from retroloop.steplog import edge_steps
 log = logging.getLogger(__name__)
 
 
+def validation_split(
+    prompts_df: pl.DataFrame, p: OpdParams
+) -> tuple[pl.DataFrame, list[str] | None]:
+    """(the prompts OPD trains on, the `opd.heldout_prompts` it scores to pick its kept step):
+    the last rows of the train split, never drawn for training. Not `instruct_eval`: evaluate
+    reports the sampled KL on those prompts, and keeping the step that scores best on the final
+    report's own prompts would be selection on the test set."""
+    n = p.heldout_prompts
+    if n == 0:
+        return prompts_df, None
+    if prompts_df.height < n + p.prompts_per_step:
+        raise ConfigError(
+            f"opd.heldout_prompts: {n} held out of the instruct train split's {prompts_df.height} "
+            f"prompts leave fewer than opd.prompts_per_step ({p.prompts_per_step}) to train on; "
+            "lower opd.heldout_prompts or raise prepare.instructions.max_records"
+        )
+    return prompts_df.head(prompts_df.height - n), prompts_df.tail(n)["prompt"].to_list()
+
+
 def check_inputs(student, tokenizer, prompts_df, p: OpdParams, teacher_tokenizer, checkpoints, env):  # fmt: skip
     """Refuse what `train_opd` cannot run on (one line each); its trainable parameters."""
     if teacher_tokenizer is not None:

@@ -2,7 +2,8 @@
 
 Reads:  data/convert/model (role `student`), data/distill/adapter (role `parent_adapter`; if it
         does not exist a fresh LoRA from `opd.lora` is started), data/prepare/model (role
-        `teacher`), data/prepare/datasets/instruct_{train,eval}.parquet (prompts; held-out prompts)
+        `teacher`), data/prepare/datasets/instruct_train.parquet (prompts; its last
+        `opd.heldout_prompts` rows are held out, never trained on: `opd_io.validation_split`)
 Writes: data/opd/adapter/            PEFT adapter (continues the distill LoRA)
         data/opd/dvclive/            per-step metrics (dvclive; the dvc plots)
         data/opd/run_dvclive/        per-step timings and throughput (outside content_sha256)
@@ -16,7 +17,8 @@ The method and the step live in `retroloop.onpolicy` (Thinking Machines, "On-Pol
 Distillation", 2025; Agarwal et al., GKD, arXiv:2306.13649); this module is the loop:
 sample → reward → score + update → log, with geometry snapshots every `opd.geometry_every` steps.
 `train_opd` is the entry point the continual-learning cycle calls with its own teacher.
-The held-out reverse KL is measured at the start (step 0) and every `opd.eval_every` steps; the
+The held-out reverse KL (on the train split's held-out tail, not on instruct_eval, which evaluate
+reports on) is measured at the start (step 0) and every `opd.eval_every` steps; the
 adapter published is the best evaluated step's, the starting one if no step improved on it
 (`kept_step`, `improved` in the metrics). Under torchrun each rank samples its share of every
 step's prompts and the gradients are summed over ranks (`onpolicy.opd_step`); rank 0 writes.
@@ -57,7 +59,14 @@ from retroloop.onpolicy import (
     opd_step,
     student_forward_kwargs,
 )
-from retroloop.opd_io import check_inputs, gather_rollouts, load_student, summary, write_outputs
+from retroloop.opd_io import (
+    check_inputs,
+    gather_rollouts,
+    load_student,
+    summary,
+    validation_split,
+    write_outputs,
+)
 from retroloop.opd_progress import Progress, resume_progress, rollout_frame, save_progress
 from retroloop.rollout import RolloutEngine, make_engine, vllm_lora_rank
 from retroloop.runlock import exclusive
@@ -339,10 +348,9 @@ def run(
         "parent_adapter": DISTILL_ADAPTER,
         "teacher": teacher_dir(),  # prepare.teacher, else the source model
         "train_data": dataset_path("instruct", "train"),
-        "heldout": dataset_path("instruct", "eval"),
     }
     paths = resolve_inputs(inputs, defaults)
-    verified = verify_inputs(paths, optional=("parent_adapter", "heldout"))  # tampered: refused
+    verified = verify_inputs(paths, optional=("parent_adapter",))  # tampered: refused
     tokenizer = load_tokenizer(paths["student"])
     teacher_tokenizer = load_tokenizer(paths["teacher"])
     check_same_tokenizer(tokenizer, teacher_tokenizer)
@@ -351,10 +359,7 @@ def run(
         load_model(paths["student"], cfg.dtype, device), paths["parent_adapter"], p
     )
     teacher = load_model(paths["teacher"], cfg.dtype, device)
-    prompts = pl.read_parquet(paths["train_data"])
-    heldout = None
-    if paths["heldout"].is_file():
-        heldout = pl.read_parquet(paths["heldout"])["prompt"].head(p.heldout_prompts).to_list()
+    prompts, heldout = validation_split(pl.read_parquet(paths["train_data"]), p)
     engine = None
     if p.rollout.backend == "vllm":  # the student's model dir; train_opd hands it each adapter
         engine = make_engine(
@@ -362,7 +367,7 @@ def run(
             max_lora_rank=vllm_lora_rank(student), seed=cfg.seed,
         )  # fmt: skip
     roles = ["student", "teacher", "train_data"]
-    roles += (["parent_adapter"] if has_parent else []) + (["heldout"] if heldout else [])
+    roles += ["parent_adapter"] if has_parent else []
     section, sha = cfg.section("opd"), cfg.section_sha256("opd")
     key = training.run_key(sha, [(r, verified[r].content_sha256) for r in roles])
     checkpoints = training.Checkpoints(checkpoint_dir, key, p.checkpoint_every, p.steps)

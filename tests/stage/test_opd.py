@@ -232,7 +232,7 @@ def test_stage_fresh_lora_writes_a_verified_adapter_artifact(workdir, monkeypatc
     manifest = opd.run(cfg)
     out = Path("data/opd")
     assert manifest.kind == "adapter" and not verify(out)
-    assert {r.role for r in manifest.inputs} == {"student", "teacher", "train_data", "heldout"}
+    assert {r.role for r in manifest.inputs} == {"student", "teacher", "train_data"}
     assert set(opd.OUTPUTS) <= {p.name for p in out.iterdir()}
     steps = read_steps(out)  # dvclive's per-step metrics: the dvc plots
     assert steps["step"].to_list() == [1, 2, 3]

@@ -9,6 +9,7 @@ improved on the start. Upstream artifacts: the tiny profile's prepare → analyz
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 from pathlib import Path
@@ -21,9 +22,11 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from retroloop.config import load_params
+from retroloop.errors import ConfigError
 from retroloop.models.loading import load_model, load_tokenizer
 from retroloop.models.lora import lora_config_for
 from retroloop.onpolicy import fixed_initial_state, heldout_reverse_kl
+from retroloop.opd_io import validation_split
 from retroloop.stages import opd
 from retroloop.steplog import read_steps
 
@@ -63,8 +66,8 @@ def save_parent(b_std: float = 0.05) -> dict[str, torch.Tensor]:
 def heldout_kl_of(adapter: Path, cfg) -> float:
     """The stage's held-out measure, recomputed from a published adapter."""
     student = PeftModel.from_pretrained(load_model(STUDENT), adapter).eval()
-    frame = pl.read_parquet("data/prepare/datasets/instruct_eval.parquet")
-    prompts = frame["prompt"].head(cfg.opd.heldout_prompts).to_list()
+    frame = pl.read_parquet("data/prepare/datasets/instruct_train.parquet")
+    prompts = frame["prompt"].tail(cfg.opd.heldout_prompts).to_list()  # opd_io.validation_split
     p = cfg.opd
     with fixed_initial_state(student.get_base_model()):
         return heldout_reverse_kl(
@@ -88,9 +91,12 @@ def test_stage_publishes_the_best_heldout_step_not_the_last(workdir, monkeypatch
     steps = read_steps(Path("data/best"))
     assert steps[opd.HELDOUT].to_list() == [0.9, 0.5, 0.7, 0.8]
 
-    off = {"opd.heldout_prompts": 0}  # no evaluation: the last step is published
-    two = opd.run(tiny(**{"opd.steps": 2, **off}), out_dir=Path("data/two"), checkpoint_dir=Path("data/c2"))  # fmt: skip
-    four = opd.run(tiny(**{"opd.steps": 4, **off}), out_dir=Path("data/four"), checkpoint_dir=Path("data/c4"))  # fmt: skip
+    # Every step better than the last: the last step is published. (Same held-out prompts, so
+    # the same training pool: opd_io.validation_split holds them out of it.)
+    falling = itertools.count(0, -1)
+    monkeypatch.setattr(opd._Loop, "heldout_kl", lambda self, prompts: float(next(falling)))
+    two = opd.run(tiny(**{"opd.steps": 2}), out_dir=Path("data/two"), checkpoint_dir=Path("data/c2"))  # fmt: skip
+    four = opd.run(tiny(**{"opd.steps": 4}), out_dir=Path("data/four"), checkpoint_dir=Path("data/c4"))  # fmt: skip
     assert (two.metrics["kept_step"], four.metrics["kept_step"]) == (2, 4)
     best = load_file(f"data/best/{ADAPTER}")
     assert best.keys() == load_file(f"data/two/{ADAPTER}").keys()
@@ -111,10 +117,15 @@ def test_stage_evaluates_every_eval_every_steps_and_the_last(workdir, monkeypatc
     m = opd.run(cfg).metrics
     steps = read_steps(Path("data/opd"))
     assert steps[opd.HELDOUT].to_list() == [None, 1.0, 1.0]  # steps 2 and 3 (the last)
-    heldout = pl.read_parquet("data/prepare/datasets/instruct_eval.parquet")["prompt"].to_list()
-    train = set(pl.read_parquet("data/prepare/datasets/instruct_train.parquet")["prompt"])
-    assert calls == [heldout[: cfg.opd.heldout_prompts]] * 3  # steps 0, 2, 3
-    assert calls[0] and not train & set(calls[0])  # held-out prompts, never training ones
+    # The held-out prompts are the train split's last rows (not instruct_eval, which evaluate
+    # reports on), and OPD never samples them for training.
+    train = pl.read_parquet("data/prepare/datasets/instruct_train.parquet")
+    tail = train.tail(cfg.opd.heldout_prompts)
+    assert calls == [tail["prompt"].to_list()] * 3  # steps 0, 2, 3
+    evaluated = set(pl.read_parquet("data/prepare/datasets/instruct_eval.parquet")["prompt"])
+    trained = set(pl.read_parquet("data/opd/rollouts.parquet")["prompt_id"])
+    assert calls[0] and trained and not trained & set(tail["id"].cast(str))
+    assert not evaluated & set(tail["prompt"])
     assert (m["kept_step"], m["improved"], m["heldout_eval_every"]) == (0, False, 2)
 
 
@@ -149,3 +160,13 @@ def test_stage_published_adapter_is_no_worse_than_its_start_on_the_heldout_measu
     assert kept <= before and m["improved"] == (kept < before)
     assert heldout_kl_of(Path("data/opd/adapter"), cfg) == pytest.approx(kept, rel=1e-5)
     assert heldout_kl_of(Path("data/distill/adapter"), cfg) == pytest.approx(before, rel=1e-5)
+
+
+def test_heldout_prompts_that_leave_too_few_to_train_on_are_one_line() -> None:
+    frame = pl.DataFrame({"prompt": [f"p{i}" for i in range(5)]})
+    p = tiny().opd.model_copy(update={"heldout_prompts": 4, "prompts_per_step": 2})
+    with pytest.raises(ConfigError, match=r"opd.heldout_prompts: 4 held out .* 5 prompts"):
+        validation_split(frame, p)
+    train, heldout = validation_split(frame, p.model_copy(update={"heldout_prompts": 3}))
+    assert train["prompt"].to_list() == ["p0", "p1"] and heldout == ["p2", "p3", "p4"]
+    assert validation_split(frame, p.model_copy(update={"heldout_prompts": 0}))[1] is None
