@@ -36,7 +36,10 @@ from tests.conftest import PrefectServer
 from tests.e2e.conftest import Built, clone_built, git_commit, sh
 from tests.e2e.test_cycle_worker import _flow_run_id, _logs_and_artifacts, _stop
 
-pytestmark = pytest.mark.e2e
+# A Prefect server, a worker process and two clones: ~90 s on an idle 2-core CPU, which `make
+# test`'s 15-minute budget no longer holds; `make test-slow` runs it (tests/unit/test_remote.py
+# keeps the push order and the refusals in the suite).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 EXPERIMENT = "worker-opd-3"
 CYCLES = "refs/heads/retroloop-cycles"
