@@ -54,7 +54,7 @@ lock:
 # running the unit and stage tiers, so a breaking release is seen here before a user sees it.
 test-latest:
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
-	.venv-latest/bin/pip install --quiet --upgrade -e '.[dev,plots]'
+	.venv-latest/bin/pip install --quiet --upgrade -e '.[dev,plots,peer]'
 	.venv-latest/bin/python retroloop/envlock.py differs
 	PATH="$(CURDIR)/.venv-latest/bin:$$PATH" .venv-latest/bin/pytest tests/unit tests/stage
 
