@@ -4,6 +4,7 @@
     python -m benchmarks.study --full             # 40 distill steps, 16 held-out docs (~90+ min)
     python -m benchmarks.study --workdir DIR      # default data/study (never touches data/<stage>/)
     python -m benchmarks.study --sweep recovery --workdir data/study-recovery   # issue 24's axes
+    python -m benchmarks.study --sweep recovery --steps 16 --docs 8   # at the default run's budget
 
 On the default model (SmolLM2-135M-Instruct, `profiles/study.yaml`), every variant gets the
 same training budget (distill steps, batch, LoRA, data order, teacher cache) and changes one
@@ -91,6 +92,8 @@ def main(
     only: list[str] | None = None,
     profile: Path = PROFILE,
     variants: dict[str, dict] = VARIANTS,
+    steps: int | None = None,
+    docs: int | None = None,
 ) -> dict:
     from retroloop.analysis import choose_split
     from retroloop.config import load_params
@@ -101,7 +104,8 @@ def main(
 
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # the stages' default paths (data/...) now live under the study dir
-    steps = SIZES[size]["distill.steps"]
+    steps = steps or SIZES[size]["distill.steps"]
+    docs = docs or SIZES[size]["docs"]
     common = {"distill.steps": steps, **SIZES[size]["prepare"]}
     cfg0 = load_params(profile, common)
     t0 = time.perf_counter()
@@ -118,11 +122,9 @@ def main(
 
     teacher = load_model("data/prepare/model")
     tokenizer = load_tokenizer("data/prepare/model")
-    docs = pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"].head(
-        SIZES[size]["docs"]
-    )
+    texts = pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"].head(docs)
     data = held_out(
-        teacher, tokenizer, docs.to_list(), max_seq_len=cfg0.prepare.max_seq_len, batch_size=4
+        teacher, tokenizer, texts.to_list(), max_seq_len=cfg0.prepare.max_seq_len, batch_size=4
     )
     results_path = Path("results.json")
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -175,7 +177,7 @@ def main(
         results_path.write_text(json.dumps(results, indent=1) + "\n")
         log.info("%s done in %.0f s: %s", name, rec["seconds"], rec["distilled"])
         shutil.rmtree(vdir / "checkpoints", ignore_errors=True)
-    write_table(results, steps, SIZES[size]["docs"])
+    write_table(results, steps, docs)
     return results
 
 
@@ -259,6 +261,8 @@ if __name__ == "__main__":
         help="design: init/split/alpha-T/kept layers (issue 13); recovery: R schedule, objective, "
         "LR, adapter LR, LoRA rank, LR schedule, batch (issue 24); each in its own --workdir",
     )  # fmt: skip
+    parser.add_argument("--steps", type=int, help="distill steps per variant (default: per size)")
+    parser.add_argument("--docs", type=int, help="held-out documents scored (default: per size)")
     parser.add_argument(
         "--profile", type=Path, default=PROFILE, help="e.g. profiles/tiny.yaml (smoke run)"
     )
@@ -271,4 +275,6 @@ if __name__ == "__main__":
         args.only,
         args.profile.resolve(),
         SWEEPS[args.sweep],
+        args.steps,
+        args.docs,
     )
