@@ -28,7 +28,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-import retroloop.models.recurrent as recurrent
+import retroloop.models.recurrent_model as recurrent_model
 from retroloop.errors import ModelError
 from retroloop.losses import divergence_from_logprobs
 from retroloop.models.families import TESTED_FAMILIES
@@ -255,7 +255,7 @@ def _no_embed_scale(looped, source):
 
 
 def _no_softcap(looped, source, monkeypatch):
-    monkeypatch.setattr(recurrent, "final_logit_softcap", lambda model: None)
+    monkeypatch.setattr(recurrent_model, "final_logit_softcap", lambda model: None)
 
 
 def _no_window(looped, source):
