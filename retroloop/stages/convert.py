@@ -30,7 +30,7 @@ from retroloop.guards import check_cached_generate
 from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from retroloop.models.recurrent import convert_from_source, drop_layers, equivalence_max_abs_diff
 from retroloop.runlock import exclusive
-from retroloop.sequences import pad_batch, text_sequence
+from retroloop.sequences import Sequence, pad_batch, text_sequence
 from retroloop.stages.common import BASE_MODEL, PATHS, dataset_path, resolve_inputs, setup_run
 
 log = logging.getLogger(__name__)
@@ -73,31 +73,12 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
         source_sha256=base_ref.content_sha256,
     )
 
-    # Equivalence at R = 1 against the source with the same layers dropped, on held-out text.
-    heldout = pl.read_parquet(paths["heldout"])
-    seqs, budget = [], c.equivalence_tokens
-    for row in heldout.iter_rows(named=True):
-        if budget <= 0:
-            break
-        seq = text_sequence(tokenizer, row["id"], row["text"], min(budget, cfg.prepare.max_seq_len))
-        if len(seq.input_ids) > 1:
-            seqs.append(seq)
-            budget -= len(seq.input_ids)
-    ids_B_T, mask_B_T, _ = pad_batch(seqs, tokenizer.pad_token_id)
-    reference = drop_layers(source, split["prelude"] + split["block"] + split["coda"])
-    max_diff = equivalence_max_abs_diff(looped, reference, ids_B_T, mask_B_T)
-    log.info(
-        "equivalence at R=1: max |Δlogit| = %.3g over %d tokens", max_diff, int(mask_B_T.sum())
+    seqs = _heldout_sequences(
+        pl.read_parquet(paths["heldout"]), tokenizer, c.equivalence_tokens, cfg.prepare.max_seq_len
     )
-    tolerance = c.equivalence_tolerance or EQUIVALENCE_TOLERANCE[cfg.dtype]
-    if not max_diff <= tolerance:  # NaN fails too
-        raise ModelError(
-            f"convert: the converted {source.config.model_type!r} model differs from its "
-            f"layer-dropped source at R = 1 by max |Δlogit| = {max_diff:.3g} > "
-            f"convert.equivalence_tolerance = {tolerance:g} ({cfg.dtype}); the looped model does "
-            "not reproduce something this family keeps outside its decoder layers; nothing was "
-            "written (raise the tolerance only for a known precision effect)"
-        )
+    max_diff, n_tokens = _check_equivalence(
+        cfg, source, looped, split, seqs, tokenizer.pad_token_id
+    )
     # Generation with the KV cache must match cache-free decoding (retroloop.guards), before
     # anything is written: OPD and evaluate generate with this model.
     guard = check_cached_generate(
@@ -121,7 +102,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
         n_looped = sum(t.numel() for t in looped.parameters())
         w.metrics = {
             "equivalence_max_abs_diff": max_diff,
-            "equivalence_tokens": int(mask_B_T.sum()),
+            "equivalence_tokens": n_tokens,
             "source_parameters": n_source,
             "looped_parameters": n_looped,
             "prelude_layers": len(split["prelude"]),
@@ -138,3 +119,42 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["conve
             seed=cfg.seed,
             device=str(device),
         )
+
+
+def _heldout_sequences(
+    heldout: pl.DataFrame, tokenizer, budget: int, max_seq_len: int
+) -> list[Sequence]:
+    """Held-out documents in order, each cut to the tokens left of `budget` (at most
+    `max_seq_len`), until `budget` tokens are taken; one-token sequences are skipped."""
+    seqs = []
+    for row in heldout.iter_rows(named=True):
+        if budget <= 0:
+            break
+        seq = text_sequence(tokenizer, row["id"], row["text"], min(budget, max_seq_len))
+        if len(seq.input_ids) > 1:
+            seqs.append(seq)
+            budget -= len(seq.input_ids)
+    return seqs
+
+
+def _check_equivalence(
+    cfg: Params, source, looped, split: dict, seqs: list[Sequence], pad_id: int
+) -> tuple[float, int]:
+    """max |Δlogit| at R = 1 against the source with the same layers dropped, on `seqs`, and the
+    tokens it was measured on; above the tolerance the conversion fails in one line, before
+    anything is written (the module docstring)."""
+    ids_B_T, mask_B_T, _ = pad_batch(seqs, pad_id)
+    reference = drop_layers(source, split["prelude"] + split["block"] + split["coda"])
+    max_diff = equivalence_max_abs_diff(looped, reference, ids_B_T, mask_B_T)
+    n_tokens = int(mask_B_T.sum())
+    log.info("equivalence at R=1: max |Δlogit| = %.3g over %d tokens", max_diff, n_tokens)
+    tolerance = cfg.convert.equivalence_tolerance or EQUIVALENCE_TOLERANCE[cfg.dtype]
+    if not max_diff <= tolerance:  # NaN fails too
+        raise ModelError(
+            f"convert: the converted {source.config.model_type!r} model differs from its "
+            f"layer-dropped source at R = 1 by max |Δlogit| = {max_diff:.3g} > "
+            f"convert.equivalence_tolerance = {tolerance:g} ({cfg.dtype}); the looped model does "
+            "not reproduce something this family keeps outside its decoder layers; nothing was "
+            "written (raise the tolerance only for a known precision effect)"
+        )
+    return max_diff, n_tokens

