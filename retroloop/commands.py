@@ -93,12 +93,10 @@ def check_dvc_idle(root: Path = Path(".")) -> None:
     holds this repository's lock, `.dvc/tmp/lock`: the pipeline flow would fail on its first
     DVC call, after Prefect has started. DVC locks it with `flock` (zc.lockfile), so a free
     lock is taken and given back here in one step; a dead holder's lock is free."""
-    import errno
-    import fcntl
     import os
 
     from retroloop.errors import BusyError
-    from retroloop.runlock import dvc_lock_holder
+    from retroloop.runlock import dvc_lock_holder, try_flock
 
     path = Path(root) / ".dvc" / "tmp" / "lock"
     try:
@@ -106,14 +104,11 @@ def check_dvc_idle(root: Path = Path(".")) -> None:
     except OSError:
         return  # no lock file: nothing holds it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        raise BusyError(
-            f"retroloop run: another DVC command is running in this repository: "
-            f"{dvc_lock_holder(Path(root))}; wait for it to finish, then run again"
-        ) from None
+        if not try_flock(fd):
+            raise BusyError(
+                f"retroloop run: another DVC command is running in this repository: "
+                f"{dvc_lock_holder(Path(root))}; wait for it to finish, then run again"
+            )
     finally:
         os.close(fd)  # releases the lock if this took it
 

@@ -23,8 +23,6 @@ cycle, under the lock. A number is `1 + the highest registered`, so a failed cyc
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import shutil
@@ -36,6 +34,7 @@ from typing import Any
 
 from retroloop.artifacts import ArtifactWriter, now_iso, read_manifest, write_json_atomic
 from retroloop.errors import ArtifactError
+from retroloop.runlock import try_flock
 
 LOCK = ".lock"
 WORK = ".work"
@@ -141,15 +140,11 @@ def acquire(root: str | Path) -> Claim:
     root = Path(root)
     fd = _open_lock(root)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+        if not try_flock(fd):
             raise RegistryBusyError(
                 f"cycle.registry: {root} is busy with {_holder(fd)}; "
                 "run this cycle when it has finished (or give it its own cycle.registry)"
-            ) from None
+            )
         shutil.rmtree(root / WORK, ignore_errors=True)  # leftovers of killed cycles
         number = max((_number(p) for p in _numbered(root)), default=0) + 1
         info = {"cycle": number, "pid": os.getpid(), "host": socket.gethostname()}

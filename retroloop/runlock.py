@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import functools
 import inspect
@@ -53,6 +54,21 @@ def _command() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
 
 
+def try_flock(fd: int) -> bool:
+    """Take an exclusive `flock` on the open file `fd` without waiting: True when taken, False
+    when another open file holds it (EWOULDBLOCK / EAGAIN, or EACCES where a filesystem says so);
+    any other error propagates. The one non-blocking probe behind the stage locks here, the
+    registry's cycle lock, `retroloop run`'s check that DVC is idle and the cycle slot's
+    dead-holder check (`tasks/slot.py`)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 def lock_path(folder: Path) -> Path:
     """The lock file of `folder`: `.<name>.lock` beside it."""
     folder = Path(folder)
@@ -76,9 +92,7 @@ def folder_lock(folder: Path, stage: str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_flock(fd):
             os.close(fd)
             raise BusyError(
                 f"{folder}: stage '{stage}' is already writing it in this repository: "

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import fcntl
 import hashlib
 import json
@@ -69,6 +68,7 @@ from prefect.settings import get_current_settings
 
 from retroloop.artifacts import now_iso
 from retroloop.errors import BusyError
+from retroloop.runlock import try_flock
 
 GPU_LIMIT = "gpu"
 LEASE_S = 300  # Prefect's default; the server refuses < 60 s
@@ -333,13 +333,10 @@ def _live_and_dead(name: str, server: str) -> Iterator[tuple[Path, int, dict[str
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            alive = False
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise
-            alive = True
+            alive = not try_flock(fd)  # a holder that is alive keeps its record's flock
+        except OSError:
+            os.close(fd)
+            raise
         try:
             record = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
         except ValueError:
