@@ -114,6 +114,53 @@ def gather_logprobs(logits_N_V: Tensor, ids_N_J: Tensor, temperature: float = 1.
     return z_N_V.gather(-1, ids_N_J.long()) - torch.logsumexp(z_N_V, -1, keepdim=True)
 
 
+class _LogitStats(torch.autograd.Function):
+    """z `[N, V]` fp32 → (logsumexp z, z[targets], logsumexp(z/T), z[ids]), `[N]`, `[N]`, `[N]`, `[N, J]`.
+
+    Everything the cached-teacher loss reads from the student's logits, in one node whose
+    backward writes ∂L/∂z in one `[N, V]` buffer:
+        ∂L/∂z = g₁·softmax(z) + (g_T/T)·softmax(z/T) + scatter(g_y at targets) + scatter(g_j at ids)
+    (∂ logsumexp(z)/∂z = softmax(z), ∂ logsumexp(z/T)/∂z = softmax(z/T)/T). Autograd through
+    `cross_entropy` + two `gather_logprobs` would keep a log-softmax and two copies of z/T for
+    the backward and form a gradient buffer per gather; this keeps z alone.
+    """
+
+    @staticmethod
+    def forward(ctx, z_N_V: Tensor, targets_N: Tensor, ids_N_J: Tensor, temperature: float):
+        ctx.temperature = temperature
+        lse_N = torch.logsumexp(z_N_V, -1)
+        lse_T_N = torch.logsumexp(z_N_V / temperature, -1)
+        ctx.save_for_backward(z_N_V, targets_N, ids_N_J, lse_N, lse_T_N)
+        return lse_N, z_N_V.gather(-1, targets_N[:, None])[:, 0], lse_T_N, z_N_V.gather(-1, ids_N_J)
+
+    @staticmethod
+    def backward(ctx, g_lse_N, g_y_N, g_lse_T_N, g_ids_N_J):
+        z_N_V, targets_N, ids_N_J, lse_N, lse_T_N = ctx.saved_tensors
+        T = ctx.temperature
+        grad_N_V = (z_N_V - lse_N[:, None]).exp_().mul_(g_lse_N[:, None])
+        soft_N_V = (z_N_V / T).sub_(lse_T_N[:, None]).exp_()
+        grad_N_V.add_(soft_N_V.mul_((g_lse_T_N / T)[:, None]))
+        del soft_N_V
+        grad_N_V.scatter_add_(-1, targets_N[:, None], g_y_N[:, None])
+        grad_N_V.scatter_add_(-1, ids_N_J, g_ids_N_J)
+        return grad_N_V, None, None, None
+
+
+def cached_student_logprobs(
+    student_N_V: Tensor, targets_N: Tensor, ids_N_J: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """(Σ_n CE_n, log softmax(z/T) at `ids_N_J`) of fp32 student logits, through `_LogitStats`.
+
+    CE_n = logsumexp(z_n) − z_n,y (= `F.cross_entropy`, T = 1); log p_j = z_j/T − logsumexp(z/T)
+    (= `gather_logprobs`). Equal to those within fp32 rounding; only z is kept for the backward.
+    `targets_N` must all be real token ids (rows already selected, no −100).
+    """
+    lse_N, z_y_N, lse_T_N, z_N_J = _LogitStats.apply(
+        student_N_V, targets_N.long(), ids_N_J.long(), temperature
+    )
+    return (lse_N - z_y_N).sum(), z_N_J / temperature - lse_T_N[:, None]
+
+
 def forward_kl_sampled_tail(
     teacher_N_C: Tensor,
     student_N_C: Tensor,
@@ -170,9 +217,9 @@ def distill_loss_sums(
     estimate from teacher samples here and use the tail bucket.
     """
     student_N_V = student_logits_N_V.float()
-    ce = F.cross_entropy(student_N_V, targets_N, reduction="sum")
     kl = student_N_V.new_zeros(())
     if not distillation:
+        ce = F.cross_entropy(student_N_V, targets_N, reduction="sum")
         return ce, ce, kl
     if not 0.0 <= alpha <= 1.0 or temperature <= 0.0:
         raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
@@ -187,16 +234,22 @@ def distill_loss_sums(
             raise ValueError("cached mode needs both the teacher top-k log-probs and their ids")
         assert teacher_topk_ids_N_K.shape == teacher_topk_logprobs_N_K.shape
         teacher_N_C = teacher_topk_tail(teacher_topk_logprobs_N_K.detach())
-        student_N_C = topk_tail_logprobs(student_N_V, teacher_topk_ids_N_K, temperature)
-        if teacher_tail_ids_N_S is not None and kind == "forward_kl":
+        sampled = teacher_tail_ids_N_S is not None and kind == "forward_kl"
+        ids = [teacher_topk_ids_N_K] + [teacher_tail_ids_N_S] * sampled
+        ce, student_N_J = cached_student_logprobs(
+            student_N_V, targets_N, torch.cat([i.long() for i in ids], -1), temperature
+        )
+        K = teacher_topk_ids_N_K.shape[-1]
+        student_N_C = _append_tail(student_N_J[:, :K])
+        if sampled:
             assert teacher_tail_logprobs_N_S is not None
-            student_tail_N_S = gather_logprobs(student_N_V, teacher_tail_ids_N_S, temperature)
             kl = forward_kl_sampled_tail(
-                teacher_N_C, student_N_C, teacher_tail_logprobs_N_S.detach(), student_tail_N_S
+                teacher_N_C, student_N_C, teacher_tail_logprobs_N_S.detach(), student_N_J[:, K:]
             ).sum()
             return alpha * ce + (1.0 - alpha) * temperature**2 * kl, ce, kl
     else:
         assert teacher_logits_N_V is not None
+        ce = F.cross_entropy(student_N_V, targets_N, reduction="sum")
         teacher_N_C = F.log_softmax(teacher_logits_N_V.detach().float() / temperature, dim=-1)
         student_N_C = F.log_softmax(student_N_V / temperature, dim=-1)
     kl = divergence_from_logprobs(teacher_N_C, student_N_C, kind, beta).sum()
