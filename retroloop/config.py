@@ -349,6 +349,12 @@ class OpdParams(Strict):
     steps: int = Field(4, gt=0)
     prompts_per_step: int = Field(2, gt=0)
     lr: float = Field(1e-4, gt=0.0)
+    objective: Literal["sampled_advantage", "exact_reverse_kl"] = Field(
+        "sampled_advantage",
+        description="sampled_advantage: policy gradient on A_t = -(log pi_S(y_t) - log "
+        "pi_T(y_t)) (Thinking Machines' OPD); exact_reverse_kl: the full-vocabulary "
+        "KL(pi_S||pi_T) at every generated position, differentiated directly (GKD lmbda=1, beta=1)",
+    )
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="discount of the per-token advantage")
     kl_coef: float = Field(1.0, ge=0.0, description="scale of the reverse-KL advantage")
     vopd_baseline: bool = False
@@ -377,6 +383,19 @@ class OpdParams(Strict):
     checkpoint_every: int = Field(
         5, gt=0, description="steps between resumable checkpoints (data/checkpoints/opd)"
     )
+
+    @model_validator(mode="after")
+    def _advantage_knobs_need_the_advantage(self) -> OpdParams:
+        """gamma and the vOPD baseline shape the sampled advantage; the exact objective has none."""
+        if self.objective == "exact_reverse_kl":
+            for key, value, off in (("gamma", self.gamma, 0.0), ("vopd_baseline", self.vopd_baseline, False)):  # fmt: skip
+                if value != off:
+                    raise ValueError(
+                        f"opd.{key}: {value} shapes the sampled advantage, which "
+                        f"opd.objective: exact_reverse_kl does not use; set opd.{key}: "
+                        f"{str(off).lower()} or opd.objective: sampled_advantage"
+                    )
+        return self
 
 
 # --------------------------------------------------------------------------- evaluate / cycle

@@ -8,6 +8,13 @@ future terms, a vOPD baseline, a verifiable reward: `losses.opd_advantages`); th
 minimises −Σ_t exp(log π_θ(y_t) − log π_sampler(y_t))·A_t / #generated tokens
 (`losses.opd_pg_loss`), whose expected gradient is that of the per-token reverse KL
 KL(π_θ‖π_teacher) on the student's own samples. Prompt and padding positions are masked.
+
+`opd.objective: exact_reverse_kl` replaces that single-sample estimate by the exact per-position
+reverse KL, L = kl_coef·Σ_n Σ_v π_θ(v|y_<n)(log π_θ(v|y_<n) − log π_T(v|y_<n)) / #generated
+tokens, over the full vocabulary at each sampled prefix, differentiated directly (GKD with
+λ = 1, β = 1; TRL's GKDTrainer lmbda=1, beta=1): no importance ratio and no advantage variance,
+at the cost of the student's [N, V] logits in the graph. Like the sampled objective it treats the
+sampled prefixes as data (no gradient through which prefixes were drawn).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from retroloop.config import OpdParams
 from retroloop.errors import ConfigError, MismatchError
 from retroloop.guards import GUARD_NEW_TOKENS, guard_error, tolerance_for
 from retroloop.losses import (
+    divergence_from_logprobs,
     entropy_from_logits,
     gather_logprobs,
     opd_advantages,
@@ -106,6 +114,18 @@ def score_rollouts(
     return logits_N_V, logp_B_T
 
 
+def reverse_kl_exact(
+    student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor
+) -> torch.Tensor:
+    """KL(π_S‖π_T) = Σ_v π_S(v) (log π_S(v) − log π_T(v)) over the full vocabulary → `[N]` fp32,
+    differentiable in the student's logits (the `exact_reverse_kl` objective's per-position loss)."""
+    return divergence_from_logprobs(
+        F.log_softmax(teacher_logits_N_V.float(), dim=-1),
+        F.log_softmax(student_logits_N_V.float(), dim=-1),
+        "reverse_kl",
+    )
+
+
 def opd_step(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -158,6 +178,7 @@ def opd_step(
     per_token = (
         "reverse_kl_sampled",
         "reverse_kl_topk_lb",
+        "reverse_kl_exact",
         "entropy",
         "sampler_learner_kl",
         "advantage_abs",
@@ -167,8 +188,8 @@ def opd_step(
     return stats | {"grad_norm": grad_norm, "teacher_logprobs": teacher_rows}
 
 
-_SUMMED = ("loss", "teacher_s", "reverse_kl_sampled", "reverse_kl_topk_lb", "entropy",
-           "sampler_learner_kl", "advantage_abs")  # fmt: skip
+_SUMMED = ("loss", "teacher_s", "reverse_kl_sampled", "reverse_kl_topk_lb", "reverse_kl_exact",
+           "entropy", "sampler_learner_kl", "advantage_abs")  # fmt: skip
 _MAXED = ("advantage_max_abs", "log_ratio_max_abs")
 
 
@@ -207,21 +228,32 @@ def _micro_batch(
         raise MismatchError(
             f"opd: student vocabulary {s_N_V.shape[-1]} != teacher {t_N_V.shape[-1]}"
         )
-    s_N_V = s_N_V.detach()  # the gradient flows through learner_logp_B_T only
+    exact_kl_N = reverse_kl_exact(s_N_V, t_N_V)  # keeps s_N_V's graph: the exact objective's loss
+    s_N_V = s_N_V.detach()
     kl_N = reverse_kl_topk_lower_bound(s_N_V, t_N_V, p.vopd_top_k)
-    baseline_B_T = None
-    if p.vopd_baseline:  # same row-major order as mask_B_T (column 0 is never generated)
-        baseline_B_T = torch.zeros_like(teacher_logp_B_T)
-        baseline_B_T[mask_B_T] = kl_N
-    adv_B_T = opd_advantages(
-        pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T, gamma=p.gamma, kl_coef=p.kl_coef,
-        reward_B=reward_B, reward_weight=p.reward_weight, baseline_B_T=baseline_B_T,
-    )  # fmt: skip
-    loss = opd_pg_loss(learner_logp_B_T, pk.sampler_logp_B_T, adv_B_T, mask_B_T) * (n_mb / n_total)
+    if p.objective == "exact_reverse_kl":
+        # Σ_n kl_coef·KL_n(π_θ‖π_T) / N: the gradient flows through the student's whole
+        # distribution at each sampled prefix; a sequence reward, if any, is a REINFORCE term.
+        loss = p.kl_coef * exact_kl_N.sum() / n_total
+        adv_B_T = torch.zeros_like(teacher_logp_B_T)
+        if reward_B is not None:
+            adv_B_T = torch.where(mask_B_T, p.reward_weight * reward_B.float()[:, None], 0.0)
+            loss = loss + opd_pg_loss(learner_logp_B_T, pk.sampler_logp_B_T, adv_B_T, mask_B_T) * (n_mb / n_total)  # fmt: skip
+    else:  # the gradient flows through learner_logp_B_T only
+        baseline_B_T = None
+        if p.vopd_baseline:  # same row-major order as mask_B_T (column 0 is never generated)
+            baseline_B_T = torch.zeros_like(teacher_logp_B_T)
+            baseline_B_T[mask_B_T] = kl_N
+        adv_B_T = opd_advantages(
+            pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T, gamma=p.gamma, kl_coef=p.kl_coef,
+            reward_B=reward_B, reward_weight=p.reward_weight, baseline_B_T=baseline_B_T,
+        )  # fmt: skip
+        loss = opd_pg_loss(learner_logp_B_T, pk.sampler_logp_B_T, adv_B_T, mask_B_T) * (n_mb / n_total)  # fmt: skip
     loss.backward()
 
     log_ratio_N = (learner_logp_B_T.detach() - pk.sampler_logp_B_T)[mask_B_T]
     sums["loss"] += float(loss.detach())
+    sums["reverse_kl_exact"] += float(exact_kl_N.detach().sum())
     sums["reverse_kl_sampled"] += (
         float(reverse_kl_single_sample(pk.sampler_logp_B_T, teacher_logp_B_T, mask_B_T)) * n_mb
     )

@@ -139,6 +139,42 @@ def test_prompt_tokens_receive_no_gradient(workdir):
         assert torch.count_nonzero(grad_B_T_H[b, n_p - 1 : n - 1]) > 0
 
 
+def test_exact_objective_gradient_is_that_of_the_full_vocabulary_reverse_kl(workdir):
+    """opd.objective: exact_reverse_kl differentiates Σ_n KL_n(π_θ‖π_T) / N over the generated
+    positions n (full vocabulary), written here from the two models' plain forwards."""
+    tok, student = load_tokenizer(STUDENT), student_with_lora(randomise_b=True)
+    teacher = load_model(TEACHER)
+    batch = sample(student, tok)
+    trainable = [q for q in student.parameters() if q.requires_grad]
+    with fixed_initial_state(student.get_base_model()):
+        stats = opd_step(student, teacher, batch, None, params(objective="exact_reverse_kl", kl_coef=0.5,
+                         max_grad_norm=1e9), pad_id=tok.pad_token_id)  # no clip: raw gradients  # fmt: skip
+        got = [q.grad.clone() for q in trainable]
+        student.zero_grad(set_to_none=True)
+        pk = batch.pack(tok.pad_token_id)
+        predicts = torch.nn.functional.pad(pk.mask_B_T[:, 1:], (0, 1), value=False)
+        logits = {
+            name: model(input_ids=pk.tokens_B_T, attention_mask=pk.attention_mask_B_T).logits[predicts]
+            for name, model in (("student", student), ("teacher", teacher))
+        }  # fmt: skip
+        logp_s = torch.log_softmax(logits["student"], -1)
+        logp_t = torch.log_softmax(logits["teacher"].detach(), -1)
+        kl_N = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+        (0.5 * kl_N.sum() / batch.num_completion_tokens).backward()
+    kl = float(kl_N.detach().mean())
+    assert abs(stats["reverse_kl_exact"] - kl) < 1e-5 and abs(stats["loss"] - 0.5 * kl) < 1e-5
+    for g, q in zip(got, trainable, strict=True):
+        torch.testing.assert_close(g, q.grad, rtol=1e-4, atol=1e-7)
+    assert max(float(g.abs().max()) for g in got) > 1e-4  # the check is not about zeros
+
+
+def test_exact_objective_refuses_the_advantage_knobs():
+    with pytest.raises(ValueError, match="opd.gamma: 0.5 shapes the sampled advantage"):
+        OpdParams(objective="exact_reverse_kl", gamma=0.5)
+    with pytest.raises(ValueError, match="opd.vopd_baseline: True"):
+        OpdParams(objective="exact_reverse_kl", vopd_baseline=True)
+
+
 @pytest.mark.learning
 def test_forty_steps_lower_the_exact_reverse_kl_to_a_different_teacher(workdir, tmp_path):
     # Teacher = the looped model; student = the same model + a LoRA whose B is randomised away
