@@ -12,6 +12,7 @@ log π_S(y_t) − log π_T(y_t) from the sampled tokens' log-probs alone.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from retroloop.errors import MismatchError
 from retroloop.eval.generation import encode_chat_prompts, eos_token_ids, sampling_kwargs
+from retroloop.eval.unrolled import logits_per_key
 from retroloop.losses import divergence_from_logprobs
 from retroloop.sequences import pad_id, pad_left, pad_right
 
@@ -33,33 +35,37 @@ def nll_per_token(
     max_seq_len: int,
     batch_size: int,
     forward_kwargs: dict | None = None,
-) -> float:
+    recurrences: Sequence[int] | None = None,
+) -> float | dict[int, float]:
     """Mean next-token negative log-likelihood (nats) over all non-pad target tokens.
 
     Each text is tokenized as the tokenizer does by default and truncated to `max_seq_len`;
-    the mean is token-weighted over the whole set, so perplexity = exp(result).
+    the mean is token-weighted over the whole set, so perplexity = exp(result). With
+    `recurrences` (a looped model in eval mode): {R: nll} from one unrolled pass per batch
+    (`eval.unrolled`), equal to the bit to one call per R with `num_recurrence=R`.
     """
     device = next(model.parameters()).device
     encoded = [tokenizer(t, truncation=True, max_length=max_seq_len)["input_ids"] for t in texts]
     encoded = [e for e in encoded if len(e) >= 2]  # a single token has no next-token target
     if not encoded:
         raise ValueError("nll_per_token: no text has two or more tokens")
-    total, count = 0.0, 0
+    keys = [None] if recurrences is None else sorted({int(R) for R in recurrences})
+    totals, count = dict.fromkeys(keys, 0.0), 0
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
     for batch in tqdm(batches, desc="nll", unit="batch", leave=False):
         ids_B_T, mask_B_T = pad_right(batch, pad_id(tokenizer))
         ids_B_T, mask_B_T = ids_B_T.to(device), mask_B_T.to(device)
-        logits_B_T_V = model(
-            input_ids=ids_B_T, attention_mask=mask_B_T, **(forward_kwargs or {})
-        ).logits
         target_B_T = ids_B_T[:, 1:]
         keep_B_T = mask_B_T[:, 1:].bool()
-        nll_N = F.cross_entropy(
-            logits_B_T_V[:, :-1][keep_B_T].float(), target_B_T[keep_B_T], reduction="none"
-        )
-        total += nll_N.sum().item()
-        count += nll_N.numel()
-    return total / count
+        fk = forward_kwargs or {}
+        for k, logits_B_T_V in logits_per_key(model, ids_B_T, mask_B_T, fk, keys):
+            nll_N = F.cross_entropy(
+                logits_B_T_V[:, :-1][keep_B_T].float(), target_B_T[keep_B_T], reduction="none"
+            )
+            totals[k] += nll_N.sum().item()
+        count += int(keep_B_T.sum())
+    out = {k: total / count for k, total in totals.items()}
+    return out[None] if recurrences is None else out
 
 
 def _fork_rng(device: torch.device) -> contextlib.AbstractContextManager:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from retroloop.eval.unrolled import logits_per_key
 from retroloop.losses import kl_terms
 from retroloop.sequences import pad_id, pad_right
 
@@ -72,21 +73,32 @@ def held_out(
 
 
 @torch.inference_mode()
-def nll_and_kl(model: torch.nn.Module, data: HeldOut, **forward_kwargs) -> dict[str, float]:
-    """Token-weighted held-out NLL and exact KL(teacher ‖ model) over the full vocabulary."""
+def nll_and_kl(
+    model: torch.nn.Module,
+    data: HeldOut,
+    *,
+    recurrences: Sequence[int] | None = None,
+    **forward_kwargs,
+) -> dict:
+    """Token-weighted held-out NLL and exact KL(teacher ‖ model) over the full vocabulary:
+    {"nll", "kl"}; with `recurrences` (a looped model in eval mode), {R: {"nll", "kl"}} for
+    each R from one unrolled pass per batch (`eval.unrolled`: the same numbers to the bit as
+    one call per R with `num_recurrence=R`, the block run max(R) times instead of sum(R))."""
     device = next(model.parameters()).device
-    nll_sum = kl_sum = 0.0
+    keys = [None] if recurrences is None else sorted({int(R) for R in recurrences})
+    sums = {k: [0.0, 0.0] for k in keys}  # nll, kl
     count = 0
     for (ids_B_T, mask_B_T), t_logp_N_V in zip(data.batches, data.teacher_logp, strict=True):
         ids_B_T, mask_B_T = ids_B_T.to(device), mask_B_T.to(device)
-        logits_B_T_V = model(input_ids=ids_B_T, attention_mask=mask_B_T, **forward_kwargs).logits
         keep_B_T = mask_B_T[:, 1:].bool()
-        logp_N_V = F.log_softmax(logits_B_T_V[:, :-1][keep_B_T].float(), dim=-1)
         targets_N = ids_B_T[:, 1:][keep_B_T]
-        nll_sum += float(-logp_N_V.gather(-1, targets_N[:, None]).sum())
-        kl_sum += float(kl_terms(t_logp_N_V.to(device), logp_N_V).sum())
+        for k, logits_B_T_V in logits_per_key(model, ids_B_T, mask_B_T, forward_kwargs, keys):
+            logp_N_V = F.log_softmax(logits_B_T_V[:, :-1][keep_B_T].float(), dim=-1)
+            sums[k][0] += float(-logp_N_V.gather(-1, targets_N[:, None]).sum())
+            sums[k][1] += float(kl_terms(t_logp_N_V.to(device), logp_N_V).sum())
         count += int(targets_N.numel())
-    return {"nll": nll_sum / count, "kl": kl_sum / count}
+    out = {k: {"nll": nll / count, "kl": kl / count} for k, (nll, kl) in sums.items()}
+    return out[None] if recurrences is None else out
 
 
 def flops_per_token(model: torch.nn.Module, recurrence: int | None = None) -> float:

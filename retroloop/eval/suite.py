@@ -21,121 +21,31 @@ NLLs, the exact full-vocabulary KL(teacher ‖ model) on the held-out domain doc
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from retroloop.config import EvaluateParams
 from retroloop.eval import gsm8k as gsm8k_eval
 from retroloop.eval import ifeval
+from retroloop.eval.data import EvalData, IFEvalItem, build_eval_data, ifeval_items
 from retroloop.eval.generation import generate_responses
 from retroloop.eval.likelihood import nll_per_token, reverse_kl_exact_on_samples
 from retroloop.eval.scaling import HeldOut, flops_per_token, nll_and_kl
-from retroloop.sequences import render_chat
+from retroloop.eval.unrolled import supports_unrolled
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class IFEvalItem:
-    id: str
-    prompt: str
-    instruction_id_list: list[str]
-    kwargs_list: list[dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class EvalData:
-    """What every model is evaluated on; built once so all models see the same inputs."""
-
-    ifeval: list[IFEvalItem]
-    kl_prompts: list[str]
-    instruct_texts: list[str]  # chat-templated held-out conversations (or prompts)
-    domain_texts: list[str]
-    max_seq_len: int
-    gsm8k: list[tuple[str, str]] = field(default_factory=list)  # (question, gold answer)
-
-
-def _kwargs_list(value: Any, n: int) -> list[dict[str, Any]]:
-    """The CHAT_SCHEMA stores IFEval kwargs as a JSON list of dicts; accept a list as well."""
-    if value is None or value == "":
-        return [{} for _ in range(n)]
-    parsed = json.loads(value) if isinstance(value, str) else list(value)
-    parsed = [dict(kw or {}) for kw in parsed]
-    assert len(parsed) == n, f"kwargs has {len(parsed)} entries for {n} instruction ids"
-    return parsed
-
-
-def ifeval_items(frame: pl.DataFrame, limit: int) -> list[IFEvalItem]:
-    """The first `limit` rows that carry IFEval instructions, as `IFEvalItem`s."""
-    items = []
-    for row in frame.iter_rows(named=True):
-        ids = list(row.get("instruction_id_list") or [])
-        if not ids:
-            continue
-        items.append(
-            IFEvalItem(
-                str(row["id"]), row["prompt"], ids, _kwargs_list(row.get("kwargs"), len(ids))
-            )
-        )
-        if len(items) == limit:
-            break
-    return items
-
-
-def build_eval_data(
-    params: EvaluateParams,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    instruct_eval: pl.DataFrame,
-    domain_eval: pl.DataFrame,
-    max_seq_len: int,
-    ifeval_frame: pl.DataFrame | None = None,
-    gsm8k_frame: pl.DataFrame | None = None,
-) -> EvalData:
-    """Select the evaluation inputs from the held-out frames (CHAT_SCHEMA / TEXT_SCHEMA).
-
-    `ifeval_frame` defaults to the held-out instruction prompts (the built-in synthetic
-    IFEval set); pass the real IFEval file loaded with `load_ifeval` to use that instead.
-    """
-    items = ifeval_items(
-        ifeval_frame if ifeval_frame is not None else instruct_eval, params.ifeval_prompts
-    )
-    n = params.nll_records
-    instruct_rows = list(instruct_eval.head(n).iter_rows(named=True))
-    instruct_texts = [render_chat(tokenizer, r["prompt"], r.get("response")) for r in instruct_rows]
-    gsm = []
-    if gsm8k_frame is not None:
-        gsm = [
-            (r["prompt"], r["answer"])
-            for r in gsm8k_frame.head(params.gsm8k_questions).iter_rows(named=True)
-        ]
-    data = EvalData(
-        ifeval=items,
-        kl_prompts=instruct_eval["prompt"].head(params.kl_prompts).to_list(),
-        instruct_texts=instruct_texts,
-        domain_texts=domain_eval["text"].head(n).to_list(),
-        max_seq_len=max_seq_len,
-        gsm8k=gsm,
-    )
-    log.info(
-        "eval data: %d IFEval prompts, %d KL prompts, %d instruct / %d domain texts, %d GSM8K questions",
-        len(data.ifeval),
-        len(data.kl_prompts),
-        len(data.instruct_texts),
-        len(data.domain_texts),
-        len(data.gsm8k),
-    )
-    return data
+__all__ = [  # the evaluation inputs live in eval/data.py; imported from here too
+    "EvalData", "IFEvalItem", "build_eval_data", "evaluate_model", "ifeval_items",
+    "recurrence_scaling", "teacher_forced_rows",
+]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- evaluators
@@ -219,13 +129,16 @@ def evaluate_model(
     identity: dict[str, Any] | None = None,
     seed: int = 0,
     reference: HeldOut | None = None,
+    teacher_forced: dict[str, Any] | None = None,
 ) -> dict[str, float | int | None]:
     """All metrics of one model. `forward_kwargs` go to every forward/generate call (e.g.
     `{"num_recurrence": 4}` for a looped model); `identity` (model/adapter content hashes)
     keys the generation cache — without it the cache is keyed by `name` alone, which is
     only safe for throwaway cache dirs. Passing `model is teacher` gives KL = 0 without
     sampling. With `reference` (`scaling.held_out` of `teacher` on `data.domain_texts`) the
-    result also holds "domain_forward_kl", from the same forward as "domain_nll"."""
+    result also holds "domain_forward_kl", from the same forward as "domain_nll".
+    `teacher_forced`: this model's row of `teacher_forced_rows` (its held-out NLLs and KL at
+    these `forward_kwargs`, already measured): taken instead of computed again."""
     fk = dict(forward_kwargs or {})
     identity = dict(identity or {"name": name})
     start = time.perf_counter()
@@ -255,9 +168,14 @@ def evaluate_model(
                     student_kwargs=fk or None,
                 )
             )
-        nll, kl = _nll_metrics(
-            model, tokenizer, data, params.batch_size, fk, reference, is_reference=model is teacher
-        )
+        if teacher_forced is not None:
+            nll = {k: teacher_forced[k] for k in TEACHER_FORCED[:3] if k in teacher_forced}
+            kl = teacher_forced.get("domain_forward_kl")
+        else:
+            nll, kl = _nll_metrics(
+                model, tokenizer, data, params.batch_size, fk, reference,
+                is_reference=model is teacher,
+            )  # fmt: skip
         out.update(nll)
         if data.gsm8k:
             cache = _cache_args(cache_dir, identity, "gsm8k", fk)
@@ -308,7 +226,7 @@ def _nll_metrics(
                 forward_kwargs=fk or None,
             )
         out["domain_nll"] = float(nll)
-        out["domain_ppl"] = math.exp(min(float(nll), 50.0))  # guard overflow on a broken model
+        out["domain_ppl"] = _ppl(nll)
     if data.instruct_texts:
         out["instruct_nll"] = float(
             nll_per_token(
@@ -341,28 +259,74 @@ def recurrence_scaling(
     `known`: {R: `evaluate_model`'s metrics at that R} (the model's default R, already measured
     on the same data and batches): its figures are taken, not computed a second time.
     """
+    known = known or {}
+    todo = [int(R) for R in Rs if int(R) not in known]
+    measured = teacher_forced_rows(model, tokenizer, data, todo, batch_size, reference)
     rows = []
-    with torch.inference_mode():
-        for R in Rs:
-            fk = {"num_recurrence": int(R)}
-            done = (known or {}).get(int(R))
-            if done is not None:
-                keys = ("domain_nll", "domain_ppl", "instruct_nll", "domain_forward_kl")
-                row = {"R": int(R), **{k: done[k] for k in keys if k in done}}
-            else:
-                nll, kl = _nll_metrics(model, tokenizer, data, batch_size, fk, reference)
-                row = {"R": int(R), **nll}
-                if kl is not None:
-                    row["domain_forward_kl"] = kl
-            row["gflops_per_token"] = flops_per_token(model, int(R)) / 1e9
-            rows.append({k: _finite(v) for k, v in row.items()})
-            log.info(
-                "recurrence R=%d: domain_nll=%.4f domain_forward_kl=%s",
-                R,
-                row.get("domain_nll", float("nan")),
-                row.get("domain_forward_kl"),
-            )
+    for R in Rs:
+        done = known.get(int(R), measured.get(int(R)))
+        row = {"R": int(R), **{k: done[k] for k in TEACHER_FORCED if k in done}}
+        row["gflops_per_token"] = flops_per_token(model, int(R)) / 1e9
+        rows.append({k: _finite(v) for k, v in row.items()})
+        log.info(
+            "recurrence R=%d: domain_nll=%.4f domain_forward_kl=%s",
+            R,
+            row.get("domain_nll", float("nan")),
+            row.get("domain_forward_kl"),
+        )
     return rows
+
+
+# The teacher-forced figures of one (model, R), in metrics.json's order.
+TEACHER_FORCED = ("domain_nll", "domain_ppl", "instruct_nll", "domain_forward_kl")
+
+
+def teacher_forced_rows(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: EvalData,
+    Rs: Sequence[int],
+    batch_size: int,
+    reference: HeldOut | None,
+) -> dict[int, dict[str, float]]:
+    """{R: {"domain_nll", "domain_ppl", "instruct_nll", "domain_forward_kl"}} of a looped model.
+
+    A looped model in eval mode without early exit runs each batch once, unrolled to max(Rs)
+    (`eval.unrolled`: s_k does not depend on R, so every R's figures are those of one forward
+    at that R to the bit); otherwise one `_nll_metrics` per R."""
+    Rs = sorted({int(R) for R in Rs})
+    if not Rs:
+        return {}
+    if not supports_unrolled(model):
+        rows = {}
+        for R in Rs:
+            nll, kl = _nll_metrics(
+                model, tokenizer, data, batch_size, {"num_recurrence": R}, reference
+            )
+            rows[R] = nll if kl is None else {**nll, "domain_forward_kl": kl}
+        return rows
+    rows = {R: {} for R in Rs}
+    with torch.inference_mode():
+        if data.domain_texts:
+            if reference is not None:
+                for R, both in nll_and_kl(model, reference, recurrences=Rs).items():
+                    rows[R] |= {"domain_nll": float(both["nll"]), "domain_ppl": _ppl(both["nll"]),
+                                "domain_forward_kl": both["kl"]}  # fmt: skip
+            else:
+                nlls = nll_per_token(model, tokenizer, data.domain_texts, recurrences=Rs,
+                                     max_seq_len=data.max_seq_len, batch_size=batch_size)  # fmt: skip
+                for R, nll in nlls.items():
+                    rows[R] |= {"domain_nll": float(nll), "domain_ppl": _ppl(nll)}
+        if data.instruct_texts:
+            nlls = nll_per_token(model, tokenizer, data.instruct_texts, recurrences=Rs,
+                                 max_seq_len=data.max_seq_len, batch_size=batch_size)  # fmt: skip
+            for R, nll in nlls.items():
+                rows[R]["instruct_nll"] = float(nll)
+    return {R: {k: row[k] for k in TEACHER_FORCED if k in row} for R, row in rows.items()}
+
+
+def _ppl(nll: float) -> float:
+    return math.exp(min(float(nll), 50.0))  # guard overflow on a broken model
 
 
 def _finite(value: Any) -> Any:

@@ -33,25 +33,37 @@ continual-learning cycle can evaluate any set of models against any reference mo
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import torch
 
-from retroloop.artifacts import Manifest, atomic_artifact, input_ref, verify_inputs
+from retroloop.artifacts import Manifest, atomic_artifact, verify_inputs
 from retroloop.config import Params
-from retroloop.errors import ArtifactError, MismatchError
+from retroloop.errors import ArtifactError
 from retroloop.eval.generation import encode_chat_prompts
+from retroloop.eval.models import (
+    ModelSpec,
+    check_tokenizer,
+    chosen_teacher,
+    default_recurrence,
+    load_spec,
+    spec_identity,
+)
 from retroloop.eval.report import recovery_table, write_report
 from retroloop.eval.scaling import HeldOut, flops_per_token, held_out
-from retroloop.eval.suite import EvalData, build_eval_data, evaluate_model, recurrence_scaling
+from retroloop.eval.suite import (
+    EvalData,
+    build_eval_data,
+    evaluate_model,
+    recurrence_scaling,
+    teacher_forced_rows,
+)
 from retroloop.guards import check_cached_generate
-from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.models.loading import load_tokenizer, tokenizer_fingerprint
 from retroloop.runlock import exclusive
 from retroloop.sequences import pad_id
 from retroloop.stages.common import (
@@ -79,19 +91,6 @@ PRODUCER = {
     "instruct_eval": "prepare",
     "domain_eval": "prepare",
 }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model to evaluate: a `save_pretrained` dir, optionally a PEFT adapter on it, and
-    the recurrence count for a looped model (None = the model's configured default).
-    `model_role` / `adapter_role` name the inputs in the manifest (default: the model name)."""
-
-    model_dir: Path
-    adapter_dir: Path | None = None
-    recurrence: int | None = None
-    model_role: str | None = None
-    adapter_role: str | None = None
 
 
 @exclusive("out_dir")
@@ -153,61 +152,7 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["evalu
     )
 
 
-def chosen_teacher(teacher: Path, converted: Path) -> dict[str, Any] | None:
-    """{path, content_sha256, source} of the teacher when it is not the model `converted` was
-    built from (a `prepare.teacher`), else None: the report then stays as it was, the teacher
-    being the source model its `base_model` input names."""
-    from retroloop.artifacts import find_manifest_dir, read_manifest
-
-    ref = input_ref("teacher", teacher)
-    owner = find_manifest_dir(Path(converted))
-    if owner is not None:
-        bases = [r for r in read_manifest(owner).inputs if r.role == "base_model"]
-        if bases and bases[0].content_sha256 == ref.content_sha256:
-            return None
-    source_file = Path(teacher) / "retroloop_source.json"
-    source = json.loads(source_file.read_text()) if source_file.is_file() else {}
-    source.pop("tiny", None)  # the whole spec; `source: tiny_random` says enough here
-    source.pop("tiny_training", None)
-    return {"path": ref.path, "content_sha256": ref.content_sha256, "source": source}
-
-
 # --------------------------------------------------------------------------- lower level
-
-
-def load_spec(spec: ModelSpec, dtype: str, device: torch.device | str) -> torch.nn.Module:
-    """The model of `spec`, with its adapter (if any) merged in."""
-    model = load_model(spec.model_dir, dtype, device)
-    if spec.adapter_dir is not None:
-        from peft import PeftModel
-
-        if not (Path(spec.adapter_dir) / "adapter_config.json").is_file():
-            raise ArtifactError(
-                f"{spec.adapter_dir}: not a PEFT adapter directory (no adapter_config.json)"
-            )
-        model = PeftModel.from_pretrained(
-            model, spec.adapter_dir, trust_remote_code=False
-        ).merge_and_unload()
-    return model.eval()
-
-
-def _is_looped(model: torch.nn.Module) -> bool:
-    from retroloop.models.recurrent import RecurrentForCausalLM
-
-    return isinstance(model, RecurrentForCausalLM)
-
-
-def default_recurrence(model: torch.nn.Module) -> int | None:
-    """The R stored in a looped model's config; None for a plain model."""
-    if not _is_looped(model):
-        return None
-    for attr in ("recurrence", "num_recurrence", "mean_recurrence"):
-        value = getattr(model.config, attr, None)
-        if isinstance(value, int):
-            return value
-    raise ArtifactError(
-        "looped model config has no default recurrence count; re-run `retroloop stage convert`"
-    )
 
 
 def evaluate_models(
@@ -239,7 +184,7 @@ def evaluate_models(
     guard_prompts = (data.kl_prompts or [item.prompt for item in data.ifeval])[: cfg.guards.prompts]
     guard_ids = encode_chat_prompts(tokenizer, guard_prompts) if guard_prompts else []
     for name, spec in specs.items():
-        _check_tokenizer(name, spec, fingerprint, teacher_spec)
+        check_tokenizer(name, spec, fingerprint, teacher_spec)
         model = teacher_model if name == teacher else load_spec(spec, cfg.dtype, device)
         R = spec.recurrence or default_recurrence(model)
         forward_kwargs = {"num_recurrence": R} if R is not None else {}
@@ -248,6 +193,12 @@ def evaluate_models(
             model, guard_ids, what=f"'{name}'", pad_id=pad_id(tokenizer),
             forward_kwargs=forward_kwargs, max_new_tokens=cfg.guards.new_tokens,
         )  # fmt: skip
+        # A looped model's held-out figures at its default R and every R of the scaling curve,
+        # from one unrolled pass per batch (the block runs max(R) times, not sum(R)).
+        tf = {}
+        if name in scaling and R is not None:
+            Rs = {*cfg.evaluate.recurrence_scaling, R}
+            tf = teacher_forced_rows(model, tokenizer, data, Rs, cfg.evaluate.batch_size, reference)
         metrics = evaluate_model(
             name,
             model,
@@ -260,6 +211,7 @@ def evaluate_models(
             identity=spec_identity(spec),
             seed=cfg.seed,
             reference=reference,  # domain NLL and KL(reference ‖ model) from one forward
+            teacher_forced=tf.get(R),
         )
         domain_kl = metrics.pop("domain_forward_kl", None)  # re-placed: metrics.json's key order
         if R is not None:
@@ -272,8 +224,8 @@ def evaluate_models(
         if name in scaling:
             if R is None:
                 log.warning("%s is not a looped model; no recurrence scaling", name)
-            else:  # the default R's row is the metrics just measured (same data and batches)
-                curves[name] = _scaling_curve(model, tokenizer, data, cfg, reference, {R: metrics})
+            else:  # every row measured above (the default R's is `metrics`)
+                curves[name] = _scaling_curve(model, tokenizer, data, cfg, reference, tf)
         if model is not teacher_model:
             del model
             gc.collect()
@@ -308,29 +260,6 @@ def _scaling_curve(
         known=known,
     )
     return {f"R{row['R']}": {k: v for k, v in row.items() if k != "R"} for row in rows}
-
-
-def spec_identity(spec: ModelSpec) -> dict[str, Any]:
-    """Content hashes of the model (and adapter): the generation-cache key of a spec."""
-    ident: dict[str, Any] = {"model": input_ref("model", spec.model_dir).content_sha256}
-    if spec.adapter_dir is not None:
-        ident["adapter"] = input_ref("adapter", spec.adapter_dir).content_sha256
-    return ident
-
-
-def _check_tokenizer(
-    name: str, spec: ModelSpec, fingerprint: dict, teacher_spec: ModelSpec
-) -> None:
-    """Every model is prompted with the teacher's tokenizer, so theirs must be the same."""
-    if spec.model_dir == teacher_spec.model_dir:
-        return
-    theirs = tokenizer_fingerprint(load_tokenizer(spec.model_dir))
-    for key in ("tokenizer_sha256", "chat_template_sha256"):
-        if theirs[key] != fingerprint[key]:
-            raise MismatchError(
-                f"{spec.model_dir}: {key} of '{name}' differs from the reference model "
-                f"{teacher_spec.model_dir}; evaluate models that share one tokenizer and chat template"
-            )
 
 
 def load_eval_data(

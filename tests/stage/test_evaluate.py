@@ -301,7 +301,9 @@ def test_tampered_static_artifact_is_refused_before_anything_loads(
     def loader(*args, **kwargs):
         raise _Loaded(args[0] if args else None)
 
-    monkeypatch.setattr(evaluate, "load_model", loader)
+    from retroloop.eval import models as eval_models
+
+    monkeypatch.setattr(eval_models, "load_model", loader)  # evaluate's load_spec
     monkeypatch.setattr(evaluate, "load_tokenizer", loader)
     cfg = load_params(TINY)
     assert cfg.static.enabled
