@@ -18,6 +18,7 @@ from __future__ import annotations
 from peft import LoraConfig, TaskType
 from torch import nn
 
+from retroloop.config import LoraParams
 from retroloop.errors import ConfigError
 from retroloop.models.recurrent import RecurrentForCausalLM
 
@@ -51,6 +52,18 @@ def lora_config_for(
         modules_to_save=[adapter] if adapter and train_adapter else None,
         bias="none",
         task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def lora_config_from(model: nn.Module, lora: LoraParams) -> LoraConfig:
+    """`lora_config_for` with the fields of a `distill.lora` / `opd.lora` section."""
+    return lora_config_for(
+        model,
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        train_adapter=lora.train_adapter,
     )
 
 

@@ -12,6 +12,7 @@ Side:   data/checkpoints/distill/step_N   resumable checkpoints (dvc `persist: t
         once the artifact is in place; data/checkpoints/distill/dvclive* the live per-step
         logs while it runs (rebuilt from the checkpoint's rows on resume)
 Run:    retroloop stage distill          (or: torchrun --nproc_per_node=N -m retroloop.cli stage distill)
+Inputs, teacher (cache or online) and student: `retroloop.distill_io`.
 
 Loss (DESIGN.md §5, `retroloop.losses.distill_loss`), over positions with labels != −100:
     total = α·CE + (1−α)·T²·D(p_T^T ‖ p_S^T),  D ∈ {forward_kl, reverse_kl, jsd(β), tvd}
@@ -47,27 +48,27 @@ from retroloop import training
 from retroloop.artifacts import (
     Manifest,
     atomic_artifact,
-    find_manifest_dir,
-    input_ref,
     read_manifest,
 )
 from retroloop.canonical import json_sha256
 from retroloop.config import Params
-from retroloop.errors import ArtifactError, ConfigError, DataError
+from retroloop.distill_io import (
+    input_paths,
+    load_student,
+    online_teacher,
+    open_cache,
+    training_data,
+)
 from retroloop.losses import distill_loss_sums
 from retroloop.models.head import chunked_rows, final_hidden_states, logits_at, output_head
-from retroloop.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from retroloop.models.loading import load_tokenizer
 from retroloop.models.recurrent import RecurrentForCausalLM, recurrence_mean_at, sample_recurrence
 from retroloop.runlock import exclusive
-from retroloop.sequences import IGNORE, Sequence, pad_batch, training_sequences
+from retroloop.sequences import IGNORE, Sequence, pad_batch
 from retroloop.stages.common import (
-    CONVERTED_MODEL,
     DISTILL_CHECKPOINTS,
     PATHS,
-    dataset_path,
-    resolve_inputs,
     setup_run,
-    teacher_dir,
 )
 from retroloop.steplog import StepLog, edge_steps, move_logs
 
@@ -92,13 +93,13 @@ def run(
     if env.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     d = cfg.distill
-    paths, refs = _inputs(inputs, d)
+    paths, refs = input_paths(inputs, d)
     tokenizer = load_tokenizer(paths["student"])
-    seqs = _sequences(tokenizer, paths, cfg.prepare.max_seq_len)
+    seqs = training_data(tokenizer, paths, cfg.prepare.max_seq_len)
     cached = d.distillation and d.teacher == "cached"
     cache = open_cache(paths, tokenizer, seqs, d.temperature, d.divergence) if cached else None
     online = d.distillation and d.teacher == "online"
-    teacher = _online_teacher(paths["teacher"], tokenizer, cfg.dtype, device) if online else None
+    teacher = online_teacher(paths["teacher"], tokenizer, cfg.dtype, device) if online else None
     model = load_student(paths["student"], cfg, device)
     loop = _Loop(cfg, env, device, model, seqs, cache, teacher, tokenizer.pad_token_id, log_name)
     loop.log_plan()
@@ -150,43 +151,6 @@ def run(
         manifest = read_manifest(out_dir)
     training.shutdown(env)
     return manifest
-
-
-def _inputs(inputs: dict | None, d) -> tuple[dict[str, Path], list]:
-    """The input paths (defaults for the missing roles) and the verified refs of those used."""
-    defaults = {
-        "student": CONVERTED_MODEL,
-        "train_instruct": dataset_path("instruct", "train"),
-        "train_domain": dataset_path("domain", "train"),
-        "teacher_cache": PATHS["cache_teacher"],
-        "teacher": teacher_dir(),  # prepare.teacher, else the source model
-    }
-    paths = resolve_inputs(inputs, defaults)
-    cached = d.distillation and d.teacher == "cached"
-    online = d.distillation and d.teacher == "online"
-    roles = list(defaults)[:3] + ["teacher_cache"] * cached + ["teacher"] * online
-    return paths, [input_ref(role, paths[role]) for role in roles]
-
-
-def _sequences(tokenizer, paths: dict[str, Path], max_seq_len: int) -> list[Sequence]:
-    seqs = training_sequences(
-        tokenizer,
-        pl.read_parquet(paths["train_instruct"]),
-        pl.read_parquet(paths["train_domain"]),
-        max_seq_len,
-    )
-    if not seqs:
-        raise DataError(
-            f"{paths['train_instruct']}, {paths['train_domain']}: no training sequence with a trainable token"
-        )
-    return seqs
-
-
-def _online_teacher(path: Path, tokenizer, dtype: str, device: torch.device) -> torch.nn.Module:
-    """`distill.teacher: online`: the teacher model, once its tokenizer matches the student's."""
-    teacher_fp = {"tokenizer": tokenizer_fingerprint(load_tokenizer(path))}
-    tc.check_compatible(teacher_fp, tokenizer, str(path))
-    return load_model(path, dtype, device)
 
 
 class _Loop:
@@ -302,62 +266,6 @@ class DataOrder:
         return self.perms[epoch][i]
 
 
-def open_cache(
-    paths: dict, tokenizer, seqs: list[Sequence], temperature: float, divergence: str
-) -> tc.TeacherCache:
-    """Open the teacher cache and check it fits this student and these sequences."""
-    cache = tc.TeacherCache(paths["teacher_cache"])
-    cache.check_tokenizer(tokenizer)
-    if abs(cache.temperature - temperature) > 1e-9:
-        raise ConfigError(
-            f"distill.temperature: {temperature} but the teacher cache was built at "
-            f"cache_teacher.temperature={cache.temperature}; set them equal"
-        )
-    cache.check_sequences(seqs)
-    cache.verify_all()
-    if cache.tail_samples and divergence != "forward_kl":
-        log.warning(
-            "the teacher cache has %d tail samples per position; only forward_kl uses them, "
-            "distill.divergence=%s compares on the top-k + tail bucket",
-            cache.tail_samples,
-            divergence,
-        )
-    _warn_if_other_teacher(paths["student"], paths["teacher_cache"])
-    return cache
-
-
-def load_student(path: Path, cfg: Params, device: torch.device) -> torch.nn.Module:
-    """The student in train mode: wrapped with LoRA (PEFT), or fully trainable (LoRA off).
-
-    `distill.activation_checkpointing`: transformers' decoder layers are
-    `GradientCheckpointingLayer`s, so enabling it makes every layer call (each recurrence
-    iteration of the looped block included) keep only its input and recompute in the backward.
-    """
-    model = load_model(path, cfg.dtype, device)
-    if cfg.distill.activation_checkpointing:
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
-    lc = cfg.distill.lora
-    if lc.enabled:
-        from peft import get_peft_model
-
-        from retroloop.models.lora import lora_config_for
-
-        config = lora_config_for(
-            model,
-            r=lc.r,
-            alpha=lc.alpha,
-            dropout=lc.dropout,
-            target_modules=lc.target_modules,
-            train_adapter=lc.train_adapter,
-        )
-        model = get_peft_model(model, config)
-    else:
-        model.requires_grad_(True)
-    return model.train()
-
-
 def micro_batch_loss(
     model, batch: list[Sequence], pad_id: int, d, R, bptt_k, device, teacher, rows
 ) -> tuple[torch.Tensor, dict[str, float], int]:
@@ -448,20 +356,3 @@ def _write_artifact(
         *(w.metrics[k] for k in ("kl_start", "kl_end", "ce_start", "ce_end")),
     )
     return manifest
-
-
-def _warn_if_other_teacher(student: Path, cache: Path) -> None:
-    """The cache's teacher should be the model the student was converted from (DESIGN.md §3);
-    a different one is legitimate (e.g. a continual-learning cycle), so this only warns."""
-    owner = find_manifest_dir(Path(student))
-    try:
-        base = read_manifest(owner).input("base_model").content_sha256 if owner else None
-        used = read_manifest(cache).input("teacher").content_sha256
-    except ArtifactError:  # provenance is advisory here; the tokenizer check is the guard
-        return
-    if base is not None and base != used:
-        log.warning(
-            "the teacher cache was built from another model (%s) than the student's base (%s)",
-            used[:12],
-            base[:12],
-        )
