@@ -138,7 +138,7 @@ def load_student(base: torch.nn.Module, parent_adapter: Path, p: OpdParams) -> t
     """Continue the distill LoRA (`is_trainable=True`), or start a fresh one from `opd.lora`."""
     from peft import PeftModel, get_peft_model
 
-    from retroloop.models.lora import lora_config_for
+    from retroloop.models.lora import lora_config_from
 
     if (Path(parent_adapter) / "adapter_config.json").is_file():
         log.info(
@@ -152,13 +152,4 @@ def load_student(base: torch.nn.Module, parent_adapter: Path, p: OpdParams) -> t
             "opd.lora.enabled: false needs a parent adapter; OPD trains LoRA adapters only"
         )
     log.warning("no parent adapter at %s: OPD starts a fresh LoRA (r=%d)", parent_adapter, p.lora.r)
-    lo = p.lora
-    config = lora_config_for(
-        base,
-        r=lo.r,
-        alpha=lo.alpha,
-        dropout=lo.dropout,
-        target_modules=lo.target_modules,
-        train_adapter=lo.train_adapter,
-    )
-    return get_peft_model(base, config)
+    return get_peft_model(base, lora_config_from(base, p.lora))
