@@ -210,7 +210,7 @@ def main(params_path: str | Path = "params.yaml", quick: bool = False) -> dict:
         "topk_kl_by_data": kl_err,
         "mfu": round(mfu, 4),
         "goals": {"tokens_per_s_ratio": ">= 1.5", "peak_mem_ratio": "<= 0.6", "bytes_per_token": f"<= {4 * k + 16}",
-                  "build_vs_forward": ">= 0.9", "topk_kl_rel_error_64": "<= 0.02", "mfu": ">= 0.35"},  # fmt: skip
+                  "build_vs_forward": ">= 0.9", "topk_kl_rel_error_64": "<= 0.02", "mfu": ">= 0.5"},  # fmt: skip
         "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
         "step_seconds_median": {n: round(statistics.median(v), 3) for n, v in st.items()},
         "peak_rss_mib": {n: round(v, 1) for n, v in rss.items()},
