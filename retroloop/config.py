@@ -295,16 +295,16 @@ class DistillParams(Strict):
     steps: int = Field(16, gt=0)
     batch_size: int = Field(4, gt=0, description="sequences per micro-batch")
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0.0, description="peak LR; LoRA ~10x the full fine-tuning LR")
+    lr: float = Field(1e-3, gt=0.0, description="peak LR of the LoRA (~10x the full fine-tuning LR)")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="after warm-up: constant, or cosine from lr down to 0"
     )
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps, lr/warmup_steps to lr")
     adapter_lr: float | None = Field(
-        None, gt=0.0, description="LR of the recurrence adapter Linear(2h -> h); null = lr"
+        2e-4, gt=0.0, description="LR of the recurrence adapter Linear(2h -> h); null = lr"
     )
     recurrence: int | None = Field(
-        None, ge=1, description="train at this R every step; null = convert.schedule's curriculum"
+        2, ge=1, description="train at this R every step; null = convert.schedule's curriculum"
     )
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -350,13 +350,15 @@ class OpdParams(Strict):
     prompts_per_step: int = Field(2, gt=0)
     lr: float = Field(1e-4, gt=0.0)
     objective: Literal["sampled_advantage", "exact_reverse_kl"] = Field(
-        "sampled_advantage",
+        "exact_reverse_kl",
         description="sampled_advantage: policy gradient on A_t = -(log pi_S(y_t) - log "
         "pi_T(y_t)) (Thinking Machines' OPD); exact_reverse_kl: the full-vocabulary "
         "KL(pi_S||pi_T) at every generated position, differentiated directly (GKD lmbda=1, beta=1)",
     )
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="discount of the per-token advantage")
-    kl_coef: float = Field(1.0, ge=0.0, description="scale of the reverse-KL advantage")
+    kl_coef: float = Field(
+        1.0, ge=0.0, description="scale of the reverse-KL term (the exact loss or the advantage)"
+    )
     vopd_baseline: bool = False
     vopd_top_k: int = Field(32, gt=0)
     reward_weight: float = Field(0.0, ge=0.0, description="IFEval pass/fail added to the advantage")
@@ -440,6 +442,13 @@ class CycleParams(Strict):
     )
     midtrain_steps: int = Field(20, gt=0)
     midtrain_lr: float = Field(2e-4, gt=0.0)
+    replay_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="expected share of each mid-training batch drawn from the pipeline's "
+        "instruction data (prompt + teacher response, response tokens trained), against forgetting",
+    )
     opd_steps: int = Field(8, gt=0)
     eval_records: int = Field(8, gt=0)
     watch_dir: str = Field("data/incoming", description="folder the scheduled flow watches")
