@@ -127,7 +127,7 @@ def _opd_forty_steps(broken: bool) -> tuple[float, float]:
     from retroloop.models.loading import load_model, load_tokenizer
     from retroloop.models.lora import lora_config_for
     from retroloop.onpolicy import fixed_initial_state, heldout_reverse_kl
-    from retroloop.stages.opd import train_opd
+    from retroloop.opd_loop import train_opd
 
     torch.manual_seed(0)
     student_dir = Path("data/convert/model")
@@ -145,7 +145,7 @@ def _opd_forty_steps(broken: bool) -> tuple[float, float]:
     train = pl.read_parquet("data/prepare/datasets/instruct_train.parquet")
     heldout = pl.read_parquet("data/prepare/datasets/instruct_eval.parquet")["prompt"].to_list()[:4]
     rollout = RolloutParams(max_new_tokens=8, samples_per_prompt=4, batch_size=16)
-    p = OpdParams(rollout=rollout, vopd_baseline=True, vopd_top_k=1024, steps=40,
+    p = OpdParams(rollout=rollout, objective="sampled_advantage", vopd_baseline=True, vopd_top_k=1024, steps=40,
                   prompts_per_step=4, lr=1e-9 if broken else 1e-3)  # fmt: skip
     measure = dict(n=2, max_new_tokens=8, top_k=1024, seed=123)
     with fixed_initial_state(student.get_base_model()):

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +65,15 @@ from retroloop.cycle_inputs import ModelRef, load_domain_file, load_ref, resolve
 from retroloop.cycle_publish import PHASES, RecordingLog, Rows, phase_rows, summary, write_cycle
 from retroloop.cycle_training import RESUME, phase_checkpoints, resume_dir
 from retroloop.cycle_training import sft as _sft
-from retroloop.errors import ArtifactError, MismatchError, ModelError
+from retroloop.errors import ArtifactError, DataError, MismatchError, ModelError
 from retroloop.eval.suite import build_eval_data, evaluate_model
 from retroloop.models.loading import load_tokenizer, resolve_device
 from retroloop.onpolicy import check_same_tokenizer
 from retroloop.opd_io import validation_split
+from retroloop.opd_loop import train_opd
 from retroloop.rngstate import restore_rng_state, save_rng_state
-from retroloop.sequences import chat_sequence, text_sequence
+from retroloop.sequences import IGNORE, chat_sequence, text_sequence
 from retroloop.stages.common import dataset_path, setup_run
-from retroloop.stages.opd import train_opd
 
 __all__ = ["PHASES", "load_domain_file", "phase_rows", "summary"]  # re-exported for callers
 
@@ -277,24 +277,59 @@ def _steplog(run: CycleRun, step: str) -> RecordingLog:
 
 
 def midtrain(run: CycleRun) -> Trained:
-    """Step 3: LoRA mid-training of `run.start` on the new domain documents (next-token CE)."""
+    """Step 3: LoRA mid-training of `run.start` on the new domain documents (next-token CE),
+    with `cycle.replay_fraction` of the expected batch replayed instruction data (`_replay`)."""
     c = run.cfg.cycle
     student, _, tokenizer = _student(run, run.start, teacher=False)
     seqs = [
         text_sequence(tokenizer, r["id"], r["text"], c.max_seq_len)
         for r in run.inputs.train.iter_rows(named=True)
     ]
+    seqs = [s for s in seqs if len(s.input_ids) > 1]
+    seqs += _replay(run, tokenizer, len(seqs))
+    replayed = (_instruct_path("train"),) if c.replay_fraction > 0 else ()
     steplog = _steplog(run, "midtrain")
     losses = _sft(
-        student, [s for s in seqs if len(s.input_ids) > 1], steps=c.midtrain_steps,
+        student, seqs, steps=c.midtrain_steps,
         lr=c.midtrain_lr, lr_key="cycle.midtrain_lr", batch_size=c.batch_size, seed=run.cfg.seed,
         pad_id=tokenizer.pad_token_id, desc="midtrain", steplog=steplog,
         weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
-        checkpoints=phase_checkpoints(run, "midtrain", c.midtrain_steps, run.start, run.parent.base),
+        checkpoints=phase_checkpoints(run, "midtrain", c.midtrain_steps, run.start, run.parent.base, *replayed),
     )  # fmt: skip
     steplog.close()
     ckpt = _save(student, run.work / "midtrain")
     return Trained(ckpt, {}, tuple(losses), tuple(steplog.rows))
+
+
+def _replay(run: CycleRun, tokenizer, n_domain: int) -> list:
+    """Instruction sequences (prompt + the teacher's response from prepare, loss on the
+    response) mixed into mid-training: n_r = round(f·n_domain / (1 − f)) of them, so a batch
+    drawn uniformly from the n_domain + n_r sequences holds f = `cycle.replay_fraction` of
+    replay in expectation (the chat-data mix of Thinking Machines' mid-training, which alone
+    kept most of IFEval). Rows cycle in a seeded order; OPD's held-out tail is never replayed,
+    nor a row whose prompt leaves no response token within `cycle.max_seq_len`."""
+    c, f = run.cfg.cycle, run.cfg.cycle.replay_fraction
+    if f == 0.0:
+        return []
+    rows, _ = validation_split(pl.read_parquet(_instruct_path("train")), run.cfg.opd)
+    rows = rows.sample(fraction=1.0, shuffle=True, seed=run.cfg.seed).to_dicts()
+    pool = [
+        chat_sequence(tokenizer, r["id"], r["prompt"], r["response"], c.max_seq_len) for r in rows
+    ]
+    pool = [s for s in pool if any(label != IGNORE for label in s.labels)]
+    if not pool:
+        raise DataError(
+            f"cycle.replay_fraction: {f} but no instruction prompt fits cycle.max_seq_len "
+            f"({c.max_seq_len} tokens) with a response token; raise cycle.max_seq_len or set "
+            "cycle.replay_fraction: 0"
+        )
+    n = round(f * n_domain / (1.0 - f))
+    log.info(
+        "midtrain: %d domain + %d replayed instruction sequences (%.0f%%)", n_domain, n, 100 * f
+    )
+    return [
+        replace(pool[k % len(pool)], id=f"replay:{k}:{pool[k % len(pool)].id}") for k in range(n)
+    ]
 
 
 def recover_with_opd(run: CycleRun, student: Checkpoint) -> Trained:
@@ -372,6 +407,8 @@ def register(
             w.add_input("teacher_base", run.teacher.base)
         w.inputs.append(inputs.source)  # the hash of the bytes this cycle read, not a re-read
         w.add_input("opd_prompts", _instruct_path("train"))
+        if cfg.cycle.replay_fraction > 0:  # the same file, read by mid-training too
+            w.add_input("replay_data", _instruct_path("train"))
         write_cycle(w, run, metrics_by_phase, recovered.student.adapter,
                     midtrained.steps + recovered.steps)  # fmt: skip
         losses = midtrained.losses

@@ -1,4 +1,4 @@
-"""The pieces of one on-policy distillation step (DESIGN.md §5), used by `stages/opd.py` and
+"""The pieces of one on-policy distillation step (DESIGN.md §5), used by `opd_loop.train_opd` and
 the continual-learning cycle.
 
 Thinking Machines, "On-Policy Distillation" (2025); Agarwal et al., GKD (arXiv:2306.13649).
@@ -276,14 +276,17 @@ def heldout_reverse_kl(
     *,
     n: int,
     max_new_tokens: int,
-    top_k: int,
     seed: int,
+    top_k: int | None = None,
     student_kwargs: dict[str, Any] | None = None,
     teacher_kwargs: dict[str, Any] | None = None,
     batch_size: int = 8,
 ) -> float:
-    """Top-k + tail-bucket reverse KL(π_S‖π_T) (a lower bound of the full one) per generated token on fixed prompts with a fixed seed:
-    the before/after measure (per-step values are noisy: fresh prompts, fresh samples)."""
+    """Reverse KL(π_S‖π_T) per generated token on the student's samples of fixed prompts with a
+    fixed seed: the before/after measure (per-step values are noisy: fresh prompts, fresh samples).
+    `top_k=None`: exact over the full vocabulary (`reverse_kl_exact`); an int: the top-k +
+    tail-bucket lower bound (`reverse_kl_topk_lower_bound`), which a student can lower by
+    concentrating its mass while the full KL rises, so OPD keeps its best step by the exact one."""
     batch = TransformersEngine(student, tokenizer, batch_size, student_kwargs).sample(
         prompts, n=n, max_new_tokens=max_new_tokens, seed=seed
     )
@@ -292,8 +295,11 @@ def heldout_reverse_kl(
         rows = list(range(first, min(first + batch_size, len(batch))))
         pk = batch.select(rows).pack(tokenizer.pad_token_id, next(student.parameters()).device)
         s_N_V, _ = score_rollouts(student, pk, student_kwargs)
-        kl_N = reverse_kl_topk_lower_bound(
-            s_N_V, score_rollouts(teacher, pk, teacher_kwargs)[0], top_k
+        t_N_V = score_rollouts(teacher, pk, teacher_kwargs)[0]
+        kl_N = (
+            reverse_kl_exact(s_N_V, t_N_V)
+            if top_k is None
+            else reverse_kl_topk_lower_bound(s_N_V, t_N_V, top_k)
         )
         total, count = total + float(kl_N.sum()), count + kl_N.numel()
     return total / max(count, 1)

@@ -1,4 +1,4 @@
-"""OPD's way in and way out (`stages/opd.py`'s `train_opd`): the refusals before a run, the
+"""OPD's way in and way out (`opd_loop.train_opd`): the refusals before a run, the
 rollouts of every rank put back in the one-process order, the artifact's files and the run's
 summary metrics, and the student it starts from (the distill adapter, or a fresh LoRA).
 """
@@ -113,9 +113,9 @@ def summary(p, progress: Progress, geometry, n_trainable, fraction) -> dict[str,
         "steps": p.steps,
         "reverse_kl_topk_lb_start": steps_df["reverse_kl_topk_lb"].head(edge).mean(),
         "reverse_kl_topk_lb_end": steps_df["reverse_kl_topk_lb"].tail(edge).mean(),
-        "heldout_reverse_kl_topk_lb_before": progress.kl_before,
-        "heldout_reverse_kl_topk_lb_after": last,  # the last step's, published or not
-        "heldout_reverse_kl_topk_lb_kept": progress.best_value,
+        "heldout_reverse_kl_exact_before": progress.kl_before,
+        "heldout_reverse_kl_exact_after": last,  # the last step's, published or not
+        "heldout_reverse_kl_exact_kept": progress.best_value,
         "heldout_eval_every": p.eval_every,
         "kept_step": p.steps if progress.best_step is None else progress.best_step,
         "improved": None if last is None else progress.best_step != 0,

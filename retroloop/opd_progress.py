@@ -1,4 +1,4 @@
-"""OPD's run state between steps, and how a checkpoint keeps it (`stages/opd.py`'s loop).
+"""OPD's run state between steps, and how a checkpoint keeps it (`retroloop.opd_loop`).
 
 A resumed OPD run must continue bit for bit: the adapter and AdamW go through
 `training.save_checkpoint`; what is OPD's own rides along as the checkpoint's `extra` files and

@@ -149,7 +149,13 @@ def test_per_step_plots_name_what_the_stages_log() -> None:
     logged = {
         "distill": {"loss", "ce", "kl", "lr", "recurrence", "mu"},
         "static": {"loss", "ce", "kl", "lr", "recurrence", "mu"},
-        "opd": {"reverse_kl_topk_lb", "reverse_kl_sampled", "sampler_learner_kl", "entropy"},
+        "opd": {
+            "reverse_kl_exact",
+            "reverse_kl_topk_lb",
+            "reverse_kl_sampled",
+            "sampler_learner_kl",
+            "entropy",
+        },
     }
     for entry in top:
         for file, cols in _plot_files(next(iter(entry.values()))).items():

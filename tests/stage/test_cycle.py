@@ -339,7 +339,7 @@ def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 from retroloop.artifacts import ArtifactWriter
 from retroloop import cycle_training
-from retroloop.stages import opd
+from retroloop import opd_loop
 if point == "midtrain":  # after the first mid-training step
     make = cycle_training.make_optimizer
     def make_dying(*args, **kwargs):
@@ -349,7 +349,7 @@ if point == "midtrain":  # after the first mid-training step
         return optimizer
     cycle_training.make_optimizer = make_dying
 elif point == "opd":  # at the first OPD update
-    opd.opd_step = die
+    opd_loop.opd_step = die
 elif point == "publish":  # the whole cycle written under .work/, before the rename
     finish = ArtifactWriter.finish
     ArtifactWriter.finish = lambda self, **kw: (finish(self, **kw), die())

@@ -32,14 +32,14 @@ import logging, os, signal, sys
 sys.path.insert(0, sys.argv[4])
 from helpers_cycle import recipe
 from retroloop import cycle_training
-from retroloop.stages import opd
+from retroloop import opd_loop
 
 logging.basicConfig(level=logging.INFO)
 phase, _, at = sys.argv[3].partition(":")
 def die(step):
     if step == int(at):
         os.kill(os.getpid(), signal.SIGKILL)
-setattr(cycle_training if phase == "midtrain" else opd, "_after_step", die)
+setattr(cycle_training if phase == "midtrain" else opd_loop, "_after_step", die)
 recipe(sys.argv[1], sys.argv[2])
 """
 

@@ -21,6 +21,7 @@ from helpers_distill import build_upstream
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from retroloop import opd_loop
 from retroloop.config import load_params
 from retroloop.errors import ConfigError
 from retroloop.models.loading import load_model, load_tokenizer
@@ -73,7 +74,7 @@ def heldout_kl_of(adapter: Path, cfg) -> float:
         return heldout_reverse_kl(
             student, load_model(TEACHER), load_tokenizer(STUDENT), prompts,
             n=p.rollout.samples_per_prompt, max_new_tokens=p.rollout.max_new_tokens,
-            top_k=p.vopd_top_k, seed=cfg.seed,
+            seed=cfg.seed,
         )  # fmt: skip
 
 
@@ -83,18 +84,18 @@ def test_stage_publishes_the_best_heldout_step_not_the_last(workdir, monkeypatch
     # 4-step one. The scripted measure is called at steps 0, 1, 2, 3, 4 (eval_every 1).
     save_parent()
     values = iter([1.0, 0.9, 0.5, 0.7, 0.8])
-    monkeypatch.setattr(opd._Loop, "heldout_kl", lambda self, prompts: next(values))
+    monkeypatch.setattr(opd_loop._Loop, "heldout_kl", lambda self, prompts: next(values))
     m = opd.run(tiny(**{"opd.steps": 4, "opd.eval_every": 1}), out_dir=Path("data/best")).metrics
     assert (m["kept_step"], m["improved"]) == (2, True)
-    assert m["heldout_reverse_kl_topk_lb_kept"] == 0.5
-    assert (m["heldout_reverse_kl_topk_lb_before"], m["heldout_reverse_kl_topk_lb_after"]) == (1.0, 0.8)  # fmt: skip
+    assert m["heldout_reverse_kl_exact_kept"] == 0.5
+    assert (m["heldout_reverse_kl_exact_before"], m["heldout_reverse_kl_exact_after"]) == (1.0, 0.8)  # fmt: skip
     steps = read_steps(Path("data/best"))
-    assert steps[opd.HELDOUT].to_list() == [0.9, 0.5, 0.7, 0.8]
+    assert steps[opd_loop.HELDOUT].to_list() == [0.9, 0.5, 0.7, 0.8]
 
     # Every step better than the last: the last step is published. (Same held-out prompts, so
     # the same training pool: opd_io.validation_split holds them out of it.)
     falling = itertools.count(0, -1)
-    monkeypatch.setattr(opd._Loop, "heldout_kl", lambda self, prompts: float(next(falling)))
+    monkeypatch.setattr(opd_loop._Loop, "heldout_kl", lambda self, prompts: float(next(falling)))
     two = opd.run(tiny(**{"opd.steps": 2}), out_dir=Path("data/two"), checkpoint_dir=Path("data/c2"))  # fmt: skip
     four = opd.run(tiny(**{"opd.steps": 4}), out_dir=Path("data/four"), checkpoint_dir=Path("data/c4"))  # fmt: skip
     assert (two.metrics["kept_step"], four.metrics["kept_step"]) == (2, 4)
@@ -112,11 +113,11 @@ def test_stage_evaluates_every_eval_every_steps_and_the_last(workdir, monkeypatc
         calls.append(list(prompts))
         return 1.0  # a tie everywhere: the earliest step (the start) is kept
 
-    monkeypatch.setattr(opd._Loop, "heldout_kl", measure)
+    monkeypatch.setattr(opd_loop._Loop, "heldout_kl", measure)
     cfg = tiny(**{"opd.steps": 3, "opd.eval_every": 2})
     m = opd.run(cfg).metrics
     steps = read_steps(Path("data/opd"))
-    assert steps[opd.HELDOUT].to_list() == [None, 1.0, 1.0]  # steps 2 and 3 (the last)
+    assert steps[opd_loop.HELDOUT].to_list() == [None, 1.0, 1.0]  # steps 2 and 3 (the last)
     # The held-out prompts are the train split's last rows (not instruct_eval, which evaluate
     # reports on), and OPD never samples them for training.
     train = pl.read_parquet("data/prepare/datasets/instruct_train.parquet")
@@ -137,11 +138,11 @@ def test_stage_with_a_harmful_lr_keeps_the_starting_adapter(workdir, caplog):
     # 3 steps) and the published adapter is the parent's, byte for byte, and says so.
     parent = save_parent(b_std=0.01)
     cfg = tiny(**{"opd.steps": 2, "opd.eval_every": 1, "opd.lr": 0.3})
-    with caplog.at_level(logging.WARNING, logger="retroloop.stages.opd"):
+    with caplog.at_level(logging.WARNING, logger="retroloop.opd_loop"):
         m = opd.run(cfg, inputs={"teacher": STUDENT}).metrics
     assert (m["kept_step"], m["improved"]) == (0, False), m
-    assert m["heldout_reverse_kl_topk_lb_kept"] == m["heldout_reverse_kl_topk_lb_before"]
-    assert m["heldout_reverse_kl_topk_lb_after"] > 2 * m["heldout_reverse_kl_topk_lb_before"]
+    assert m["heldout_reverse_kl_exact_kept"] == m["heldout_reverse_kl_exact_before"]
+    assert m["heldout_reverse_kl_exact_after"] > 2 * m["heldout_reverse_kl_exact_before"]
     assert "the published adapter is the starting one" in caplog.text
     published = load_file(f"data/opd/{ADAPTER}")
     assert published.keys() == parent.keys()
@@ -156,7 +157,7 @@ def test_stage_published_adapter_is_no_worse_than_its_start_on_the_heldout_measu
     save_parent()
     cfg = tiny(**{"opd.steps": 4, "opd.eval_every": 1})
     m = opd.run(cfg).metrics
-    kept, before = m["heldout_reverse_kl_topk_lb_kept"], m["heldout_reverse_kl_topk_lb_before"]
+    kept, before = m["heldout_reverse_kl_exact_kept"], m["heldout_reverse_kl_exact_before"]
     assert kept <= before and m["improved"] == (kept < before)
     assert heldout_kl_of(Path("data/opd/adapter"), cfg) == pytest.approx(kept, rel=1e-5)
     assert heldout_kl_of(Path("data/distill/adapter"), cfg) == pytest.approx(before, rel=1e-5)

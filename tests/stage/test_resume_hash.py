@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from helpers_distill import TINY, tiny, workdir  # noqa: F401  (fixture)
 
+from retroloop import opd_loop
 from retroloop.stages import cache_teacher, distill, opd, static
 
 STEPS = 4  # distill.checkpoint_every is 2 in the tiny profile: checkpoints at steps 2 and 4
@@ -93,13 +94,13 @@ def test_opd_killed_and_resumed_publishes_the_uninterrupted_bytes(
     ref = opd.run(cfg, out_dir=Path("data/ref_opd"), checkpoint_dir=Path("data/ck_ref_opd"))
     assert not list(Path("data/ck_ref_opd").glob("step_*"))  # cleared once published
     for step in kills:
-        _kill_at(monkeypatch, step, opd)
+        _kill_at(monkeypatch, step, opd_loop)
         with pytest.raises(KeyboardInterrupt):
             opd.run(cfg)
         assert not Path("data/opd").exists()
     assert list(Path("data/checkpoints/opd").glob("step_*"))  # kept for resume
-    monkeypatch.setattr(opd, "_after_step", lambda step: None)
-    with caplog.at_level(logging.INFO, logger="retroloop.stages.opd"):
+    monkeypatch.setattr(opd_loop, "_after_step", lambda step: None)
+    with caplog.at_level(logging.INFO, logger="retroloop.opd_loop"):
         resumed = opd.run(cfg)
     last = max(k for k in kills) // 2 * 2
     assert f"(step {last} of 6)" in caplog.text  # resumed, not retrained
@@ -112,13 +113,14 @@ def test_opd_killed_and_resumed_publishes_the_uninterrupted_bytes(
 _SIGKILL_AFTER_STEP_3 = """
 import os, signal, sys
 from retroloop.config import load_params
+from retroloop import opd_loop
 from retroloop.stages import opd
 
 def die(step):
     if step == 3:
         os.kill(os.getpid(), signal.SIGKILL)
 
-opd._after_step = die
+opd_loop._after_step = die
 opd.run(load_params(sys.argv[1], {"threads": 1, "opd.steps": 6, "opd.checkpoint_every": 2}))
 """
 

@@ -33,7 +33,7 @@ def test_bench_peer_without_trl_is_one_line_naming_the_extra(
 def test_the_core_never_imports_trl() -> None:
     code = (
         "import sys, retroloop.cli, retroloop.commands, retroloop.stages.distill, "
-        "retroloop.stages.opd, retroloop.onpolicy, benchmarks.bench_peer; "
+        "retroloop.stages.opd, retroloop.opd_loop, retroloop.onpolicy, benchmarks.bench_peer; "
         "print('trl' in sys.modules)"
     )
     proc = subprocess.run(

@@ -125,7 +125,7 @@ def test_train_opd_hands_the_model_dir_and_adapter_rank_to_the_engine(
     tmp_path, monkeypatch
 ) -> None:
     """The bug: `train_opd` built the vllm engine without `model_dir` (a bare AssertionError)."""
-    from retroloop.stages import opd
+    from retroloop import opd_loop as opd
 
     student, teacher, tokenizer = _tiny_peft(tmp_path)
     seen = {}
