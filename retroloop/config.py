@@ -295,7 +295,9 @@ class DistillParams(Strict):
     steps: int = Field(16, gt=0)
     batch_size: int = Field(4, gt=0, description="sequences per micro-batch")
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(1e-3, gt=0.0, description="peak LR of the LoRA (~10x the full fine-tuning LR)")
+    lr: float = Field(
+        1e-3, gt=0.0, description="peak LR of the LoRA (~10x the full fine-tuning LR)"
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="after warm-up: constant, or cosine from lr down to 0"
     )

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +61,25 @@ from retroloop import datasets, registry
 from retroloop.artifacts import InputRef, input_ref
 from retroloop.canonical import canonicalize
 from retroloop.config import Params
-from retroloop.cycle_inputs import ModelRef, load_domain_file, load_ref, resolve_models, teacher_key
+from retroloop.cycle_inputs import (
+    ModelRef,
+    load_domain_file,
+    load_ref,
+    replay_sequences,
+    resolve_models,
+    teacher_key,
+)
 from retroloop.cycle_publish import PHASES, RecordingLog, Rows, phase_rows, summary, write_cycle
 from retroloop.cycle_training import RESUME, phase_checkpoints, resume_dir
 from retroloop.cycle_training import sft as _sft
-from retroloop.errors import ArtifactError, DataError, MismatchError, ModelError
+from retroloop.errors import ArtifactError, MismatchError, ModelError
 from retroloop.eval.suite import build_eval_data, evaluate_model
 from retroloop.models.loading import load_tokenizer, resolve_device
 from retroloop.onpolicy import check_same_tokenizer
 from retroloop.opd_io import validation_split
 from retroloop.opd_loop import train_opd
 from retroloop.rngstate import restore_rng_state, save_rng_state
-from retroloop.sequences import IGNORE, chat_sequence, text_sequence
+from retroloop.sequences import chat_sequence, text_sequence
 from retroloop.stages.common import dataset_path, setup_run
 
 __all__ = ["PHASES", "load_domain_file", "phase_rows", "summary"]  # re-exported for callers
@@ -278,7 +285,8 @@ def _steplog(run: CycleRun, step: str) -> RecordingLog:
 
 def midtrain(run: CycleRun) -> Trained:
     """Step 3: LoRA mid-training of `run.start` on the new domain documents (next-token CE),
-    with `cycle.replay_fraction` of the expected batch replayed instruction data (`_replay`)."""
+    with `cycle.replay_fraction` of the expected batch replayed instruction data
+    (`cycle_inputs.replay_sequences`)."""
     c = run.cfg.cycle
     student, _, tokenizer = _student(run, run.start, teacher=False)
     seqs = [
@@ -286,7 +294,7 @@ def midtrain(run: CycleRun) -> Trained:
         for r in run.inputs.train.iter_rows(named=True)
     ]
     seqs = [s for s in seqs if len(s.input_ids) > 1]
-    seqs += _replay(run, tokenizer, len(seqs))
+    seqs += replay_sequences(run.cfg, tokenizer, _instruct_path("train"), len(seqs))
     replayed = (_instruct_path("train"),) if c.replay_fraction > 0 else ()
     steplog = _steplog(run, "midtrain")
     losses = _sft(
@@ -299,37 +307,6 @@ def midtrain(run: CycleRun) -> Trained:
     steplog.close()
     ckpt = _save(student, run.work / "midtrain")
     return Trained(ckpt, {}, tuple(losses), tuple(steplog.rows))
-
-
-def _replay(run: CycleRun, tokenizer, n_domain: int) -> list:
-    """Instruction sequences (prompt + the teacher's response from prepare, loss on the
-    response) mixed into mid-training: n_r = round(f·n_domain / (1 − f)) of them, so a batch
-    drawn uniformly from the n_domain + n_r sequences holds f = `cycle.replay_fraction` of
-    replay in expectation (the chat-data mix of Thinking Machines' mid-training, which alone
-    kept most of IFEval). Rows cycle in a seeded order; OPD's held-out tail is never replayed,
-    nor a row whose prompt leaves no response token within `cycle.max_seq_len`."""
-    c, f = run.cfg.cycle, run.cfg.cycle.replay_fraction
-    if f == 0.0:
-        return []
-    rows, _ = validation_split(pl.read_parquet(_instruct_path("train")), run.cfg.opd)
-    rows = rows.sample(fraction=1.0, shuffle=True, seed=run.cfg.seed).to_dicts()
-    pool = [
-        chat_sequence(tokenizer, r["id"], r["prompt"], r["response"], c.max_seq_len) for r in rows
-    ]
-    pool = [s for s in pool if any(label != IGNORE for label in s.labels)]
-    if not pool:
-        raise DataError(
-            f"cycle.replay_fraction: {f} but no instruction prompt fits cycle.max_seq_len "
-            f"({c.max_seq_len} tokens) with a response token; raise cycle.max_seq_len or set "
-            "cycle.replay_fraction: 0"
-        )
-    n = round(f * n_domain / (1.0 - f))
-    log.info(
-        "midtrain: %d domain + %d replayed instruction sequences (%.0f%%)", n_domain, n, 100 * f
-    )
-    return [
-        replace(pool[k % len(pool)], id=f"replay:{k}:{pool[k % len(pool)].id}") for k in range(n)
-    ]
 
 
 def recover_with_opd(run: CycleRun, student: Checkpoint) -> Trained:

@@ -4,7 +4,8 @@ loads, each failure one line naming the `cycle.*` key to fix."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
@@ -14,6 +15,10 @@ from retroloop import datasets, registry
 from retroloop.config import Params
 from retroloop.errors import DataError, ModelError, RetroloopError
 from retroloop.models.loading import load_model
+from retroloop.opd_io import validation_split
+from retroloop.sequences import IGNORE, Sequence, chat_sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -134,3 +139,34 @@ def load_ref(ref: ModelRef, cfg: Params, device: torch.device, *, trainable: boo
 
 def teacher_key(cfg: Params) -> str:
     return "cycle.teacher" if cfg.cycle.teacher not in ("previous", "base") else "cycle.base_model"
+
+
+def replay_sequences(cfg: Params, tokenizer, instruct_train: Path, n_domain: int) -> list[Sequence]:
+    """Instruction sequences (prompt + the teacher's response from prepare, loss on the
+    response) mixed into mid-training: n_r = round(f·n_domain / (1 − f)) of them, so a batch
+    drawn uniformly from the n_domain + n_r sequences holds f = `cycle.replay_fraction` of
+    replay in expectation (the chat-data mix of Thinking Machines' mid-training, which alone
+    kept most of IFEval). Rows cycle in a seeded order; OPD's held-out tail is never replayed,
+    nor a row whose prompt leaves no response token within `cycle.max_seq_len`."""
+    c, f = cfg.cycle, cfg.cycle.replay_fraction
+    if f == 0.0:
+        return []
+    rows, _ = validation_split(pl.read_parquet(instruct_train), cfg.opd)
+    rows = rows.sample(fraction=1.0, shuffle=True, seed=cfg.seed).to_dicts()
+    pool = [
+        chat_sequence(tokenizer, r["id"], r["prompt"], r["response"], c.max_seq_len) for r in rows
+    ]
+    pool = [s for s in pool if any(label != IGNORE for label in s.labels)]
+    if not pool:
+        raise DataError(
+            f"cycle.replay_fraction: {f} but no instruction prompt fits cycle.max_seq_len "
+            f"({c.max_seq_len} tokens) with a response token; raise cycle.max_seq_len or set "
+            "cycle.replay_fraction: 0"
+        )
+    n = round(f * n_domain / (1.0 - f))
+    log.info(
+        "midtrain: %d domain + %d replayed instruction sequences (%.0f%%)", n_domain, n, 100 * f
+    )
+    return [
+        replace(pool[k % len(pool)], id=f"replay:{k}:{pool[k % len(pool)].id}") for k in range(n)
+    ]

@@ -37,7 +37,8 @@ from retroloop.onpolicy import (
 )
 from retroloop.opd_io import check_inputs, gather_rollouts, summary, write_outputs
 from retroloop.opd_progress import Progress, resume_progress, rollout_frame, save_progress
-from retroloop.rollout import RolloutEngine, make_engine, vllm_lora_rank
+from retroloop.rollout import RolloutEngine, make_engine
+from retroloop.rollout_vllm import vllm_lora_rank
 from retroloop.steplog import StepLog
 from retroloop.training import seed_for, stop_if_not_finite
 
@@ -137,22 +138,7 @@ def train_opd(
             progress.guard, progress.kl_before = guard, loop.evaluate(0, progress, heldout_prompts)  # fmt: skip
             tracker.snapshot(0)
         loop.push_adapter(progress.step)
-        bar = tqdm(range(progress.step + 1, p.steps + 1), desc=log_prefix, unit="step",
-                   initial=progress.step, total=p.steps, disable=not env.is_main)  # fmt: skip
-        for step in bar:
-            row = loop.step(step, progress)
-            if step % p.eval_every == 0 or step == p.steps:
-                row[HELDOUT] = loop.evaluate(step, progress, heldout_prompts)
-            if steplog is not None:
-                steplog.log(row)
-            if step % p.geometry_every == 0 or step == p.steps:
-                tracker.snapshot(step)
-            if checkpoints is not None and checkpoints.due(step):
-                if env.is_main:
-                    save_progress(checkpoints, step, student, optimizer, progress, tracker)
-                training.barrier(env)
-            bar.set_postfix(kl=f"{row['reverse_kl_topk_lb']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
-            _after_step(step)
+        loop.run_steps(progress, tracker, steplog, heldout_prompts)
     loop.keep_best(progress)
     if own_log:
         steplog.close()
@@ -173,6 +159,7 @@ class _Loop:
         self.engine, self.optimizer, self.trainable, self.rows = engine, optimizer, trainable, rows
         self.seed, self.s_kwargs, self.teacher_kwargs = seed, s_kwargs, teacher_kwargs
         self.log_prefix, self.out_dir, self.guards = log_prefix, out_dir, guards
+        self.checkpoints = checkpoints
         self.checkpoint_dir = checkpoints.root if checkpoints is not None else None
         self.n_trainable = sum(q.numel() for q in trainable)
 
@@ -185,6 +172,28 @@ class _Loop:
             p.prompts_per_step * p.rollout.samples_per_prompt, p.rollout.max_new_tokens,
             self.n_trainable, n_all, 100 * self.n_trainable / n_all, p.recurrence or "default", p.lr,
         )  # fmt: skip
+
+    def run_steps(self, progress: Progress, tracker: GeometryTracker, steplog: StepLog | None,
+                  heldout_prompts: list[str] | None) -> None:  # fmt: skip
+        """Steps `progress.step + 1 .. p.steps`: each step, its held-out evaluation every
+        `eval_every` (and at the last), its log row, geometry snapshot and checkpoint."""
+        p, env, ckpts = self.p, self.env, self.checkpoints
+        bar = tqdm(range(progress.step + 1, p.steps + 1), desc=self.log_prefix, unit="step",
+                   initial=progress.step, total=p.steps, disable=not env.is_main)  # fmt: skip
+        for step in bar:
+            row = self.step(step, progress)
+            if step % p.eval_every == 0 or step == p.steps:
+                row[HELDOUT] = self.evaluate(step, progress, heldout_prompts)
+            if steplog is not None:
+                steplog.log(row)
+            if step % p.geometry_every == 0 or step == p.steps:
+                tracker.snapshot(step)
+            if ckpts is not None and ckpts.due(step):
+                if env.is_main:
+                    save_progress(ckpts, step, self.student, self.optimizer, progress, tracker)
+                training.barrier(env)
+            bar.set_postfix(kl=f"{row['reverse_kl_exact']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
+            _after_step(step)
 
     def guard(self, heldout_prompts: list[str] | None) -> dict[str, Any]:
         """`retroloop.guards`' run-time check of the sampler and the teacher's scoring."""

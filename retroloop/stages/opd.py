@@ -40,7 +40,8 @@ from retroloop.models.loading import load_model, load_tokenizer, tokenizer_finge
 from retroloop.onpolicy import check_same_tokenizer
 from retroloop.opd_io import load_student, validation_split
 from retroloop.opd_loop import OUTPUTS, train_opd
-from retroloop.rollout import make_engine, vllm_lora_rank
+from retroloop.rollout import make_engine
+from retroloop.rollout_vllm import vllm_lora_rank
 from retroloop.runlock import exclusive
 from retroloop.stages.common import (
     CONVERTED_MODEL,

@@ -13,7 +13,7 @@ import torch
 from retroloop.config import OpdParams, RolloutParams, TinyModelSpec
 from retroloop.errors import ConfigError, MissingExtraError
 from retroloop.models.loading import build_tiny_model, build_tiny_tokenizer
-from retroloop.rollout import VllmEngine, rollouts_from_vllm, vllm_lora_rank
+from retroloop.rollout_vllm import VllmEngine, rollouts_from_vllm, vllm_lora_rank
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 NO_VLLM = "vLLM is not installed (a CUDA-only optional extra: pip install 'retroloop[vllm]')"
