@@ -228,10 +228,11 @@ def _micro_batch(
         raise MismatchError(
             f"opd: student vocabulary {s_N_V.shape[-1]} != teacher {t_N_V.shape[-1]}"
         )
-    exact_kl_N = reverse_kl_exact(s_N_V, t_N_V)  # keeps s_N_V's graph: the exact objective's loss
+    exact = p.objective == "exact_reverse_kl"  # only its loss keeps s_N_V's graph (an [N, V] one)
+    exact_kl_N = reverse_kl_exact(s_N_V if exact else s_N_V.detach(), t_N_V)
     s_N_V = s_N_V.detach()
     kl_N = reverse_kl_topk_lower_bound(s_N_V, t_N_V, p.vopd_top_k)
-    if p.objective == "exact_reverse_kl":
+    if exact:
         # Σ_n kl_coef·KL_n(π_θ‖π_T) / N: the gradient flows through the student's whole
         # distribution at each sampled prefix; a sequence reward, if any, is a REINFORCE term.
         loss = p.kl_coef * exact_kl_N.sum() / n_total
