@@ -365,6 +365,17 @@ def opd_pg_loss(
     return -(log_ratio_B_T.exp() * adv_B_T).sum() / mask.sum().clamp_min(1)
 
 
+def reverse_kl_exact(student_logits_N_V: Tensor, teacher_logits_N_V: Tensor) -> Tensor:
+    """KL(π_S‖π_T) = Σ_v π_S(v) (log π_S(v) − log π_T(v)) over the full vocabulary → `[N]` fp32,
+    differentiable in the student's logits: OPD's `exact_reverse_kl` per-position loss and
+    evaluation's reverse KL on the student's samples (0 · log 0 = 0 where π_S has no mass)."""
+    return divergence_from_logprobs(
+        F.log_softmax(teacher_logits_N_V.float(), dim=-1),
+        F.log_softmax(student_logits_N_V.float(), dim=-1),
+        "reverse_kl",
+    )
+
+
 def reverse_kl_topk_lower_bound(
     student_logits_N_V: Tensor, teacher_logits_N_V: Tensor, k: int
 ) -> Tensor:

@@ -34,11 +34,11 @@ from retroloop.config import OpdParams
 from retroloop.errors import ConfigError, MismatchError
 from retroloop.guards import GUARD_NEW_TOKENS, guard_error, tolerance_for
 from retroloop.losses import (
-    divergence_from_logprobs,
     entropy_from_logits,
     gather_logprobs,
     opd_advantages,
     opd_pg_loss,
+    reverse_kl_exact,
     reverse_kl_single_sample,
     reverse_kl_topk_lower_bound,
 )
@@ -112,18 +112,6 @@ def score_rollouts(
     logp_B_T = logp_N.new_zeros(pk.mask_B_T.shape)
     logp_B_T[pk.mask_B_T] = logp_N
     return logits_N_V, logp_B_T
-
-
-def reverse_kl_exact(
-    student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor
-) -> torch.Tensor:
-    """KL(π_S‖π_T) = Σ_v π_S(v) (log π_S(v) − log π_T(v)) over the full vocabulary → `[N]` fp32,
-    differentiable in the student's logits (the `exact_reverse_kl` objective's per-position loss)."""
-    return divergence_from_logprobs(
-        F.log_softmax(teacher_logits_N_V.float(), dim=-1),
-        F.log_softmax(student_logits_N_V.float(), dim=-1),
-        "reverse_kl",
-    )
 
 
 def opd_step(

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from retroloop.errors import MismatchError
 from retroloop.eval.generation import encode_chat_prompts, eos_token_ids, sampling_kwargs
 from retroloop.eval.unrolled import logits_per_key
-from retroloop.losses import divergence_from_logprobs
+from retroloop.losses import reverse_kl_exact
 from retroloop.sequences import pad_id, pad_left, pad_right
 
 
@@ -138,10 +138,7 @@ def reverse_kl_exact_on_samples(
                 f"student and teacher output {student_N_V.shape[-1]} vs {teacher_N_V.shape[-1]} logits; "
                 "they must share one tokenizer and vocabulary"
             )
-        logp_s_N_V = F.log_softmax(student_N_V.float(), dim=-1)
-        logp_t_N_V = F.log_softmax(teacher_N_V.float(), dim=-1)
-        # 0 · log 0 = 0: where the student puts no mass the term vanishes (losses' clamp).
-        kl_N = divergence_from_logprobs(logp_t_N_V, logp_s_N_V, "reverse_kl")
+        kl_N = reverse_kl_exact(student_N_V, teacher_N_V)
         total += kl_N.sum().item()
         count += kl_N.numel()
     return total / count if count else 0.0
