@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from retroloop.config import ModelSource
-from retroloop.errors import ModelError
+from retroloop.errors import ConfigError, ModelError
 from retroloop.models.tiny import (
     build_tiny_model,
     build_tiny_tokenizer,
@@ -39,12 +39,25 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, dtype: str = "float32") -> torch.device:
+    """The `device` param as a torch device (`auto`: CUDA when visible), refusing in one line
+    a CUDA device that is not there, or `dtype: bfloat16` on a GPU without native bf16."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelError(
             "device: 'cuda' requested but no CUDA device is visible; use 'auto' or 'cpu'"
+        )
+    # CPU kernels cover bf16 everywhere; a GPU before compute capability 8.0 (V100, T4) only
+    # emulates it, many times slower than fp16, so it is refused rather than run.
+    if (
+        device == "cuda"
+        and dtype == "bfloat16"
+        and not torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
+        raise ConfigError(
+            f"dtype: 'bfloat16' but {torch.cuda.get_device_name()} has no native bf16 (compute "
+            "capability < 8.0); set dtype: float16 or float32 (or device: cpu)"
         )
     return torch.device(device)
 

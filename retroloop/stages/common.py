@@ -89,7 +89,7 @@ def setup_run(cfg: Params) -> torch.device:
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.dtype)
     log.info(
         "device=%s dtype=%s threads=%d seed=%d",
         device,
