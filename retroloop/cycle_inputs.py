@@ -109,13 +109,15 @@ def load_ref(ref: ModelRef, cfg: Params, device: torch.device, *, trainable: boo
     """Load base (+ adapter); any failure is one line naming the `cycle.*` key to fix."""
     from peft import PeftModel, get_peft_model
 
-    from retroloop.models.lora import lora_config_for
+    from retroloop.models.lora import fp32_trainable, lora_config_for
 
     try:
         model = load_model(ref.base, cfg.dtype, device)
         if ref.adapter is not None:
-            return PeftModel.from_pretrained(
-                model, ref.adapter, is_trainable=trainable, trust_remote_code=False
+            return fp32_trainable(
+                PeftModel.from_pretrained(
+                    model, ref.adapter, is_trainable=trainable, trust_remote_code=False
+                )
             )
     except ModelError as err:  # load_model's one line, with the key to fix in front
         raise ModelError(f"{key}: {err}") from None
@@ -134,7 +136,7 @@ def load_ref(ref: ModelRef, cfg: Params, device: torch.device, *, trainable: boo
         model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout,
         target_modules=lo.target_modules, train_adapter=lo.train_adapter,
     )  # fmt: skip
-    return get_peft_model(model, config)
+    return fp32_trainable(get_peft_model(model, config))
 
 
 def teacher_key(cfg: Params) -> str:

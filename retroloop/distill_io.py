@@ -104,9 +104,9 @@ def load_student(path: Path, cfg: Params, device: torch.device) -> torch.nn.Modu
     if cfg.distill.lora.enabled:
         from peft import get_peft_model
 
-        from retroloop.models.lora import lora_config_from
+        from retroloop.models.lora import fp32_trainable, lora_config_from
 
-        model = get_peft_model(model, lora_config_from(model, cfg.distill.lora))
+        model = fp32_trainable(get_peft_model(model, lora_config_from(model, cfg.distill.lora)))
     else:
         model.requires_grad_(True)
     return model.train()

@@ -138,18 +138,20 @@ def load_student(base: torch.nn.Module, parent_adapter: Path, p: OpdParams) -> t
     """Continue the distill LoRA (`is_trainable=True`), or start a fresh one from `opd.lora`."""
     from peft import PeftModel, get_peft_model
 
-    from retroloop.models.lora import lora_config_from
+    from retroloop.models.lora import fp32_trainable, lora_config_from
 
     if (Path(parent_adapter) / "adapter_config.json").is_file():
         log.info(
             "continuing the adapter at %s (its own LoRA config holds, not opd.lora)", parent_adapter
         )
-        return PeftModel.from_pretrained(
-            base, parent_adapter, is_trainable=True, trust_remote_code=False
+        return fp32_trainable(
+            PeftModel.from_pretrained(
+                base, parent_adapter, is_trainable=True, trust_remote_code=False
+            )
         )
     if not p.lora.enabled:
         raise ConfigError(
             "opd.lora.enabled: false needs a parent adapter; OPD trains LoRA adapters only"
         )
     log.warning("no parent adapter at %s: OPD starts a fresh LoRA (r=%d)", parent_adapter, p.lora.r)
-    return get_peft_model(base, lora_config_from(base, p.lora))
+    return fp32_trainable(get_peft_model(base, lora_config_from(base, p.lora)))

@@ -15,6 +15,7 @@ pass-input `[0 | I]` that would make recurrence inert, which `retroloop.config` 
 
 from __future__ import annotations
 
+import torch
 from peft import LoraConfig, TaskType
 from torch import nn
 
@@ -92,3 +93,28 @@ def linear_targets(model: nn.Module, exclude: list[str]) -> list[str]:
     if leaves & {name.rsplit(".", 1)[-1] for name in skip}:
         return sorted(kept)
     return sorted(leaves)
+
+
+def fp32_trainable(model: nn.Module) -> nn.Module:
+    """Keep every trainable bf16/fp16 module (the recurrence adapter in `modules_to_save`) in
+    fp32, computing on an fp32 copy of its input and returning the model's dtype; `model`.
+
+    PEFT already upcasts LoRA's A and B (`autocast_adapter_dtype`) but leaves a
+    `modules_to_save` copy in the base's dtype. There an AdamW step (≈ lr ≤ 1e-3) on a weight
+    near 1 is under half the bf16 spacing (2⁻⁹ ≈ 2e-3) and rounds away: on the tiny profile
+    every diagonal entry of the pass-input adapter's `[0 | I]` half stayed exactly 1 through a
+    bf16 distill. Frozen weights stay in the run's dtype; a no-op in fp32."""
+    low = (torch.bfloat16, torch.float16)
+    for module in list(model.modules()):
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad and p.dtype in low for p in own):
+            continue
+        dtype = own[0].dtype
+        module.float()
+        module.register_forward_pre_hook(lambda _m, args: tuple(_up(a) for a in args))
+        module.register_forward_hook(lambda _m, _a, out, dtype=dtype: out.to(dtype))
+    return model
+
+
+def _up(x):
+    return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
