@@ -30,7 +30,7 @@ from retroloop.artifacts import Manifest, atomic_artifact
 from retroloop.config import Params
 from retroloop.errors import ConfigError, ModelError
 from retroloop.eval.generation import generate_responses
-from retroloop.models.loading import load_source_model, tokenizer_fingerprint
+from retroloop.models.loading import DTYPES, load_source_model, tokenizer_fingerprint
 from retroloop.runlock import exclusive
 from retroloop.stages.common import (
     BASE_MODEL,
@@ -89,6 +89,10 @@ def run(cfg: Params, *, inputs: dict | None = None, out_dir: Path = PATHS["prepa
             w.outputs[CHOSEN_TEACHER.name] = "model"
         else:
             teacher, teacher_tokenizer = model, tokenizer
+        # The source is saved in fp32 on purpose, as it was fetched (a GGUF dequantises to
+        # fp32, the tiny model trains in it; every later stage casts it to `dtype` at load);
+        # the teacher writes its responses in the run's `dtype`, the one it scores them in later.
+        teacher.to(DTYPES[cfg.dtype])
 
         instruct_train = with_teacher_responses(
             teacher, teacher_tokenizer, splits["instruct"][0], p

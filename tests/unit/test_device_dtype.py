@@ -4,6 +4,9 @@ naming the key and what to set, before a stage writes anything.
 - `device: cuda` where torch sees no CUDA device (this CPU machine);
 - `dtype: bfloat16` on a GPU without native bf16 (compute capability < 8.0, which torch only
   emulates): no such GPU here, so the capability probes are monkeypatched.
+
+And prepare, the one stage that does not load its model with `load_model(path, dtype)`: it
+saves the source in fp32 and lets the teacher write its responses in the run's dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
 from retroloop.models.loading import resolve_device
 from tests.conftest import TINY_PROFILE
@@ -65,3 +69,25 @@ def test_what_the_machine_has_is_accepted(monkeypatch) -> None:
     assert resolve_device("auto", "float32") == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_device("cuda", "bfloat16") == torch.device("cuda")
+
+
+def test_prepare_saves_the_source_in_fp32_and_its_teacher_answers_in_the_runs_dtype(
+    tmp_path, monkeypatch
+) -> None:
+    from retroloop.config import load_params
+    from retroloop.stages import prepare
+
+    seen = []
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        return real(model, *args, **kwargs)
+
+    real = prepare.generate_responses
+    monkeypatch.setattr(prepare, "generate_responses", spy)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_params(TINY_PROFILE, {"dtype": "bfloat16", "prepare.model.tiny.train_steps": 1})
+    prepare.run(cfg)
+    assert seen == [torch.bfloat16]
+    with safe_open("data/prepare/model/model.safetensors", "pt") as f:
+        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"F32"}  # noqa: SIM118
