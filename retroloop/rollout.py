@@ -18,27 +18,30 @@ any sampler/learner mismatch (precision, kernels, a stale adapter).
 The hand loop (rather than `model.generate(output_scores=True)`) is used because (1) it
 samples from our own `torch.Generator`, so a seed reproduces the samples without touching the
 global RNG; (2) nothing from a model's `generation_config` (HF's default top_k = 50, repetition
-penalties) can silently truncate the distribution; (3) it keeps pace with `generate`:
-`retroloop bench opd` times the two side by side (`engine_vs_generate_tokens_per_s_ratio`;
-its last results are in the README). Prompts go
+penalties) can silently truncate the distribution; (3) it outpaces `generate` (`retroloop bench
+opd`, `engine_vs_generate_tokens_per_s_ratio`): the LoRA is merged into a copy of the weights
+for sampling, a prompt's n samples share one prefill, the KV cache has room for the whole
+rollout, and a token is drawn by inverting the CDF rather than an exponential race. Prompts go
 through the chat template with `add_generation_prompt=True` (`eval.generation.encode_chat_prompts`),
 tokenised without extra specials: the same ids the teacher later scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from retroloop.config import RolloutParams
 from retroloop.eval.generation import encode_chat_prompts, eos_token_ids
@@ -71,15 +74,9 @@ class RolloutBatch:
 
     def select(self, rows: list[int]) -> RolloutBatch:
         """A sub-batch (e.g. one micro-batch) with the given rows."""
-        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
-        return RolloutBatch(
-            pick(self.prompt_index),
-            pick(self.sample_index),
-            pick(self.prompt_ids),
-            pick(self.completion_ids),
-            pick(self.sampler_logprobs),
-            pick(self.finished),
-        )
+        lists = (self.prompt_index, self.sample_index, self.prompt_ids, self.completion_ids,
+                 self.sampler_logprobs, self.finished)  # fmt: skip
+        return RolloutBatch(*([xs[i] for i in rows] for xs in lists))
 
     def pack(self, pad_id: int, device: torch.device | str = "cpu") -> PackedRollouts:
         """Right-padded prompt+completion tensors for one teacher-forced forward pass."""
@@ -185,8 +182,9 @@ class TransformersEngine:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         self.eos = eos_ids(tokenizer, model)
+        self._head_memo: dict[str, Any] = {}  # see `sampling_linears`
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         prompts: list[str],
@@ -218,19 +216,20 @@ class TransformersEngine:
         self.model.eval()
         out = RolloutBatch()
         try:
-            for first in range(0, len(rows), self.batch_size):
-                chunk = rows[first : first + self.batch_size]
-                ids = [prompt_ids[i] for i, _ in chunk]
-                gens = gen if isinstance(gen, torch.Generator) else [gen[r] for r in chunk]
-                completions, logprobs, finished = self._sample_chunk(
-                    ids, max_new_tokens, temperature, top_p, gens, device
-                )
-                out.prompt_index += [i for i, _ in chunk]
-                out.sample_index += [j for _, j in chunk]
-                out.prompt_ids += ids
-                out.completion_ids += completions
-                out.sampler_logprobs += logprobs
-                out.finished += finished
+            with sampling_linears(self.model, self._head_memo):
+                for first in range(0, len(rows), self.batch_size):
+                    chunk = rows[first : first + self.batch_size]
+                    ids = [prompt_ids[i] for i, _ in chunk]
+                    gens = gen if isinstance(gen, torch.Generator) else [gen[r] for r in chunk]
+                    completions, logprobs, finished = self._sample_chunk(
+                        ids, max_new_tokens, temperature, top_p, gens, device
+                    )
+                    out.prompt_index += [i for i, _ in chunk]
+                    out.sample_index += [j for _, j in chunk]
+                    out.prompt_ids += ids
+                    out.completion_ids += completions
+                    out.sampler_logprobs += logprobs
+                    out.finished += finished
         finally:
             self.model.train(was_training)
         out.seconds = time.perf_counter() - start
@@ -245,30 +244,16 @@ class TransformersEngine:
         gen: torch.Generator | list[torch.Generator],
         device: torch.device,
     ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
-        B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-        ids_B_P = torch.full((B, P), self.pad_id, dtype=torch.long)
-        attn_B_P = torch.zeros((B, P), dtype=torch.long)
-        for b, p in enumerate(prompt_ids):  # left padding: the next token is always column -1
-            ids_B_P[b, P - len(p) :] = torch.tensor(p)
-            attn_B_P[b, P - len(p) :] = 1
-        ids_B_P, attn_B_T = ids_B_P.to(device), attn_B_P.to(device)
-        pos_B_T = (attn_B_T.cumsum(-1) - 1).clamp_min(0)
+        B = len(prompt_ids)
+        logits_B_V, cache, attn_B_T, pos_B_T = self._prefill(prompt_ids, max_new_tokens, device)
         eos_V = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
-
-        out = self.model(
-            input_ids=ids_B_P,
-            attention_mask=attn_B_T,
-            position_ids=pos_B_T,
-            use_cache=True,
-            logits_to_keep=1,  # only the last position's logits are needed
-            **self.generate_kwargs,
-        )
+        out = {"logits": logits_B_V[:, None], CACHE_KWARG: cache}
         tokens_B_N = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
         logp_B_N = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
         done_B = torch.zeros(B, dtype=torch.bool, device=device)
         length_B = torch.zeros(B, dtype=torch.long, device=device)
         for t in range(max_new_tokens):
-            logp_B_V = sampling_logprobs(out.logits[:, -1], temperature, top_p)
+            logp_B_V = sampling_logprobs(out["logits"][:, -1], temperature, top_p)
             next_B = _draw(logp_B_V.exp(), gen)
             next_B = torch.where(done_B, self.pad_id, next_B)
             tokens_B_N[:, t] = next_B
@@ -278,20 +263,138 @@ class TransformersEngine:
             if bool(done_B.all()) or t == max_new_tokens - 1:
                 break
             attn_B_T = F.pad(attn_B_T, (0, 1), value=1)
-            pos_B_T = pos_B_T[:, -1:] + 1
-            out = self.model(
-                input_ids=next_B[:, None],
-                attention_mask=attn_B_T,
-                position_ids=pos_B_T,
-                use_cache=True,
-                **{CACHE_KWARG: out[CACHE_KWARG]},
-                logits_to_keep=1,
-                **self.generate_kwargs,
-            )
+            pos_B_T = pos_B_T + 1
+            kw = {CACHE_KWARG: out[CACHE_KWARG], **self.generate_kwargs}
+            out = self.model(input_ids=next_B[:, None], attention_mask=attn_B_T,
+                             position_ids=pos_B_T, use_cache=True, logits_to_keep=1, **kw)  # fmt: skip
         lengths, tokens, logps = length_B.tolist(), tokens_B_N.tolist(), logp_B_N.tolist()
         completions = [tokens[b][: lengths[b]] for b in range(B)]
         finished = [bool(c) and c[-1] in self.eos for c in completions]
         return completions, [logps[b][: lengths[b]] for b in range(B)], finished
+
+    def _prefill(
+        self, prompt_ids: list[list[int]], max_new_tokens: int, device: torch.device
+    ) -> tuple[Tensor, Any, Tensor, Tensor]:
+        """Next-token logits `[B, V]`, KV cache, attention mask and last position ids of the
+        rows (left-padded: the next token is column −1). The distinct prompts run once, and each
+        cache layer is copied to one row per sample with room for `max_new_tokens` more."""
+        distinct = list(dict.fromkeys(map(tuple, prompt_ids)))
+        row_src = torch.tensor([distinct.index(tuple(p)) for p in prompt_ids], device=device)
+        U, P = len(distinct), max(map(len, distinct))
+        ids_U_P = torch.tensor([[self.pad_id] * (P - len(p)) + list(p) for p in distinct])
+        attn_U_P = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in distinct])
+        ids_U_P, attn_U_P = ids_U_P.to(device), attn_U_P.to(device)
+        pos_U_P = (attn_U_P.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids_U_P, attention_mask=attn_U_P, position_ids=pos_U_P,
+                         use_cache=True, logits_to_keep=1, **self.generate_kwargs)  # fmt: skip
+        cache = out[CACHE_KWARG]
+        for i, layer in enumerate(cache.layers):
+            if type(layer) is DynamicLayer and layer.get_seq_length():
+                cache.layers[i] = _RoomyLayer(layer, row_src, max_new_tokens)
+            elif U < len(prompt_ids):
+                layer.reorder_cache(row_src)
+        logits = out.logits[:, -1]
+        return logits[row_src], cache, attn_U_P[row_src], pos_U_P[row_src, -1:]
+
+
+class _RoomyLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys/values are views of a buffer with room for `extra` more
+    positions, written in place (not the whole cache copied per token). Replaced views (a
+    reorder) make it a plain `DynamicLayer` again; `crop`ped ones keep their place."""
+
+    def __init__(self, layer: DynamicLayer, rows: Tensor, extra: int) -> None:
+        super().__init__()
+        keys, values = layer.keys[rows], layer.values[rows]
+        B, H, T, D = keys.shape
+        self._keys, self._values = (x.new_empty(B, H, T + extra, x.shape[-1]) for x in (keys, values))  # fmt: skip
+        self._keys[:, :, :T], self._values[:, :, :T] = keys, values
+        self.device, self.is_initialized = keys.device, True
+        self.keys, self.values = self._keys[:, :, :T], self._values[:, :, :T]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        n, T = self.keys.shape[-2], key_states.shape[-2]
+        own = self.keys.data_ptr() == self._keys.data_ptr() and self.keys.shape[0] == self._keys.shape[0]  # fmt: skip
+        if not own or n + T > self._keys.shape[-2]:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._keys[:, :, n : n + T], self._values[:, :, n : n + T] = key_states, value_states
+        self.keys, self.values = self._keys[:, :, : n + T], self._values[:, :, : n + T]
+        return self.keys, self.values
+
+
+class _MergedLinear(nn.Module):
+    """y = x·W_mᵀ (+ b) with W_m = W + Σ_a s_a·B_a·A_a, the LoRA merged (Hu et al. 2021, eq. 3),
+    kept transposed and contiguous: one `[in, out]` product per call instead of PEFT's three."""
+
+    def __init__(self, weight_t: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.weight_t, self.bias = weight_t, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_N_I = x.reshape(-1, x.shape[-1])
+        y_N_O = x_N_I @ self.weight_t if self.bias is None else torch.addmm(self.bias, x_N_I, self.weight_t)  # fmt: skip
+        return y_N_O.view(*x.shape[:-1], y_N_O.shape[-1])
+
+
+def _merged(module: nn.Module) -> _MergedLinear | None:
+    """A PEFT LoRA `Linear`'s merged twin, or None where merging is not plain W + s·B·A (DoRA
+    and other variants, a LoRA bias, fan-in-fan-out, a non-`nn.Linear` base) or would round the
+    sum to a half-precision weight (a bf16 base with fp32 factors: the learner adds in fp32)."""
+    base, lora_a = getattr(module, "base_layer", None), getattr(module, "lora_A", None)
+    if not isinstance(base, nn.Linear) or not isinstance(lora_a, nn.ModuleDict):
+        return None
+    if module.disable_adapters or module.fan_in_fan_out:
+        return None
+    names = [] if module.merged else [a for a in module.active_adapters if a in lora_a]
+    dtypes = {base.weight.dtype} | {module.lora_B[a].weight.dtype for a in names}
+    plain = not any(a in module.lora_variant or module.lora_bias[a] for a in names)
+    if not plain or dtypes - {torch.float32} and dtypes != {torch.float64}:
+        return None
+    weight_t = base.weight.t()  # W_mᵀ = Wᵀ + Σ_a s_a·A_aᵀ·B_aᵀ, written transposed at once
+    for a in names:
+        A, B = module.lora_A[a].weight, module.lora_B[a].weight
+        weight_t = torch.addmm(weight_t, A.t(), B.t(), alpha=module.scaling[a])
+    return _MergedLinear(weight_t if names else weight_t.contiguous(), base.bias)
+
+
+def _head_twin(head: nn.Module, memo: dict[str, Any]) -> _MergedLinear:
+    """The frozen LM head transposed, kept in `memo` while its weight is unchanged."""
+    w = head.weight
+    key = (w.data_ptr(), w._version, tuple(w.shape))
+    if memo.get("key") != key:
+        memo.clear()  # the old copy goes before the new one is made
+        memo.update(key=key, weight_t=w.detach().t().contiguous())
+    return _MergedLinear(memo["weight_t"], head.bias)
+
+
+@contextlib.contextmanager
+def sampling_linears(model: nn.Module, head_memo: dict[str, Any] | None = None) -> Iterator[None]:
+    """Sample with every PEFT LoRA linear merged into a copy of its weight (`_MergedLinear`)
+    and, given `head_memo`, the frozen LM head transposed (`_head_twin`): modules are swapped
+    for the duration, no parameter is written, so the learner keeps computing W·x + s·B·(A·x).
+    The two differ by rounding (~1e-6 in log-probs at fp32): the importance ratio absorbs it,
+    the rollout guard (`onpolicy.check_rollouts`) bounds it. Without LoRA the model runs as is."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) and head_memo is not None else None
+    if not (isinstance(head, nn.Linear) and not head.weight.requires_grad):
+        head = None
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            twin = _head_twin(child, head_memo) if child is head else _merged(child)
+            if twin is None:
+                swap(child)
+            else:
+                parent._modules[name] = twin
+                swapped.append((parent, name, child))
+
+    try:
+        with torch.no_grad():
+            swap(model)
+        yield
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child
 
 
 def row_seed(prompt_seed: int, sample: int) -> int:
@@ -301,10 +404,19 @@ def row_seed(prompt_seed: int, sample: int) -> int:
 
 
 def _draw(probs_B_V: Tensor, gen: torch.Generator | list[torch.Generator]) -> Tensor:
-    """One token per row: from one generator for the batch, or from each row's own."""
+    """One token per row by inversion: y = min{i : F(i) > u·F(V)} with F the float64 cumulative
+    sum of the row's probabilities and u ~ U[0, 1) one draw of the batch's generator or of the
+    row's own (so a row's tokens do not depend on its batch-mates). P(y = i) = p_i / Σp; a token
+    of probability 0 (outside the top-p nucleus) has an empty interval and is never drawn."""
+    B, device = probs_B_V.shape[0], probs_B_V.device
     if isinstance(gen, torch.Generator):
-        return torch.multinomial(probs_B_V, 1, generator=gen).squeeze(-1)
-    return torch.cat([torch.multinomial(p_V, 1, generator=g) for p_V, g in zip(probs_B_V, gen, strict=True)])  # fmt: skip
+        u_B = torch.rand(B, generator=gen, dtype=torch.float64, device=device)
+    else:
+        u_B = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=device) for g in gen])  # fmt: skip
+    cdf_B_V = probs_B_V.double().cumsum(-1)
+    y_B = torch.searchsorted(cdf_B_V, (u_B * cdf_B_V[:, -1])[:, None], right=True).squeeze(-1)
+    y_B = y_B.clamp_max(probs_B_V.shape[1] - 1)  # u·F(V) rounded up to F(V): the last token
+    return torch.where(probs_B_V.gather(-1, y_B[:, None]).squeeze(-1) > 0, y_B, probs_B_V.argmax(-1))  # fmt: skip
 
 
 def make_engine(
