@@ -94,12 +94,7 @@ class RolloutBatch:
             attention_B_T[i, :n] = 1
             mask_B_T[i, n_p:n] = True
             sampler_logp_B_T[i, n_p:n] = torch.tensor(lp, dtype=torch.float32)
-        return PackedRollouts(
-            tokens_B_T.to(device),
-            attention_B_T.to(device),
-            mask_B_T.to(device),
-            sampler_logp_B_T.to(device),
-        )
+        return PackedRollouts(*(x.to(device) for x in (tokens_B_T, attention_B_T, mask_B_T, sampler_logp_B_T)))  # fmt: skip
 
 
 @dataclass
@@ -129,9 +124,7 @@ def sampling_logprobs(logits_B_V: Tensor, temperature: float, top_p: float) -> T
     if top_p >= 1.0:
         return logp_B_V
     sorted_B_V, order_B_V = logp_B_V.sort(dim=-1, descending=True)
-    mass_before_B_V = (
-        sorted_B_V.exp().cumsum(-1) - sorted_B_V.exp()
-    )  # mass of strictly better tokens
+    mass_before_B_V = sorted_B_V.exp().cumsum(-1) - sorted_B_V.exp()  # of strictly better ones
     drop_sorted_B_V = mass_before_B_V >= top_p
     drop_B_V = torch.zeros_like(drop_sorted_B_V).scatter(-1, order_B_V, drop_sorted_B_V)
     return F.log_softmax(logp_B_V.masked_fill(drop_B_V, float("-inf")), dim=-1)
@@ -167,20 +160,12 @@ class TransformersEngine:
     position ids from the attention mask, so a row's logits do not depend on its padding.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        batch_size: int = 8,
-        generate_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 batch_size: int = 8, generate_kwargs: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.generate_kwargs = dict(generate_kwargs or {})
-        self.pad_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
         self.eos = eos_ids(tokenizer, model)
         self._head_memo: dict[str, Any] = {}  # see `sampling_linears`
 
@@ -235,15 +220,9 @@ class TransformersEngine:
         out.seconds = time.perf_counter() - start
         return out
 
-    def _sample_chunk(
-        self,
-        prompt_ids: list[list[int]],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        gen: torch.Generator | list[torch.Generator],
-        device: torch.device,
-    ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    def _sample_chunk(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                      top_p: float, gen: torch.Generator | list[torch.Generator], device: torch.device,
+                      ) -> tuple[list[list[int]], list[list[float]], list[bool]]:  # fmt: skip
         B = len(prompt_ids)
         logits_B_V, cache, attn_B_T, pos_B_T = self._prefill(prompt_ids, max_new_tokens, device)
         eos_V = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
