@@ -20,6 +20,11 @@ ATEN_CPU_CAPABILITY forced on an AVX-512 + AMX machine, see `_attention`):
     AVX-512   0.4799 / 0.4797  0.3074 / 0.3104  0.3076 / 0.3097  0.359
     AVX2      0.4796 / 0.4798  0.3022 / 0.3085  0.3053 / 0.3093  0.370
     default   0.4800 / 0.4797  0.3056 / 0.3090  0.3090 / 0.3095  0.363
+    seed 1    0.6713 / 0.6708  0.5320 / 0.5383  0.5121 / 0.5176  0.207   (AVX-512)
+    seed 2    0.9699 / 0.9691  0.8098 / 0.8151  0.8007 / 0.8055  0.165   (AVX-512)
+
+distill.lr = 1e-9 puts the recovery at 0.000 (test_distill_learns_in_bf16 fails); convert
+loading in fp32 fails the dtype and guard-tolerance tests.
 """
 
 from __future__ import annotations
@@ -46,13 +51,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 log = logging.getLogger(__name__)
 
 # |bf16 − fp32| of evaluate's held-out domain forward KL, per model: at most 0.0063 on
-# AVX-512, AVX2 and default kernels (the table above); 0.03 keeps ≥ 4.7× headroom and is
-# ~1/6 of what distill wins back (~0.17 nats).
+# AVX-512, AVX2 and default kernels and seeds 0-2 (the table above); 0.03 keeps ≥ 4.7×
+# headroom and is ~1/5 of what distill wins back (0.14-0.18 nats).
 MARGIN = 0.03
 # Share of the conversion's held-out KL gap distill wins back in bf16 (evaluate's
-# recovery.distilled.domain_forward_kl): ≥ 0.359 on every kernel level (the table above);
-# distill.lr = 1e-9 puts it at ~0. The threshold keeps ≥ 3.5× headroom.
-RECOVERED = 0.1
+# recovery.distilled.domain_forward_kl): ≥ 0.359 on every kernel level at seed 0, 0.165 at
+# seed 2 (the table above); distill.lr = 1e-9 puts it at 0. The threshold keeps ≥ 3.3×.
+RECOVERED = 0.05
 COMPARED = ("converted", "distilled", "static")
 
 
