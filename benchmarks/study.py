@@ -100,18 +100,54 @@ def main(
     steps: int | None = None,
     docs: int | None = None,
 ) -> dict:
-    from retroloop.analysis import choose_split
     from retroloop.config import load_params
-    from retroloop.eval.scaling import held_out, scaling_rows
-    from retroloop.models.loading import load_model, load_tokenizer
-    from retroloop.stages import analyze, cache_teacher, convert, distill, prepare
-    from retroloop.stages.static import build_static_model
+    from retroloop.stages import distill
 
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # the stages' default paths (data/...) now live under the study dir
     steps = steps or SIZES[size]["distill.steps"]
     docs = docs or SIZES[size]["docs"]
     common = {"distill.steps": steps, **SIZES[size]["prepare"]}
+    cfg0 = upstream(profile, common)
+    data, teacher = held_out_set(cfg0, docs)
+    results_path = Path("results.json")
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.setdefault("teacher", {"rows": teacher})
+
+    for name, overrides in variants.items():
+        if (only and name not in only) or name in results or name in SIZES[size]["skip"]:
+            continue
+        t1 = time.perf_counter()
+        cfg = load_params(profile, {**common, **overrides})
+        vdir = Path("variants") / name
+        if vdir.exists():
+            shutil.rmtree(vdir)
+        student, split = build_student(cfg, vdir, static=name.endswith("static"))
+        cache = teacher_cache_for(cfg, cfg0, profile, common)
+        m = distill.run(cfg, inputs={"student": student, "teacher_cache": cache},
+                        out_dir=vdir / "distill", checkpoint_dir=vdir / "checkpoints")  # fmt: skip
+        rec: dict = {"split": split, "overrides": overrides, "distill": m.metrics}
+        rec["converted"] = score(student, None, data, RS)
+        rec["distilled"] = score(student, vdir / "distill" / "adapter", data, RS)
+        rec["seconds"] = time.perf_counter() - t1
+        results[name] = rec
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        log.info("%s done in %.0f s: %s", name, rec["seconds"], rec["distilled"])
+        shutil.rmtree(vdir / "checkpoints", ignore_errors=True)
+    write_table(results, steps, docs)
+    return results
+
+
+# The pieces `main` and `benchmarks.recovery_curve` share: the upstream stages, the held-out
+# set, a variant's student (converted or static) and the scoring of a student (+ adapter).
+
+
+def upstream(profile: Path, common: dict):
+    """prepare, analyze and cache_teacher under ./data (skipped where a manifest is present,
+    e.g. copied from a finished pipeline's data/) → the profile's Params with `common`."""
+    from retroloop.config import load_params
+    from retroloop.stages import analyze, cache_teacher, prepare
+
     cfg0 = load_params(profile, common)
     t0 = time.perf_counter()
     for stage, done in (
@@ -122,68 +158,84 @@ def main(
         if not Path(done, "manifest.json").is_file():
             stage.run(cfg0)
     log.info("upstream ready after %.0f s", time.perf_counter() - t0)
-    table = pl.read_parquet("data/analyze/layer_scores.parquet")
-    N = json.loads(Path("data/analyze/split.json").read_text())["num_layers"]
+    return cfg0
+
+
+def held_out_set(cfg0, docs: int, eval_docs: Path | None = None):
+    """The teacher over the first `docs` held-out domain documents (prepare's, or the Parquet
+    file `eval_docs`) → (eval.scaling.HeldOut, the teacher's scaling row: NLL, KL ≈ 0, FLOPs)."""
+    from retroloop.eval.scaling import held_out, scaling_rows
+    from retroloop.models.loading import load_model, load_tokenizer
 
     teacher = load_model("data/prepare/model")
     tokenizer = load_tokenizer("data/prepare/model")
-    texts = pl.read_parquet("data/prepare/datasets/domain_eval.parquet")["text"].head(docs)
+    eval_docs = eval_docs or Path("data/prepare/datasets/domain_eval.parquet")
+    texts = pl.read_parquet(eval_docs)["text"].head(docs)
     data = held_out(
         teacher, tokenizer, texts.to_list(), max_seq_len=cfg0.prepare.max_seq_len, batch_size=4
     )
-    results_path = Path("results.json")
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    if "teacher" not in results:
-        results["teacher"] = {"rows": scaling_rows(teacher, data, None)}
-    del teacher
+    return data, scaling_rows(teacher, data, None)
 
-    for name, overrides in variants.items():
-        if (only and name not in only) or name in results or name in SIZES[size]["skip"]:
-            continue
-        t1 = time.perf_counter()
-        cfg = load_params(profile, {**common, **overrides})
-        vdir = Path("variants") / name
-        if vdir.exists():
-            shutil.rmtree(vdir)
-        vdir.mkdir(parents=True)
-        split = choose_split(cfg.analyze.split, N, table)
-        (vdir / "split.json").write_text(json.dumps({**split.as_dict(), "num_layers": N}) + "\n")
-        cache = Path("data/cache_teacher")
-        if cfg.distill.temperature != cfg0.cache_teacher.temperature:
-            cache = Path(f"data/cache_teacher_T{cfg.distill.temperature:g}")
-            if not (cache / "manifest.json").is_file():
-                t_cfg = load_params(
-                    profile, {**common, "cache_teacher.temperature": cfg.distill.temperature}
-                )
-                cache_teacher.run(t_cfg, out_dir=cache)
-        if name.endswith("static"):
-            student = vdir / "static_model"
+
+def build_student(cfg, vdir: Path, *, static: bool) -> tuple[Path, dict]:
+    """The variant's split (analyze's table, `cfg.analyze.split`) and its untrained student:
+    convert's looped model (kept if vdir/convert already holds one) or the static model."""
+    from retroloop.analysis import choose_split
+    from retroloop.stages import convert
+    from retroloop.stages.static import build_static_model
+
+    table = pl.read_parquet("data/analyze/layer_scores.parquet")
+    N = json.loads(Path("data/analyze/split.json").read_text())["num_layers"]
+    vdir.mkdir(parents=True, exist_ok=True)
+    split = choose_split(cfg.analyze.split, N, table)
+    (vdir / "split.json").write_text(json.dumps({**split.as_dict(), "num_layers": N}) + "\n")
+    if static:
+        student = vdir / "static_model"
+        if not (student / "config.json").is_file():
             build_static_model(Path("data/prepare/model"), split.as_dict(), student)
-        else:
-            convert.run(cfg, inputs={"split": vdir / "split.json"}, out_dir=vdir / "convert")
-            student = vdir / "convert" / "model"
-        m = distill.run(cfg, inputs={"student": student, "teacher_cache": cache},
-                        out_dir=vdir / "distill", checkpoint_dir=vdir / "checkpoints")  # fmt: skip
-        rec: dict = {"split": split.as_dict(), "overrides": overrides, "distill": m.metrics}
-        base_model = load_model(student)
-        rec["converted"] = scaling_rows(base_model, data, RS)
-        from peft import PeftModel
+        return student, split.as_dict()
+    if not (vdir / "convert" / "manifest.json").is_file():
+        convert.run(cfg, inputs={"split": vdir / "split.json"}, out_dir=vdir / "convert")
+    return vdir / "convert" / "model", split.as_dict()
 
-        trained = (
-            PeftModel.from_pretrained(
-                base_model, vdir / "distill" / "adapter", trust_remote_code=False
-            )
-            .merge_and_unload()
-            .eval()
+
+def teacher_cache_for(cfg, cfg0, profile: Path, common: dict) -> Path:
+    """data/cache_teacher, or a cache at the variant's temperature (built once)."""
+    from retroloop.config import load_params
+    from retroloop.stages import cache_teacher
+
+    if cfg.distill.temperature == cfg0.cache_teacher.temperature:
+        return Path("data/cache_teacher")
+    cache = Path(f"data/cache_teacher_T{cfg.distill.temperature:g}")
+    if not (cache / "manifest.json").is_file():
+        t_cfg = load_params(
+            profile, {**common, "cache_teacher.temperature": cfg.distill.temperature}
         )
-        rec["distilled"] = scaling_rows(trained, data, RS)
-        rec["seconds"] = time.perf_counter() - t1
-        results[name] = rec
-        results_path.write_text(json.dumps(results, indent=1) + "\n")
-        log.info("%s done in %.0f s: %s", name, rec["seconds"], rec["distilled"])
-        shutil.rmtree(vdir / "checkpoints", ignore_errors=True)
-    write_table(results, steps, docs)
-    return results
+        cache_teacher.run(t_cfg, out_dir=cache)
+    return cache
+
+
+def score(student: Path, adapter: Path | None, data, Rs) -> list[dict]:
+    """`eval.scaling.scaling_rows` of the student (+ the PEFT adapter, merged): held-out NLL,
+    exact KL(teacher ‖ model) and forward FLOPs/token per R (one R = None row if not looped)."""
+    from peft import PeftModel
+
+    from retroloop.eval.scaling import scaling_rows
+    from retroloop.models.loading import load_model
+
+    model = load_model(student)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, trust_remote_code=False)
+        model = model.merge_and_unload().eval()
+    return scaling_rows(model, data, Rs)
+
+
+def recovered(converted: list[dict], rows: list[dict]) -> tuple[int | None, float]:
+    """(best R by held-out NLL, 1 − KL(rows at best R) / KL(converted at R = 1)): the share of
+    the conversion's KL gap to the teacher that training closed (README "The study")."""
+    by_r = {row["R"]: row for row in rows}
+    best_r = min(by_r, key=lambda r: by_r[r]["nll"])
+    return best_r, 1 - by_r[best_r]["kl"] / converted[0]["kl"]
 
 
 def summary(results: dict) -> list[dict]:
@@ -194,8 +246,7 @@ def summary(results: dict) -> list[dict]:
             continue
         by_r = {row["R"]: row for row in rec["distilled"]}
         conv1 = rec["converted"][0]
-        best_r = min(by_r, key=lambda r: by_r[r]["nll"] if r is not None else 0)
-        kl_best = by_r[best_r]["kl"]
+        best_r, share = recovered(rec["converted"], rec["distilled"])
         s = rec["split"]
         rows.append({
             "variant": name,
@@ -207,7 +258,7 @@ def summary(results: dict) -> list[dict]:
             **({"NLL (static)": by_r[None]["nll"]} if None in by_r else {}),
             **{f"KL R={r}": by_r[r]["kl"] for r in (1, 4) if r in by_r},
             "best R": best_r or 1,
-            "recovered": 1 - kl_best / conv1["kl"],
+            "recovered": share,
             "GFLOP/tok at best R": by_r[best_r]["flops_per_token"] / 1e9,
             "minutes": rec["seconds"] / 60,
         })  # fmt: skip
